@@ -1,0 +1,3 @@
+from lmcli.cli import main
+
+main()

@@ -1,0 +1,93 @@
+"""`lm convert`: a Hugging Face folder, a GGUF file or a hub id in, a workspace out."""
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+from lmcli import __version__
+from lmcli.errors import UserError
+from lmcli.workspace import MANIFEST, Workspace, layer_tensors, outer_tensors, write
+
+
+def convert_model(src: str, dst: Path, *, dtype: str = "auto", model_name: Optional[str] = None,
+                  chat_template: Optional[str] = None, force: bool = False) -> tuple[Workspace, float]:
+    """Convert src into a workspace at dst; returns it and the seconds it took."""
+    start = time.perf_counter()
+    dst = Path(dst)
+    _check_destination(dst, force)
+    template = _read_chat_template(chat_template) if chat_template else None
+
+    from lmcli.convert.source import generation_defaults, open_source
+
+    source = open_source(src)
+    tokenizer = source.load_tokenizer()
+    if template is not None:
+        tokenizer.chat_template = template
+    target = source.native_dtype if dtype == "auto" else dtype
+    config = source.config
+
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    torch_dtype = getattr(torch, target)
+
+    def cast(group: dict) -> dict:
+        return {k: v.to(torch_dtype) for k, v in group.items()}
+
+    def tensors(progress, task):
+        yield cast(outer_tensors(config, source.tensor))
+        for i in range(config.num_layers):
+            yield cast(layer_tensors(config, i, source.tensor))
+            progress.advance(task)
+
+    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
+                   TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            task = progress.add_task(f"Converting {source.path.name} to {target}", total=config.num_layers)
+            write(tmp, model_name=model_name or source.model_name, config=config, dtype=target,
+                  generation=generation_defaults(source.generation_config, tokenizer), source=source.info,
+                  tensors=tensors(progress, task), save_tokenizer=tokenizer.save_pretrained,
+                  created_by=f"lmcli {__version__}")
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    except OSError as e:
+        raise UserError(f"cannot write the workspace to {dst}: {e.strerror or e}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return Workspace.load(dst), time.perf_counter() - start
+
+
+def _check_destination(dst: Path, force: bool) -> None:
+    if not dst.exists():
+        return
+    if not dst.is_dir():
+        raise UserError(f"{dst} exists and is not a folder")
+    if not any(dst.iterdir()):
+        return
+    if not force:
+        raise UserError(f"{dst} already exists; pass --force to replace it")
+    if not (dst / MANIFEST).is_file():
+        raise UserError(f"{dst} is not an lm workspace (no {MANIFEST}); refusing to replace it even with --force")
+
+
+def _read_chat_template(value: str) -> str:
+    import jinja2
+
+    path = Path(value).expanduser()
+    if "{" not in value and len(value) < 4096:
+        if not path.is_file():
+            raise UserError(f"--chat-template {value}: no such file, and not a Jinja template")
+        value = path.read_text()
+    try:
+        jinja2.Environment().parse(value)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"--chat-template is not a valid Jinja template: line {e.lineno}: {e.message}")
+    return value

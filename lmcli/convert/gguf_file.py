@@ -1,0 +1,142 @@
+"""A GGUF file: tensors read and dequantized with the `gguf` package (several times faster than going through
+transformers), the tokenizer and chat template converted by transformers."""
+
+import re
+from pathlib import Path
+
+from lmcli.convert.source import Source
+from lmcli.errors import UserError
+from lmcli.known_models import sha256_file
+from lmcli.workspace import ModelConfig, unsupported_architecture
+
+# general.architecture -> the Hugging Face architecture it holds
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+# GGUF tensor names -> Hugging Face names; {i} is the layer index.
+OUTER_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+LAYER_NAME = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def open_gguf(path: Path) -> Source:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:
+        raise UserError(f"{path} is not a valid GGUF file, corrupt or truncated ({type(e).__name__}: {e})")
+
+    def meta(key, default=None):
+        field = reader.fields.get(key)
+        if field is None:
+            return default
+        try:
+            return field.contents()
+        except Exception as e:
+            raise UserError(f"{path}: cannot read GGUF metadata {key}: {e}")
+
+    arch = meta("general.architecture")
+    if arch not in GGUF_ARCHITECTURES:
+        raise UserError(unsupported_architecture(f"{arch} (GGUF)") + " (in GGUF: " + ", ".join(GGUF_ARCHITECTURES) + ")")
+    tensors = {}
+    for t in reader.tensors:
+        hf_name = _hf_name(t.name)
+        if hf_name is None:
+            raise UserError(f"{path}: tensor {t.name} is not supported (llama.cpp's per-frequency rope factors "
+                            "and other extras are not); convert the Hugging Face folder instead")
+        tensors[hf_name] = t
+    config = _model_config(meta, arch, tensors)
+
+    def tensor(name: str):
+        import numpy as np
+        import torch
+
+        if name not in tensors:
+            raise UserError(f"{path} lacks the tensor for {name}")
+        t = tensors[name]
+        try:
+            data = gguf.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise UserError(f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}): {e}")
+        data = torch.from_numpy(np.require(data, np.float32, ["C", "W"]))  # a writable copy off the memmap
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            # llama.cpp interleaves the rotary halves of q and k; undo that to Hugging Face's layout
+            heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
+            data = data.reshape(heads, data.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(data.shape)
+        return data
+
+    def load_tokenizer():
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as e:
+            raise UserError(f"{path}: cannot build the tokenizer from its GGUF metadata: {e}")
+
+    generation_config = {"bos_token_id": meta("tokenizer.ggml.bos_token_id"),
+                         "eos_token_id": [i for i in (meta("tokenizer.ggml.eos_token_id"),
+                                                      meta("tokenizer.ggml.eot_token_id")) if i is not None]}
+    types = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
+    native = {"F16": "float16", "BF16": "bfloat16"}.get(types.pop(), "float32") if len(types) == 1 else "float32"
+    return Source(kind="gguf", path=path, model_name=path.stem, config=config, native_dtype=native, tensor=tensor,
+                  load_tokenizer=load_tokenizer, generation_config=generation_config,
+                  info={"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path)})
+
+
+def _hf_name(gguf_name: str):
+    if gguf_name in OUTER_NAMES:
+        return OUTER_NAMES[gguf_name]
+    m = LAYER_NAME.match(gguf_name)
+    if m and m.group(2) in LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{LAYER_NAMES[m.group(2)]}"
+    return None
+
+
+def _model_config(meta, arch: str, tensors: dict) -> ModelConfig:
+    def need(key):
+        value = meta(f"{arch}.{key}")
+        if value is None:
+            raise UserError(f"the GGUF metadata lacks {arch}.{key}")
+        return value
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    embed = tensors.get("model.embed_tokens.weight")
+    vocab = meta(f"{arch}.vocab_size") or (embed.shape[-1] if embed is not None else None)
+    rope_scaling = None
+    if meta(f"{arch}.rope.scaling.type") == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(meta(f"{arch}.rope.scaling.factor"))}
+    elif meta(f"{arch}.rope.scaling.type") not in (None, "none"):
+        raise UserError(f"GGUF rope scaling {meta(f'{arch}.rope.scaling.type')!r} is not supported")
+    return ModelConfig(
+        architecture=GGUF_ARCHITECTURES[arch],
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=heads,
+        num_kv_heads=int(meta(f"{arch}.attention.head_count_kv") or heads),
+        head_dim=int(meta(f"{arch}.attention.key_length") or meta(f"{arch}.rope.dimension_count") or hidden // heads),
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(meta(f"{arch}.rope.freq_base") or 10000.0),
+        rope_scaling=rope_scaling,
+        max_position_embeddings=int(need("context_length")),
+        tie_word_embeddings="lm_head.weight" not in tensors,
+        qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
+    )

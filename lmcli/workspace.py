@@ -1,0 +1,225 @@
+"""The workspace format: written by `lm convert`, read by the engine. Both sides live here, and only here.
+
+A workspace is a folder:
+
+    lm_workspace.json       the manifest: format version, model config in engine terms, dtype, weight files,
+                            generation defaults, where it came from (path and sha256)
+    model-00001.safetensors weights in the engine's layout (fused qkv and gate/up), shards of at most 2 GiB
+    tokenizer/              tokenizer files as transformers saves them, with the chat template
+
+docs/workspace.md describes it for users. Change FORMAT_VERSION when the layout changes incompatibly.
+"""
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from lmcli.errors import UserError
+
+FORMAT = "lmcli-workspace"
+FORMAT_VERSION = 1
+MANIFEST = "lm_workspace.json"
+TOKENIZER_DIR = "tokenizer"
+SHARD_BYTES = 2 << 30
+
+# Architectures we convert (and the engine runs), by the name in config.json's "architectures",
+# mapped to the engine's model family.
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+}
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape in engine terms."""
+
+    architecture: str  # a key of ARCHITECTURES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    hidden_act: str = "silu"
+    rope_scaling: Optional[dict] = None  # HF's rope parameters beyond theta ({"rope_type": "llama3", ...}), or None
+    sliding_window: Optional[int] = None  # tokens; None = full attention
+
+    def __post_init__(self):
+        if self.architecture not in ARCHITECTURES:
+            raise UserError(unsupported_architecture(self.architecture))
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "max_position_embeddings"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise UserError(f"model config: {name} must be a positive integer, not {getattr(self, name)!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise UserError(f"model config: {self.num_heads} attention heads do not split into "
+                            f"{self.num_kv_heads} key/value heads")
+
+    @property
+    def family(self) -> str:
+        return ARCHITECTURES[self.architecture]
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Defaults for generation: which tokens end it, and the model's suggested sampling settings."""
+
+    bos_token_id: Optional[int]
+    eos_token_ids: list[int]  # end the sequence unless ignore_eos
+    stop_token_ids: list[int]  # eos plus the chat template's end-of-turn tokens
+    sampling: dict = field(default_factory=dict)  # e.g. {"temperature": 0.6, "top_p": 0.9} from generation_config
+
+
+def unsupported_architecture(name) -> str:
+    return f"unsupported architecture {name!r}; supported: {', '.join(ARCHITECTURES)}"
+
+
+# The engine's parameter names. `hf` names the tensors a converter reads (Hugging Face names);
+# a layer's tensors are fused as the engine wants them.
+def layer_tensors(config: ModelConfig, i: int, hf: Callable[[str], "torch.Tensor"]) -> dict:
+    import torch
+
+    p = f"model.layers.{i}."
+    out = {
+        p + "input_layernorm.weight": hf(p + "input_layernorm.weight"),
+        # (q_size + 2 * kv_size, hidden): q, then k, then v
+        p + "self_attn.qkv_proj.weight": torch.cat([hf(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+        p + "self_attn.o_proj.weight": hf(p + "self_attn.o_proj.weight"),
+        p + "post_attention_layernorm.weight": hf(p + "post_attention_layernorm.weight"),
+        # (2 * intermediate, hidden): gate, then up
+        p + "mlp.gate_up_proj.weight": torch.cat([hf(p + "mlp.gate_proj.weight"), hf(p + "mlp.up_proj.weight")]),
+        p + "mlp.down_proj.weight": hf(p + "mlp.down_proj.weight"),
+    }
+    if config.qkv_bias:
+        out[p + "self_attn.qkv_proj.bias"] = torch.cat([hf(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
+    return out
+
+
+def outer_tensors(config: ModelConfig, hf: Callable[[str], "torch.Tensor"]) -> dict:
+    out = {"model.embed_tokens.weight": hf("model.embed_tokens.weight"), "model.norm.weight": hf("model.norm.weight")}
+    if not config.tie_word_embeddings:
+        out["lm_head.weight"] = hf("lm_head.weight")
+    return out
+
+
+@dataclass(frozen=True)
+class Workspace:
+    path: Path
+    model_name: str
+    config: ModelConfig
+    dtype: str
+    weight_files: list[str]
+    generation: Generation
+    source: dict  # {"kind", "path", "sha256", ...}: where it came from
+    created_by: str = ""
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / TOKENIZER_DIR
+
+    def tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.tokenizer_path)
+
+    def weights(self, device: str = "cpu") -> Iterator[tuple[str, "torch.Tensor"]]:
+        """(name, tensor) in the workspace's dtype, in the engine's layout."""
+        from safetensors import safe_open
+
+        for name in self.weight_files:
+            with safe_open(self.path / name, framework="pt", device=device) as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+
+    def weights_bytes(self) -> int:
+        return sum((self.path / name).stat().st_size for name in self.weight_files)
+
+    @classmethod
+    def load(cls, path) -> "Workspace":
+        path = Path(path)
+        manifest = path / MANIFEST
+        if not manifest.is_file():
+            what = "does not exist" if not path.exists() else f"is not a workspace (no {MANIFEST})"
+            raise UserError(f"{path} {what}; make one with `lm convert`")
+        try:
+            m = json.loads(manifest.read_text())
+        except (ValueError, OSError) as e:
+            raise UserError(f"{manifest} is unreadable: {e}")
+        if m.get("format") != FORMAT:
+            raise UserError(f"{manifest} is not an lm workspace manifest")
+        if m.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{path} has workspace format {m.get('format_version')}, this lm reads "
+                            f"{FORMAT_VERSION}; convert the model again")
+        try:
+            ws = cls(path=path, model_name=m["model_name"], config=_from_dict(ModelConfig, m["model"]),
+                     dtype=m["dtype"], weight_files=m["weight_files"], generation=_from_dict(Generation, m["generation"]),
+                     source=m["source"], created_by=m.get("created_by", ""))
+        except (KeyError, TypeError) as e:
+            raise UserError(f"{manifest} is incomplete: {e}")
+        missing = [n for n in ws.weight_files + [TOKENIZER_DIR] if not (path / n).exists()]
+        if missing:
+            raise UserError(f"workspace {path} is missing {', '.join(missing)}; convert the model again")
+        return ws
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def write(dst: Path, *, model_name: str, config: ModelConfig, dtype: str, generation: Generation, source: dict,
+          tensors: Iterator[dict], save_tokenizer: Callable[[Path], None], created_by: str) -> Workspace:
+    """Write a workspace into the empty folder dst. `tensors` yields dicts of engine-named tensors, already in
+    `dtype`; they are packed into shards of at most SHARD_BYTES."""
+    from safetensors.torch import save_file
+
+    weight_files, shard, size = [], {}, 0
+
+    def flush():
+        nonlocal shard, size
+        if shard:
+            name = f"model-{len(weight_files) + 1:05d}.safetensors"
+            save_file(shard, dst / name, metadata={"format": "pt"})
+            weight_files.append(name)
+            shard, size = {}, 0
+
+    for group in tensors:
+        for name, t in group.items():
+            nbytes = t.numel() * t.element_size()
+            if shard and size + nbytes > SHARD_BYTES:
+                flush()
+            shard[name] = t.contiguous()
+            size += nbytes
+    flush()
+    save_tokenizer(dst / TOKENIZER_DIR)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_name": model_name,
+        "model": asdict(config),
+        "dtype": dtype,
+        "weight_files": weight_files,
+        "generation": asdict(generation),
+        "source": source,
+        "created_by": created_by,
+    }
+    (dst / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return Workspace.load(dst)
