@@ -83,7 +83,7 @@ def test_bad_chat_template_and_dtype(tmp_path):
 def test_hub_id_offline(tmp_path):
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     done = run_lm("convert", "some-org/some-model", "--dst-path", tmp_path / "ws", env=env, cwd=tmp_path)
-    assert_one_line_error(done, "some-org/some-model", "offline")
+    assert_one_line_error(done, "some-org/some-model", "HF_HUB_OFFLINE=1")
 
 
 def test_hub_unreachable(tmp_path):

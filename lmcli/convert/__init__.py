@@ -19,49 +19,47 @@ def convert_model(src: str, dst: Path, *, dtype: str = "auto", model_name: Optio
     _check_destination(dst, force)
     template = _read_chat_template(chat_template) if chat_template else None
 
-    from lmcli.convert.source import generation_defaults, open_source
-
-    source = open_source(src)
-    tokenizer = source.load_tokenizer()
-    if template is not None:
-        tokenizer.chat_template = template
-    target = source.native_dtype if dtype == "auto" else dtype
-    config = source.config
-
     import torch
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    torch_dtype = getattr(torch, target)
+    from lmcli.convert.source import generation_defaults, open_source
 
-    def cast(group: dict) -> dict:
-        return {k: v.to(torch_dtype) for k, v in group.items()}
-
-    def tensors(progress, task):
-        yield cast(outer_tensors(config, source.tensor))
-        for i in range(config.num_layers):
-            yield cast(layer_tensors(config, i, source.tensor))
-            progress.advance(task)
-
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn())
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
-        columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
-                   TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True)) as progress:
-            task = progress.add_task(f"Converting {source.path.name} to {target}", total=config.num_layers)
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        step = progress.add_task(f"Reading {src}", total=None)
+        source = open_source(src)
+        progress.update(step, description=f"Reading the tokenizer of {source.path.name}")
+        tokenizer = source.load_tokenizer()
+        if template is not None:
+            tokenizer.chat_template = template
+        progress.update(step, total=1, completed=1, description=f"Read {source.path.name}")
+        target = source.native_dtype if dtype == "auto" else dtype
+        config, torch_dtype = source.config, getattr(torch, target)
+        layers = progress.add_task(f"Converting to {target}, layers", total=config.num_layers)
+
+        def tensors():
+            cast = lambda group: {k: v.to(torch_dtype) for k, v in group.items()}  # noqa: E731
+            yield cast(outer_tensors(config, source.tensor))
+            for i in range(config.num_layers):
+                yield cast(layer_tensors(config, i, source.tensor))
+                progress.advance(layers)
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
             write(tmp, model_name=model_name or source.model_name, config=config, dtype=target,
                   generation=generation_defaults(source.generation_config, tokenizer), source=source.info,
-                  tensors=tensors(progress, task), save_tokenizer=tokenizer.save_pretrained,
-                  created_by=f"lmcli {__version__}")
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    except OSError as e:
-        raise UserError(f"cannot write the workspace to {dst}: {e.strerror or e}")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                  tensors=tensors(), save_tokenizer=tokenizer.save_pretrained, created_by=f"lmcli {__version__}")
+            if dst.exists():
+                shutil.rmtree(dst)
+            tmp.rename(dst)
+        except OSError as e:
+            raise UserError(f"cannot write the workspace to {dst}: {e.strerror or e}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return Workspace.load(dst), time.perf_counter() - start
 
 
