@@ -1,0 +1,74 @@
+"""Engine configuration: frozen dataclasses, one per concern, composed into EngineConfig."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from lmcli.errors import UserError
+from lmcli.workspace import ModelConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 64  # tokens per KV block (cache_block_seq_len)
+    cache_max_entry_count: float = 0.8  # fraction of free device memory (of available RAM on CPU) for KV blocks
+    cpu_cache_cap_bytes: int = 4 << 30  # on CPU the pool never takes more than this
+    num_blocks: Optional[int] = None  # a fixed pool size; overrides cache_max_entry_count (tests, tuning)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise UserError(f"cache_block_seq_len must be a power of two, not {self.block_size}")
+        if not 0 < self.cache_max_entry_count <= 1:
+            raise UserError(f"cache_max_entry_count must be in (0, 1], not {self.cache_max_entry_count}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise UserError(f"num_blocks must be positive, not {self.num_blocks}")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 128  # sequences running at once
+    max_prefill_token_num: int = 2048  # tokens one step may compute (prefill chunks plus decode tokens)
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise UserError(f"max_batch_size must be positive, not {self.max_batch_size}")
+        if self.max_prefill_token_num < self.max_batch_size:
+            raise UserError("max_prefill_token_num must be at least max_batch_size")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+
+    def __post_init__(self):
+        if self.tp < 1:
+            raise UserError(f"tp must be positive, not {self.tp}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    workspace: str
+    model: ModelConfig
+    dtype: str = "auto"  # auto: the workspace's dtype (float16 becomes float32 on CPU)
+    device: str = "cpu"
+    session_len: Optional[int] = None  # most tokens one sequence or session may hold; default: the model's
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.session_len is not None and not 1 < self.session_len <= self.model.max_position_embeddings:
+            raise UserError(f"session_len must be in 2..{self.model.max_position_embeddings}, not {self.session_len}")
+        m, tp = self.model, self.parallel.tp
+        # Ranks split the key/value heads (unevenly if need be, each with its query heads), or, with fewer
+        # key/value heads than ranks, split the query heads evenly and replicate key/value heads.
+        if m.num_kv_heads < tp and (m.num_heads % tp or tp % m.num_kv_heads):
+            raise UserError(f"tp={tp} cannot split the model's {m.num_heads} heads / {m.num_kv_heads} kv heads")
+
+    @property
+    def max_session_len(self) -> int:
+        return self.session_len or self.model.max_position_embeddings
