@@ -60,3 +60,24 @@ def smollm2_workspace(smollm2_gguf, tmp_path_factory) -> Path:
     done = run_lm("convert", smollm2_gguf, "--dst-path", dst, "--model-name", "SmolLM2-135M-Instruct")
     assert done.returncode == 0, done.stderr
     return dst
+
+
+def hf_model_from_workspace(ws: Workspace):
+    """transformers' own implementation with the workspace's weights: the oracle for the engine."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    c = ws.config
+    cls, config_cls = (Qwen2ForCausalLM, Qwen2Config) if c.family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    config = config_cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+                        rope_parameters={"rope_theta": c.rope_theta, "rope_type": "default", **(c.rope_scaling or {})},
+                        attention_bias=c.qkv_bias)
+    model = cls(config).to(getattr(torch, ws.dtype)).eval()
+    missing, unexpected = model.load_state_dict(unfuse(ws), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if c.tie_word_embeddings:
+        model.tie_weights()
+    return model

@@ -115,11 +115,11 @@ class Scheduler:
         self.dropped.append(seq)
 
     def _unadmit(self, seq: Sequence) -> None:
-        if seq.session is not None:
+        if seq.session is None:
+            self.bm.free_seq(seq)
+        elif seq.block_table:  # the session gave its blocks to this turn: they go back, with the turn's
             self.bm.commit(seq)
             seq.session.take_blocks(seq)
-        else:
-            self.bm.free_seq(seq)
 
     def _evict_idle_session(self) -> bool:
         idle = [s for s in self.sessions.values() if not s.busy and s.block_table]

@@ -1,0 +1,53 @@
+"""Incremental detokenization with stop strings.
+
+Each new token's text is the difference between decoding a short window of tokens with and without it; the
+window starts a few tokens back (in the prompt, at first) so that leading spaces come out right, and text that
+ends in an incomplete UTF-8 character waits for the next token. Stop strings are matched on the text; up to
+(longest stop string - 1) characters are held back until they cannot begin a stop string.
+"""
+
+WINDOW = 5
+
+
+class Detokenizer:
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True, stop: tuple = ()):
+        self.tokenizer = tokenizer
+        self.skip = skip_special_tokens
+        self.ids = list(prompt_ids[-WINDOW:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.stop = stop
+        self.hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""  # the output text so far (cut at a stop string once one is found)
+        self.sent = 0  # characters of text already handed out
+        self.stopped = False
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> bool:
+        """Add one output token; True when a stop string has appeared (the text is cut before it)."""
+        self.ids.append(token_id)
+        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return False
+        start = max(0, len(self.text) - self.hold)
+        self.text += after[len(before):]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        if self.stop:
+            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.text = self.text[:min(hits)]
+                self.stopped = True
+        return self.stopped
+
+    def delta(self, final: bool) -> str:
+        """The text not handed out yet; while not final, keep back what might begin a stop string."""
+        if final and not self.stopped and self.read_offset < len(self.ids):  # an incomplete character at the end
+            before = self._decode(self.ids[self.prefix_offset:self.read_offset])
+            self.text += self._decode(self.ids[self.prefix_offset:])[len(before):]
+            self.read_offset = len(self.ids)
+        end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self.hold)
+        piece, self.sent = self.text[self.sent:end], end
+        return piece

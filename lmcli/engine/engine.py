@@ -1,0 +1,176 @@
+"""The engine: requests in, token and text deltas out. step() is schedule -> run -> sample -> postprocess."""
+
+from dataclasses import dataclass, field, replace
+from typing import Optional
+
+from lmcli.engine.block_manager import BlockManager
+from lmcli.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
+from lmcli.engine.detokenizer import Detokenizer
+from lmcli.engine.sampler import TokenLogprobs, sample
+from lmcli.engine.sampling_params import SamplingParams
+from lmcli.engine.scheduler import Scheduler
+from lmcli.engine.sequence import Sequence
+from lmcli.engine.session import Session
+from lmcli.errors import UserError
+from lmcli.workspace import Workspace
+
+
+class SessionBusy(UserError):
+    """A turn is already running in this session."""
+
+
+@dataclass
+class Output:
+    request_id: str
+    index: int  # which of the request's n choices
+    text: str  # new text since this choice's last output
+    token_ids: list[int]  # new tokens
+    logprobs: list[TokenLogprobs] = field(default_factory=list)  # for the new tokens, when asked for
+    finish_reason: Optional[str] = None  # "stop", "length" or "abort" on the last output
+    finish_message: Optional[str] = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache or the session
+    num_output_tokens: int = 0
+
+
+def engine_config(workspace: Workspace, *, dtype="auto", device="cpu", tp=1, session_len=None,
+                  cache_block_seq_len=64, cache_max_entry_count=0.8, num_blocks=None, enable_prefix_caching=True,
+                  max_batch_size=128, max_prefill_token_num=2048) -> EngineConfig:
+    return EngineConfig(
+        workspace=str(workspace.path), model=workspace.config, dtype=dtype, device=device, session_len=session_len,
+        cache=CacheConfig(block_size=cache_block_seq_len, cache_max_entry_count=cache_max_entry_count,
+                          num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching),
+        scheduler=SchedulerConfig(max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num),
+        parallel=ParallelConfig(tp=tp))
+
+
+class Engine:
+    def __init__(self, workspace, **options):
+        self.workspace = Workspace.load(workspace)
+        self.config = engine_config(self.workspace, **options)
+        self.tokenizer = self.workspace.tokenizer()
+        if self.config.parallel.tp > 1:
+            from lmcli.engine.distributed import DistributedRunner
+
+            self.runner = DistributedRunner(self.config, self.workspace)
+        else:
+            from lmcli.engine.model_runner import ModelRunner
+
+            self.runner = ModelRunner(self.config, self.workspace)
+        cache = self.config.cache
+        self.block_manager = BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        gen = self.workspace.generation
+        self.model_stop_ids = set(gen.eos_token_ids) | set(gen.stop_token_ids)
+        self.requests: dict[str, list[Sequence]] = {}
+        self.num_computed_tokens = 0  # all tokens run through the model (prefill and decode)
+
+    @property
+    def max_len(self) -> int:
+        return self.config.max_session_len
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                    session_id: Optional[int] = None) -> list[Output]:
+        """Queue a request. With session_id, prompt_ids continue that session's history. Returns outputs that are
+        final at once (a session that is full)."""
+        if request_id in self.requests:
+            raise UserError(f"request id {request_id!r} is already running")
+        vocab = self.workspace.config.vocab_size
+        if not prompt_ids:
+            raise UserError("the prompt is empty")
+        if any(not 0 <= t < vocab for t in prompt_ids):
+            raise UserError(f"token ids must be in [0, {vocab})")
+        session = None
+        if session_id is not None:
+            if params.n != 1:
+                raise UserError("n must be 1 in a session")
+            session = self.scheduler.sessions.get(session_id)
+            if session is None:
+                session = self.scheduler.sessions[session_id] = Session(session_id)
+            if session.busy:
+                raise SessionBusy(f"session {session_id} is busy with another request")
+        tokens = (session.token_ids if session else []) + list(prompt_ids)
+        if len(tokens) >= self.max_len and session is None:
+            raise UserError(f"the prompt has {len(tokens)} tokens, but the context holds {self.max_len} "
+                            "(prompt and output together)")
+        if self.block_manager.blocks_for(min(len(tokens) + 1, self.max_len)) > self.block_manager.num_blocks:
+            raise UserError(f"the prompt has {len(tokens)} tokens, more than the KV cache holds")
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=max(1, self.max_len - len(tokens)))
+        seqs = []
+        for i in range(params.n):
+            seq = Sequence(tokens, params, request_id, i, max_len=self.max_len)
+            seq.detok = Detokenizer(self.tokenizer, tokens, params.skip_special_tokens, params.stop)
+            seq.session = session
+            seqs.append(seq)
+        self.requests[request_id] = seqs
+        if session is not None and len(tokens) >= self.max_len:
+            self.scheduler.finish(seq, "length", f"the session has {len(tokens)} tokens with this prompt and is "
+                                                 f"full (session_len {self.max_len}); end it and start a new one")
+            return [self._output(seq, [], [])]
+        if session is not None:
+            session.busy = True
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return []
+
+    def abort(self, request_id: str) -> list[Output]:
+        outputs = []
+        for seq in self.requests.get(request_id, []):
+            if not seq.finished:
+                self.scheduler.finish(seq, "abort")
+                outputs.append(self._output(seq, [], []))
+        return outputs
+
+    def end_session(self, session_id: int) -> None:
+        session = self.scheduler.sessions.get(session_id)
+        if session is not None and session.busy:
+            for request_id, seqs in list(self.requests.items()):
+                if seqs[0].session is session:
+                    self.abort(request_id)
+        self.scheduler.end_session(session_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[Output]:
+        scheduled = self.scheduler.schedule()
+        outputs = [self._output(seq, [], []) for seq in self.scheduler.dropped]
+        self.scheduler.dropped.clear()
+        if scheduled:
+            to_sample, logits = self.runner.run(scheduled)
+            for seq, n in scheduled:
+                seq.num_computed += n
+                self.block_manager.commit(seq)
+                self.num_computed_tokens += n
+            if to_sample:
+                tokens, logprobs = sample(logits, to_sample, [self._stop_ids(s) for s in to_sample])
+                outputs += [self._append(s, t, lp) for s, t, lp in zip(to_sample, tokens, logprobs)]
+        return outputs
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        ids = set(seq.params.stop_token_ids)
+        if not seq.params.ignore_eos:
+            ids |= self.model_stop_ids
+        return sorted(ids)
+
+    def _append(self, seq: Sequence, token: int, logprobs: Optional[TokenLogprobs]) -> Output:
+        seq.token_ids.append(token)
+        p, reason = seq.params, None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.model_stop_ids):
+            reason = "stop"  # a stop token's text is not part of the answer
+        elif seq.detok.add(token):
+            reason = "stop"
+        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_len):
+            reason = "length"
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+        return self._output(seq, [token], [logprobs] if logprobs is not None else [])
+
+    def _output(self, seq: Sequence, tokens: list[int], logprobs: list) -> Output:
+        if seq.finished and all(s.finished for s in self.requests.get(seq.request_id, [])):
+            self.requests.pop(seq.request_id, None)
+        return Output(seq.request_id, seq.index, seq.detok.delta(final=seq.finished), tokens, logprobs,
+                      seq.finish_reason, seq.finish_message, seq.num_prompt_tokens, seq.num_cached_tokens,
+                      seq.num_output_tokens)

@@ -1,0 +1,32 @@
+"""Self-attention over the paged KV cache, for this rank's heads."""
+
+import torch
+from torch import nn
+
+from lmcli import kernels
+from lmcli.engine.layers.linear import FusedColumnLinear, RowParallelLinear
+from lmcli.engine.layers.parallel import TP, head_shard
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, tp: TP):
+        super().__init__()
+        (q0, q1), (k0, k1) = head_shard(num_heads, num_kv_heads, tp)
+        self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, k1 - k0, head_dim
+        self.scale = head_dim ** -0.5
+        d = head_dim
+        self.qkv_proj = FusedColumnLinear(
+            hidden, [num_heads * d, num_kv_heads * d, num_kv_heads * d],
+            [(q0 * d, q1 * d), (k0 * d, k1 * d), (k0 * d, k1 * d)], bias=bias)
+        self.o_proj = RowParallelLinear(num_heads * d, hidden, tp, [(q0 * d, q1 * d)])
+        self.k_cache = self.v_cache = None  # (num_blocks, block_size, kv_heads, head_dim), set by the runner
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch) -> torch.Tensor:
+        qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([qd, kd, kd], dim=-1)
+        q = kernels.rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = kernels.rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        o = kernels.paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
+        return self.o_proj(o.flatten(1))

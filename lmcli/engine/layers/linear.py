@@ -1,0 +1,56 @@
+"""Linear layers, split across tensor-parallel ranks. Each parameter has a weight_loader that takes this rank's
+part of the full (workspace) tensor, so model files read like single-device code."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcli.engine.layers.parallel import TP, shard
+
+
+def _param(*shape) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape), requires_grad=False)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W's input columns split across ranks; one all-reduce sums the partial products."""
+
+    def __init__(self, in_features: int, out_features: int, tp: TP, in_shards: list[tuple[int, int]]):
+        super().__init__()
+        # in_shards: this rank's column ranges of the full input, in order (e.g. its heads)
+        self.tp, self.in_shards = tp, in_shards
+        self.weight = _param(out_features, sum(e - s for s, e in in_shards))
+        self.weight.weight_loader = self.load
+
+    def load(self, param: nn.Parameter, full: torch.Tensor) -> None:
+        param.data = torch.cat([full[:, s:e] for s, e in self.in_shards], dim=1).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(F.linear(x, self.weight))
+
+
+class FusedColumnLinear(nn.Module):
+    """Several column-parallel projections fused in one weight (qkv, or gate and up). The workspace stores them
+    stacked: part i holds rows [offsets[i], offsets[i+1]); this rank keeps its row range of each part."""
+
+    def __init__(self, in_features: int, part_sizes: list[int], rank_ranges: list[tuple[int, int]], bias: bool):
+        super().__init__()
+        self.part_sizes, self.rank_ranges = part_sizes, rank_ranges
+        out = sum(e - s for s, e in rank_ranges)
+        self.weight = _param(out, in_features)
+        self.weight.weight_loader = self.load
+        self.bias = _param(out) if bias else None
+        if bias:
+            self.bias.weight_loader = self.load
+
+    def load(self, param: nn.Parameter, full: torch.Tensor) -> None:
+        parts = full.split(self.part_sizes, dim=0)
+        param.data = torch.cat([p[s:e] for p, (s, e) in zip(parts, self.rank_ranges)], dim=0).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+def gate_up(hidden: int, intermediate: int, tp: TP) -> FusedColumnLinear:
+    s, e = shard(intermediate, tp.size, tp.rank)
+    return FusedColumnLinear(hidden, [intermediate, intermediate], [(s, e), (s, e)], bias=False)

@@ -1,0 +1,105 @@
+"""Loads the model's shard for this rank, owns its KV cache, and runs one scheduled batch: tensors in,
+sampled tokens out."""
+
+import os
+
+import torch
+
+from lmcli.engine.batch import build_batch
+from lmcli.engine.config import EngineConfig
+from lmcli.engine.layers.parallel import TP
+from lmcli.engine.models import model_class
+from lmcli.errors import UserError
+from lmcli.workspace import Workspace
+
+
+def resolve_dtype(config: EngineConfig, workspace_dtype: str) -> torch.dtype:
+    name = workspace_dtype if config.dtype == "auto" else config.dtype
+    if name == "float16" and config.device == "cpu":
+        name = "float32"  # half precision matmuls are slow or missing on CPUs
+    return getattr(torch, name)
+
+
+def available_memory() -> int:
+    """Bytes of RAM the system could give us now."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, workspace: Workspace, tp: TP = TP()):
+        self.config, self.tp = config, tp
+        self.device = torch.device(config.device)
+        self.dtype = resolve_dtype(config, workspace.dtype)
+        self.block_size = config.cache.block_size
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(config.model.architecture)(config.model, tp, config.max_session_len,
+                                                                    self.dtype)
+        finally:
+            torch.set_default_dtype(torch.float32)
+        self._load(workspace)
+        self.num_blocks = self._allocate_cache()
+
+    def _load(self, workspace: Workspace) -> None:
+        params = dict(self.model.named_parameters())
+        loaded = set()
+        for name, tensor in workspace.weights():
+            if name not in params:
+                raise UserError(f"workspace {workspace.path}: unexpected tensor {name}; convert the model again")
+            param = params[name]
+            tensor = tensor.to(self.dtype)
+            loader = getattr(param, "weight_loader", None)
+            if loader is not None:
+                loader(param, tensor)
+            else:
+                param.data = tensor.contiguous()
+            param.data = param.data.to(self.device)
+            loaded.add(name)
+        missing = set(params) - loaded
+        if missing:
+            raise UserError(f"workspace {workspace.path} lacks {', '.join(sorted(missing)[:3])}")
+
+    def _allocate_cache(self) -> int:
+        m, cache = self.config.model, self.config.cache
+        attn = self.model.model.layers[0].self_attn
+        shape = (self.block_size, attn.num_kv_heads, m.head_dim)
+        block_bytes = 2 * m.num_layers * shape[0] * shape[1] * shape[2] * self.dtype.itemsize
+        if cache.num_blocks is not None:
+            num_blocks = cache.num_blocks
+        elif self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            num_blocks = int(free * cache.cache_max_entry_count) // block_bytes
+        else:
+            budget = min(available_memory() * cache.cache_max_entry_count, cache.cpu_cache_cap_bytes)
+            num_blocks = int(budget) // block_bytes
+        if self.tp.size > 1:  # every rank must agree on the pool size
+            import torch.distributed as dist
+
+            t = torch.tensor([num_blocks])
+            dist.all_reduce(t, op=dist.ReduceOp.MIN)
+            num_blocks = int(t)
+        if num_blocks < 1:
+            raise UserError("no memory is left for the KV cache; raise cache_max_entry_count or free memory")
+        # Unwritten slots must hold finite numbers: attention weighs padding by 0, and 0 * NaN is NaN. On CPU a
+        # large tensor is fresh mmap'd memory, zero pages the OS fills lazily (glibc maps anything over 32 MiB),
+        # so zeroing it again would only cost seconds; small ones are zeroed.
+        size = (2, m.num_layers, num_blocks, *shape)
+        lazy = self.device.type == "cpu" and 2 * num_blocks * block_bytes > 64 << 20
+        self.kv_cache = (torch.empty if lazy else torch.zeros)(size, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.model.layers):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        return num_blocks
+
+    @torch.inference_mode()
+    def run(self, scheduled: list):
+        """Compute one step: (the sequences to sample, their logits (rows, vocab) in float32)."""
+        batch, to_sample = build_batch(scheduled, self.block_size, self.device)
+        return to_sample, self.model(batch.input_ids, batch.positions, batch).cpu()

@@ -1,0 +1,14 @@
+"""Model classes by architecture, imported lazily. Qwen2 is Llama with q/k/v biases (a config flag)."""
+
+import importlib
+
+MODELS = {
+    "LlamaForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
+    "MistralForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
+    "Qwen2ForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
+}
+
+
+def model_class(architecture: str):
+    module, name = MODELS[architecture].split(":")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,76 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral) and Qwen2. Parameter names are the workspace's."""
+
+import torch
+from torch import nn
+
+from lmcli import kernels
+from lmcli.engine.layers.attention import Attention
+from lmcli.engine.layers.embedding import VocabParallelEmbedding
+from lmcli.engine.layers.linear import RowParallelLinear, gate_up
+from lmcli.engine.layers.norm import RMSNorm
+from lmcli.engine.layers.parallel import TP, shard
+from lmcli.engine.layers.rotary import Rotary
+from lmcli.errors import UserError
+from lmcli.workspace import ModelConfig
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, intermediate: int, tp: TP):
+        super().__init__()
+        self.gate_up_proj = gate_up(hidden, intermediate, tp)
+        self.down_proj = RowParallelLinear(intermediate, hidden, tp, [shard(intermediate, tp.size, tp.rank)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(kernels.silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, tp: TP):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias, tp)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, tp)
+
+    def forward(self, x, residual, cos, sin, batch):
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, cos, sin, batch)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, c: ModelConfig, tp: TP, max_positions: int, dtype):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
+        self.layers = nn.ModuleList(DecoderLayer(c, tp) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary = Rotary(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype)
+
+    def forward(self, input_ids, positions, batch):
+        x, residual = self.embed_tokens(input_ids), None
+        cos, sin = self.rotary(positions)
+        for layer in self.layers:
+            x, residual = layer(x, residual, cos, sin, batch)
+        return self.norm(x, residual)[0]
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, c: ModelConfig, tp: TP, max_positions: int, dtype):
+        super().__init__()
+        if c.hidden_act != "silu":
+            raise UserError(f"activation {c.hidden_act!r} is not supported")
+        if c.sliding_window is not None and c.sliding_window < max_positions:
+            raise UserError(f"sliding-window attention ({c.sliding_window} tokens) is not supported yet; "
+                            f"set session_len to at most {c.sliding_window}")
+        self.tie = c.tie_word_embeddings
+        self.model = LlamaModel(c, tp, max_positions, dtype)
+        self.lm_head = self.model.embed_tokens if self.tie else VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
+
+    def forward(self, input_ids, positions, batch) -> torch.Tensor:
+        """Logits (sampled tokens, vocab) in float32 for the tokens at batch.sample_idx."""
+        hidden = self.model(input_ids, positions, batch)[batch.sample_idx]
+        return self.lm_head.logits(hidden)

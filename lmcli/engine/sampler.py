@@ -1,0 +1,93 @@
+"""Batched sampling, every row with its own settings: penalties, greedy or temperature with top-k, top-p and
+min-p, per-sequence seeds, and logprobs.
+
+A sampled token is argmax(probs / noise) with noise ~ Exp(1) (the exponential race, equal in distribution to
+drawing from probs). Each seeded sequence draws its noise from its own generator, one vector per token, so
+its tokens do not depend on what else is in the batch.
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class TokenLogprobs:
+    logprob: float  # of the chosen token
+    top: list[tuple[int, float]]  # the most likely tokens and their logprobs, most likely first
+
+
+def _generator(seq) -> Optional[torch.Generator]:
+    if seq.params.seed is None:
+        return None
+    if getattr(seq, "generator", None) is None:
+        seq.generator = torch.Generator().manual_seed(seq.params.seed + seq.index)
+    return seq.generator
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list, stop_ids: list[list[int]]) -> None:
+    """In place. stop_ids[i]: the tokens row i may not pick yet (min_tokens)."""
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            ids = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+            picked = logits[i, ids]
+            logits[i, ids] = torch.where(picked > 0, picked / p.repetition_penalty, picked * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+            ids, counts = torch.tensor(seq.output_token_ids).unique(return_counts=True)
+            logits[i, ids] -= p.presence_penalty + p.frequency_penalty * counts.float()
+        if stop_ids[i] and seq.num_output_tokens < p.min_tokens:
+            logits[i, stop_ids[i]] = NEG_INF
+
+
+def _filter(logits: torch.Tensor, seqs: list) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks; returns probabilities (rows, vocab)."""
+    temps = torch.tensor([s.params.temperature for s in seqs]).unsqueeze(1)
+    logits = logits / temps
+    if any(s.params.top_k or s.params.top_p < 1 or s.params.min_p for s in seqs):
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        ks = torch.tensor([s.params.top_k or vocab for s in seqs]).unsqueeze(1)
+        drop = torch.arange(vocab) >= ks
+        probs = sorted_logits.softmax(-1)
+        top_p = torch.tensor([s.params.top_p for s in seqs]).unsqueeze(1)
+        drop |= (probs.cumsum(-1) - probs) > top_p  # keep the smallest prefix reaching top_p
+        min_p = torch.tensor([s.params.min_p for s in seqs]).unsqueeze(1)
+        drop |= probs < min_p * probs[:, :1]
+        drop[:, 0] = False  # the most likely token always stays
+        sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
+        logits = torch.empty_like(logits).scatter_(1, order, sorted_logits)
+    return logits.softmax(-1)
+
+
+def sample(logits: torch.Tensor, seqs: list, stop_ids: list[list[int]]):
+    """logits (rows, vocab) float32, one row per sequence. Returns (token ids, [TokenLogprobs or None])."""
+    want_logprobs = [s.params.logprobs is not None for s in seqs]
+    raw = logits.log_softmax(-1) if any(want_logprobs) else None  # logprobs of the model's own distribution
+    plain = all(s.params.greedy and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
+                and not s.params.frequency_penalty and not s.params.min_tokens for s in seqs)
+    if plain:
+        tokens = logits.argmax(-1)
+    else:
+        logits = logits.clone()
+        apply_penalties(logits, seqs, stop_ids)
+        tokens = logits.argmax(-1)
+        rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if rows:
+            probs = _filter(logits[rows], [seqs[i] for i in rows])
+            noise = torch.empty_like(probs)
+            for j, i in enumerate(rows):
+                noise[j].exponential_(generator=_generator(seqs[i]))
+            tokens[rows] = (probs / noise).argmax(-1)
+    tokens = tokens.tolist()
+    out = [None] * len(seqs)
+    for i, seq in enumerate(seqs):
+        if want_logprobs[i]:
+            k = seq.params.logprobs
+            top = raw[i].topk(k) if k else None
+            out[i] = TokenLogprobs(raw[i, tokens[i]].item(),
+                                   list(zip(top.indices.tolist(), top.values.tolist())) if k else [])
+    return tokens, out
