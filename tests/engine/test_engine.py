@@ -1,0 +1,153 @@
+"""The engine's per-request behaviour on the real SmolLM2 workspace."""
+
+import pytest
+
+from lmcli.engine.detokenizer import Detokenizer
+from lmcli.engine.engine import Engine, SessionBusy
+from lmcli.engine.sampling_params import SamplingParams
+from lmcli.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_workspace):
+    return Engine(smollm2_workspace, dtype="float32", cache_block_seq_len=16, session_len=1024)
+
+
+def chat(engine, text):
+    t = engine.tokenizer
+    prompt = t.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return t.encode(prompt, add_special_tokens=False)
+
+
+def run(engine, requests: dict, abort_after: dict = None):
+    """requests: {id: (prompt ids, params)}; runs to the end. Returns {id: {index: (tokens, text, last output)}}."""
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, ids, params)
+    results, steps = {}, 0
+    while engine.has_work:
+        steps += 1
+        for rid, when in (abort_after or {}).items():
+            if when == steps:
+                for o in engine.abort(rid):
+                    results.setdefault(rid, {}).setdefault(o.index, [[], "", None])[2] = o
+        for o in engine.step():
+            r = results.setdefault(o.request_id, {}).setdefault(o.index, [[], "", None])
+            r[0] += o.token_ids
+            r[1] += o.text
+            r[2] = o
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+    return results
+
+
+def test_seeded_sampling_is_the_same_in_any_batch(engine):
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
+    ids = chat(engine, "Tell me a story about a dragon.")
+    alone = run(engine, {"a": (ids, params)})["a"][0][0]
+    crowd = {f"x{i}": (chat(engine, f"Question {i}: what is {i} + {i}?"),
+                       SamplingParams(temperature=1.0, seed=i, max_tokens=10 + i)) for i in range(5)}
+    crowd["a"] = (ids, params)
+    together = run(engine, crowd)["a"][0][0]
+    assert alone == together
+    other = run(engine, {"b": (ids, SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=99,
+                                                     max_tokens=24, ignore_eos=True))})["b"][0][0]
+    assert other != alone
+
+
+def test_n_choices_differ_and_repeat_with_their_seed(engine):
+    ids = chat(engine, "Name a color.")
+    params = SamplingParams(temperature=1.0, seed=5, n=3, max_tokens=12, ignore_eos=True)
+    first = run(engine, {"n": (ids, params)})["n"]
+    second = run(engine, {"n": (ids, params)})["n"]
+    assert sorted(first) == [0, 1, 2]
+    assert [first[i][0] for i in range(3)] == [second[i][0] for i in range(3)]
+    assert len({tuple(first[i][0]) for i in range(3)}) > 1
+
+
+def test_multi_token_stop_string_stops_and_is_not_returned(engine):
+    ids = chat(engine, "Write a haiku about the sea.")
+    free = run(engine, {"g": (ids, SamplingParams(temperature=0, max_tokens=40))})["g"][0]
+    text = free[1]
+    words = text.split()
+    stop = " ".join(words[3:5])  # two words in the middle: several tokens
+    assert len(engine.tokenizer.encode(stop, add_special_tokens=False)) >= 2
+    got = run(engine, {"s": (ids, SamplingParams(temperature=0, max_tokens=40, stop=(stop, "NEVER HAPPENS")))})
+    tokens, streamed, last = got["s"][0]
+    assert last.finish_reason == "stop"
+    assert streamed == text[:text.index(stop)]
+    assert stop not in streamed
+
+
+def test_stop_token_ids_and_max_tokens(engine):
+    ids = chat(engine, "Count from one to ten in words.")
+    free = run(engine, {"g": (ids, SamplingParams(temperature=0, max_tokens=30))})["g"][0][0]
+    target = free[5]
+    got = run(engine, {"t": (ids, SamplingParams(temperature=0, max_tokens=30, stop_token_ids=(target,)))})["t"][0]
+    assert got[0] == free[:free.index(target) + 1] and got[2].finish_reason == "stop"
+    assert got[1] == engine.tokenizer.decode(free[:free.index(target)])
+    short = run(engine, {"m": (ids, SamplingParams(temperature=0, max_tokens=4))})["m"][0]
+    assert short[0] == free[:4] and short[2].finish_reason == "length" and short[2].num_output_tokens == 4
+
+
+def test_eos_min_tokens_and_ignore_eos(engine):
+    ids = chat(engine, "Say hi.")
+    plain = run(engine, {"p": (ids, SamplingParams(temperature=0, max_tokens=100))})["p"][0]
+    assert plain[2].finish_reason == "stop" and plain[0][-1] in engine.model_stop_ids
+    n = len(plain[0])
+    longer = run(engine, {"q": (ids, SamplingParams(temperature=0, max_tokens=100, min_tokens=n + 5))})["q"][0]
+    assert len(longer[0]) >= n + 5
+    forced = run(engine, {"r": (ids, SamplingParams(temperature=0, max_tokens=n + 10, ignore_eos=True))})["r"][0]
+    assert len(forced[0]) == n + 10 and forced[2].finish_reason == "length"
+
+
+def test_abort_anytime_returns_every_block(engine):
+    reqs = {f"a{i}": (chat(engine, f"Write a long essay about topic number {i}."),
+                      SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)) for i in range(6)}
+    got = run(engine, reqs, abort_after={"a0": 1, "a3": 3, "a5": 10})
+    for rid in ("a0", "a3", "a5"):
+        assert got[rid][0][2].finish_reason == "abort"
+    assert got["a1"][0][2].finish_reason == "length" and len(got["a1"][0][0]) == 40
+    assert engine.abort("unknown") == []
+
+
+def test_too_long_prompt_and_bad_requests_are_user_errors(engine):
+    with pytest.raises(UserError, match="context holds 1024"):
+        engine.add_request("long", [1] * 1024, SamplingParams())
+    with pytest.raises(UserError, match="empty"):
+        engine.add_request("empty", [], SamplingParams())
+    with pytest.raises(UserError, match="token ids"):
+        engine.add_request("vocab", [10 ** 6], SamplingParams())
+    with pytest.raises(UserError, match="temperature"):
+        SamplingParams(temperature=3)
+    assert not engine.has_work and engine.requests == {}
+
+
+def test_session_full_busy_and_end(engine):
+    ids = chat(engine, "Hello!")
+    engine.add_request("t1", ids, SamplingParams(temperature=0, max_tokens=8), session_id=3)
+    with pytest.raises(SessionBusy):
+        engine.add_request("t1b", ids, SamplingParams(), session_id=3)
+    while engine.has_work:
+        engine.step()
+    history = len(engine.scheduler.sessions[3].token_ids)
+    outs = engine.add_request("t2", [5] * (1024 - history), SamplingParams(), session_id=3)
+    assert len(outs) == 1 and outs[0].finish_reason == "length" and "session" in outs[0].finish_message
+    assert len(engine.scheduler.sessions[3].token_ids) == history  # the refused turn left no trace
+    engine.end_session(3)
+    assert 3 not in engine.scheduler.sessions
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+def test_detokenizer_multibyte_and_leading_spaces(engine):
+    tok = engine.tokenizer
+    text = " Grüße 你好 🤖 café — naïve ﷺ"
+    ids = tok.encode(text, add_special_tokens=False)
+    prompt = tok.encode("Say:", add_special_tokens=False)
+    det = Detokenizer(tok, prompt)
+    pieces = []
+    for t in ids:
+        det.add(t)
+        pieces.append(det.delta(final=False))
+    pieces.append(det.delta(final=True))
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert pieces[0].startswith(" ")
