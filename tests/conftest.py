@@ -11,11 +11,11 @@ REPO = Path(__file__).resolve().parent.parent
 LM = Path(sys.executable).parent / "lm"  # the console script pip installed beside this Python
 
 
-def run_lm(*args, env=None, cwd=None, timeout=300) -> subprocess.CompletedProcess:
+def run_lm(*args, env=None, cwd=None, timeout=300, input=None) -> subprocess.CompletedProcess:
     """Run the real `lm` command in a subprocess."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run([str(LM), *map(str, args)], capture_output=True, text=True, env=full_env, cwd=cwd,
-                          timeout=timeout)
+                          timeout=timeout, input=input)
 
 
 def assert_one_line_error(done: subprocess.CompletedProcess, *needles: str) -> str:
