@@ -78,6 +78,7 @@ def chat(
               file=sys.stderr)
         messages.append({"role": "assistant", "content": answer})
     engine.end_session(session_id)
+    engine.close()
 
 
 def _reader():

@@ -140,9 +140,7 @@ class AsyncEngine:
     def close(self) -> None:
         self._stop = True  # the loop sees it within half a second
         self._thread.join(timeout=5)
-        shutdown = getattr(self.engine.runner, "shutdown", None)
-        if shutdown is not None:
-            shutdown()
+        self.engine.close()
 
 
 def _set(future: asyncio.Future, result, error) -> None:

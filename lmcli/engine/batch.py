@@ -17,31 +17,39 @@ class Batch:
     sample_idx: torch.Tensor  # (samples,): the tokens whose logits are needed, in sampling order
 
 
-def build_batch(scheduled: list, block_size: int, device="cpu") -> tuple[Batch, list]:
-    """scheduled: [(sequence, tokens to compute)]. Returns the batch and the sequences to sample, in order."""
-    decodes = [(s, n) for s, n in scheduled if n == 1]
-    prefills = [(s, n) for s, n in scheduled if n > 1]
-    ids, positions, slots, chunks, sample_idx, to_sample = [], [], [], [], [], []
-    for seq, n in decodes + prefills:
-        start, c = len(ids), seq.num_computed
-        ids += seq.token_ids[c:c + n]
+def plan(scheduled: list) -> list[tuple]:
+    """[(sequence, tokens to compute)] -> [(new token ids, tokens already computed, block table, sample?)]: all a
+    rank needs to run the step (tensor-parallel workers receive this)."""
+    return [(s.token_ids[s.num_computed:s.num_computed + n], s.num_computed, s.block_table,
+             s.num_computed + n == s.num_tokens) for s, n in scheduled]
+
+
+def build_batch(items: list[tuple], block_size: int, device="cpu") -> tuple[Batch, list[int]]:
+    """Tensors for the planned items; also which items are sampled, in the order of the logits' rows."""
+    order = [i for i, item in enumerate(items) if len(item[0]) == 1] + \
+            [i for i, item in enumerate(items) if len(item[0]) > 1]
+    ids, positions, slots, chunks, sample_idx, sampled = [], [], [], [], [], []
+    nd = sum(len(item[0]) == 1 for item in items)
+    for i in order:
+        new, c, table, want = items[i]
+        n, start = len(new), len(ids)
+        ids += new
         positions += range(c, c + n)
-        table = seq.block_table
         slots += [table[p // block_size] * block_size + p % block_size for p in range(c, c + n)]
         if n > 1:
             chunks.append((start, n, c + n, torch.tensor(table[:-(-(c + n) // block_size)], device=device)))
-        if c + n == seq.num_tokens:
+        if want:
             sample_idx.append(len(ids) - 1)
-            to_sample.append(seq)
-    nd = len(decodes)
-    width = max((len(s.block_table) for s, _ in decodes), default=0)
+            sampled.append(i)
+    decodes = [items[i] for i in order[:nd]]
+    width = max((len(table) for _, _, table, _ in decodes), default=0)
     tables = torch.zeros(nd, width, dtype=torch.long)
     mask = torch.zeros(nd, 1, 1, width * block_size, dtype=torch.bool)
-    for i, (seq, _) in enumerate(decodes):
-        tables[i, :len(seq.block_table)] = torch.tensor(seq.block_table)
-        mask[i, ..., :seq.num_computed + 1] = True
+    for j, (_, c, table, _) in enumerate(decodes):
+        tables[j, :len(table)] = torch.tensor(table)
+        mask[j, ..., :c + 1] = True
     as_long = dict(dtype=torch.long, device=device)
     batch = Batch(input_ids=torch.tensor(ids, **as_long), positions=torch.tensor(positions, **as_long),
                   slot_mapping=torch.tensor(slots, **as_long), num_decode=nd, decode_block_tables=tables.to(device),
                   decode_mask=mask.to(device), prefills=chunks, sample_idx=torch.tensor(sample_idx, **as_long))
-    return batch, to_sample
+    return batch, sampled

@@ -134,6 +134,12 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def close(self) -> None:
+        """Stop tensor-parallel workers, if any."""
+        shutdown = getattr(self.runner, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
     def step(self) -> list[Output]:
         scheduled = self.scheduler.schedule()
         outputs = [self._output(seq, [], []) for seq in self.scheduler.dropped]

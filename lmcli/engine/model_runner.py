@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from lmcli.engine.batch import build_batch
+from lmcli.engine.batch import build_batch, plan
 from lmcli.engine.config import EngineConfig
 from lmcli.engine.layers.parallel import TP
 from lmcli.engine.models import model_class
@@ -98,8 +98,12 @@ class ModelRunner:
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks
 
-    @torch.inference_mode()
     def run(self, scheduled: list):
         """Compute one step: (the sequences to sample, their logits (rows, vocab) in float32)."""
-        batch, to_sample = build_batch(scheduled, self.block_size, self.device)
-        return to_sample, self.model(batch.input_ids, batch.positions, batch).cpu()
+        sampled, logits = self.execute(plan(scheduled))
+        return [scheduled[i][0] for i in sampled], logits
+
+    @torch.inference_mode()
+    def execute(self, items: list[tuple]):
+        batch, sampled = build_batch(items, self.block_size, self.device)
+        return sampled, self.model(batch.input_ids, batch.positions, batch).cpu()
