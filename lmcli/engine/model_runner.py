@@ -8,6 +8,7 @@ import torch
 from lmcli.engine.batch import build_batch, plan
 from lmcli.engine.config import EngineConfig
 from lmcli.engine.layers.parallel import TP
+from lmcli.engine.memory import advise_huge_pages, pack_parameters
 from lmcli.engine.models import model_class
 from lmcli.errors import UserError
 from lmcli.workspace import Workspace
@@ -66,11 +67,13 @@ class ModelRunner:
         missing = set(params) - loaded
         if missing:
             raise UserError(f"workspace {workspace.path} lacks {', '.join(sorted(missing)[:3])}")
+        if self.device.type == "cpu":
+            pack_parameters(self.model)
 
     def _allocate_cache(self) -> int:
         m, cache = self.config.model, self.config.cache
         attn = self.model.model.layers[0].self_attn
-        shape = (self.block_size, attn.num_kv_heads, m.head_dim)
+        shape = (attn.num_kv_heads, self.block_size, m.head_dim)
         block_bytes = 2 * m.num_layers * shape[0] * shape[1] * shape[2] * self.dtype.itemsize
         if cache.num_blocks is not None:
             num_blocks = cache.num_blocks
@@ -94,6 +97,7 @@ class ModelRunner:
         size = (2, m.num_layers, num_blocks, *shape)
         lazy = self.device.type == "cpu" and 2 * num_blocks * block_bytes > 64 << 20
         self.kv_cache = (torch.empty if lazy else torch.zeros)(size, dtype=self.dtype, device=self.device)
+        advise_huge_pages(self.kv_cache)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         return num_blocks

@@ -32,40 +32,60 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 
 def store_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-             slot_mapping: torch.Tensor) -> None:
-    # k, v (tokens, kv_heads, head_dim); caches (num_blocks, block_size, kv_heads, head_dim);
+             slot_mapping: torch.Tensor, block_size: int) -> None:
+    # k, v (tokens, kv_heads, head_dim); caches (num_blocks, kv_heads, block_size, head_dim);
     # slot_mapping (tokens,): block_id * block_size + offset
-    k_cache.view(-1, *k_cache.shape[2:])[slot_mapping] = k
-    v_cache.view(-1, *v_cache.shape[2:])[slot_mapping] = v
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
+
+
+def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    # (blocks, kv_heads, block_size, head_dim) of one sequence -> (kv_heads, length, head_dim)
+    blocks = cache.index_select(0, block_table)
+    return blocks.transpose(0, 1).flatten(1, 2)[:, :length]
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                     v_cache: torch.Tensor, batch, scale: float) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole context, read through block tables.
 
-    q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim): the new tokens, already stored in the cache.
-    The batch puts its decode tokens (one per sequence) first, then each prefill chunk.
+    q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim): the new tokens, already stored in the cache,
+    (num_blocks, kv_heads, block_size, head_dim). The batch puts its decode tokens (one per sequence) first,
+    then each prefill chunk.
     """
     out = torch.empty_like(q)
     nd = batch.num_decode
     if nd:
-        # (decodes, max_blocks, block_size, kv_heads, head_dim) -> (decodes, kv_heads, context, head_dim)
-        keys = k_cache[batch.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        values = v_cache[batch.decode_block_tables].flatten(1, 2).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q[:nd].unsqueeze(2), keys, values, attn_mask=batch.decode_mask,
-                                           scale=scale, enable_gqa=True)
-        out[:nd] = o.squeeze(2)
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_bias, scale)
     for start, length, context, block_table in batch.prefills:
         qi = q[start:start + length].transpose(0, 1)  # (heads, length, head_dim)
         if context == length:  # no earlier tokens: attend to the chunk itself
             ki, vi = k[start:start + length].transpose(0, 1), v[start:start + length].transpose(0, 1)
             o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            ki = k_cache[block_table].flatten(0, 1)[:context].transpose(0, 1)
-            vi = v_cache[block_table].flatten(0, 1)[:context].transpose(0, 1)
+            ki, vi = _context(k_cache, block_table, context), _context(v_cache, block_table, context)
             # query i sits at position context - length + i and sees keys 0..that position
             keys = torch.arange(context, device=q.device)
             mask = keys <= keys[context - length:, None]
             o = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:start + length] = o.transpose(0, 1)
     return out
+
+
+def _decode_attention(q, k_cache, v_cache, block_tables, bias, scale):
+    """One query per sequence, block by block, with no copy of the context into one piece.
+
+    q (seqs, heads, head_dim); block_tables (seqs, max_blocks); bias (seqs, 1, 1, max_blocks * block_size): 0 for
+    keys in the context, -inf after it."""
+    b, nb = block_tables.shape
+    kv_heads, bs, d = k_cache.shape[1:]
+    group = q.shape[1] // kv_heads
+    keys = k_cache.index_select(0, block_tables.flatten()).view(b, nb, kv_heads, bs, d)
+    values = v_cache.index_select(0, block_tables.flatten()).view(b, nb, kv_heads, bs, d)
+    qg = q.view(b, 1, kv_heads, group, d)
+    scores = torch.matmul(qg, keys.transpose(-1, -2))  # (seqs, blocks, kv_heads, group, block_size)
+    scores = scores.permute(0, 2, 3, 1, 4).reshape(b, kv_heads, group, nb * bs).float() * scale + bias
+    probs = scores.softmax(-1).to(q.dtype).view(b, kv_heads, group, nb, bs).permute(0, 3, 1, 2, 4)
+    out = torch.matmul(probs, values).sum(1)  # (seqs, kv_heads, group, head_dim)
+    return out.reshape(b, kv_heads * group, d)

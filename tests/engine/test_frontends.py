@@ -74,3 +74,14 @@ def test_lm_chat_keeps_the_conversation(smollm2_workspace):
     assert int(stats[0][1]) == 0 and int(stats[1][1]) == 0  # first turns of two conversations
     assert int(stats[2][1]) > 20  # the next turn continues the session's cache
     assert "(a new conversation)" in done.stderr
+
+
+def test_bench_throughput_prints_both_engines(smollm2_workspace):
+    done = run_lm("bench", "throughput", smollm2_workspace, "--num-prompts", "4", "--concurrency", "4",
+                  "--input-len", "16", "--output-len", "8", "--hf-batch-sizes", "2,4", "--dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    for row in ("lm engine ", "lm engine, one stream", "transformers generate, batch 2",
+                "transformers generate, batch 4", "transformers, one stream"):
+        assert row in done.stdout
+    assert re.search(r"lm engine\s+│\s+32 │", done.stdout)  # 4 prompts x 8 tokens
+    assert re.search(r"batch throughput: [\d.]+x transformers' best", done.stdout)

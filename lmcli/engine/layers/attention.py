@@ -19,7 +19,7 @@ class Attention(nn.Module):
             hidden, [num_heads * d, num_kv_heads * d, num_kv_heads * d],
             [(q0 * d, q1 * d), (k0 * d, k1 * d), (k0 * d, k1 * d)], bias=bias)
         self.o_proj = RowParallelLinear(num_heads * d, hidden, tp, [(q0 * d, q1 * d)])
-        self.k_cache = self.v_cache = None  # (num_blocks, block_size, kv_heads, head_dim), set by the runner
+        self.k_cache = self.v_cache = None  # (num_blocks, kv_heads, block_size, head_dim), set by the runner
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch) -> torch.Tensor:
         qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -27,6 +27,6 @@ class Attention(nn.Module):
         q = kernels.rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
         k = kernels.rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping)
+        kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping, self.k_cache.shape[2])
         o = kernels.paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
         return self.o_proj(o.flatten(1))

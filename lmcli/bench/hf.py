@@ -1,0 +1,43 @@
+"""Hugging Face transformers running a workspace's weights: the baseline for benchmarks and the oracle for
+tests (transformers' own forward pass, not ours)."""
+
+import torch
+
+from lmcli.workspace import Workspace
+
+
+def unfused_weights(ws: Workspace) -> dict:
+    """The workspace's weights under Hugging Face names, fused tensors split back."""
+    c, out = ws.config, {}
+    for name, t in ws.weights():
+        if ".qkv_proj." in name:  # weight or bias
+            q, k, v = t.split([c.q_size, c.kv_size, c.kv_size])
+            out.update({name.replace("qkv_proj", "q_proj"): q, name.replace("qkv_proj", "k_proj"): k,
+                        name.replace("qkv_proj", "v_proj"): v})
+        elif name.endswith("gate_up_proj.weight"):
+            gate, up = t.chunk(2)
+            out.update({name.replace("gate_up_proj", "gate_proj"): gate, name.replace("gate_up_proj", "up_proj"): up})
+        else:
+            out[name] = t
+    return out
+
+
+def hf_model(ws: Workspace, dtype: str = None):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    c = ws.config
+    cls, config_cls = (Qwen2ForCausalLM, Qwen2Config) if c.family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    config = config_cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+                        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
+                        num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
+                        max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
+                        rope_parameters={"rope_theta": c.rope_theta, "rope_type": "default", **(c.rope_scaling or {})},
+                        attention_bias=c.qkv_bias)
+    model = cls(config).to(getattr(torch, dtype or ws.dtype)).eval()
+    missing, unexpected = model.load_state_dict(unfused_weights(ws), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    if c.tie_word_embeddings:
+        model.tie_weights()
+    model.generation_config.eos_token_id = None  # benchmarks and tests want exactly max_new_tokens
+    model.generation_config.pad_token_id = 0
+    return model
