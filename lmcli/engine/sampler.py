@@ -23,7 +23,7 @@ class TokenLogprobs:
 def _generator(seq) -> Optional[torch.Generator]:
     if seq.params.seed is None:
         return None
-    if getattr(seq, "generator", None) is None:
+    if seq.generator is None:
         seq.generator = torch.Generator().manual_seed(seq.params.seed + seq.index)
     return seq.generator
 

@@ -34,6 +34,8 @@ class Sequence:
         self.finish_reason: Optional[str] = None
         self.finish_message: Optional[str] = None
         self.session = None  # the Session this turn belongs to, if any
+        self.detok = None  # the engine's Detokenizer for this sequence's output
+        self.generator = None  # the sampler's torch.Generator, for a seeded sequence
 
     @property
     def num_tokens(self) -> int:
