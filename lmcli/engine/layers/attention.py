@@ -22,11 +22,11 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = None  # (num_blocks, kv_heads, block_size, head_dim), set by the runner
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch) -> torch.Tensor:
-        qd, kd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([qd, kd, kd], dim=-1)
-        q = kernels.rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = kernels.rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv_proj(x)  # (tokens, (heads + 2 * kv_heads) * head_dim)
+        qk = kernels.rotary(qkv[:, :(h + hk) * d].view(-1, h + hk, d), cos, sin)  # q and k in one pass
+        q, k = qk[:, :h], qk[:, h:]
+        v = qkv[:, (h + hk) * d:].view(-1, hk, d)
         kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping, self.k_cache.shape[2])
         o = kernels.paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
         return self.o_proj(o.flatten(1))
