@@ -1,6 +1,9 @@
-"""The ops the model runs, behind one small interface. Today every op is the PyTorch reference (the CPU path
-and the test oracle); a Triton kernel for an op is picked here, once, when it exists and the device has one."""
+"""The ops the model runs, behind one small interface. Every op has its PyTorch reference (the CPU path and the
+test oracle); where a faster kernel exists for the device, it is picked here."""
 
+import torch
+
+from lmcli.kernels import native, reference
 from lmcli.kernels.reference import (  # noqa: F401
     add_rms_norm,
     paged_attention,
@@ -9,3 +12,18 @@ from lmcli.kernels.reference import (  # noqa: F401
     silu_and_mul,
     store_kv,
 )
+
+# Up to this many tokens the native kernel beats torch's GEMM (40 gate_up-sized products here: 8.4 vs 13.2 ms
+# at 4 rows, 15.4 vs 14.0 ms at 8).
+GEMV_MAX_ROWS = 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out_dtype=None) -> torch.Tensor:
+    """x (tokens, in) . weight (out, in)^T (+ bias), in out_dtype (default: x's dtype)."""
+    if (x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and x.device.type == "cpu" and weight.is_contiguous() and native.library() is not None):
+        y = native.gemv_bf16(x.contiguous(), weight)
+        if bias is not None:
+            y += bias
+        return y.to(out_dtype or x.dtype)
+    return reference.linear(x, weight, bias, out_dtype)

@@ -5,6 +5,12 @@ import torch
 import torch.nn.functional as F
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out_dtype=None) -> torch.Tensor:
+    # x (tokens, in), weight (out, in) -> (tokens, out) in out_dtype (default: x's dtype)
+    y = F.linear(x, weight, bias)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     # x (tokens, hidden); the statistics in float32, the product in x's dtype
     xf = x.float()
@@ -81,11 +87,13 @@ def _decode_attention(q, k_cache, v_cache, block_tables, bias, scale):
     b, nb = block_tables.shape
     kv_heads, bs, d = k_cache.shape[1:]
     group = q.shape[1] // kv_heads
-    keys = k_cache.index_select(0, block_tables.flatten()).view(b, nb, kv_heads, bs, d)
-    values = v_cache.index_select(0, block_tables.flatten()).view(b, nb, kv_heads, bs, d)
-    qg = q.view(b, 1, kv_heads, group, d)
+    # tiny batched products are faster in float32 on CPUs; many sequences' worth are faster in bfloat16
+    work = torch.float32 if b <= 4 and q.device.type == "cpu" else q.dtype
+    keys = k_cache.index_select(0, block_tables.flatten()).view(b, nb, kv_heads, bs, d).to(work)
+    values = v_cache.index_select(0, block_tables.flatten()).view(b, nb, kv_heads, bs, d).to(work)
+    qg = q.view(b, 1, kv_heads, group, d).to(work)
     scores = torch.matmul(qg, keys.transpose(-1, -2))  # (seqs, blocks, kv_heads, group, block_size)
     scores = scores.permute(0, 2, 3, 1, 4).reshape(b, kv_heads, group, nb * bs).float() * scale + bias
-    probs = scores.softmax(-1).to(q.dtype).view(b, kv_heads, group, nb, bs).permute(0, 3, 1, 2, 4)
+    probs = scores.softmax(-1).to(work).view(b, kv_heads, group, nb, bs).permute(0, 3, 1, 2, 4)
     out = torch.matmul(probs, values).sum(1)  # (seqs, kv_heads, group, head_dim)
-    return out.reshape(b, kv_heads * group, d)
+    return out.reshape(b, kv_heads * group, d).to(q.dtype)

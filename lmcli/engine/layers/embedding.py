@@ -4,6 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lmcli import kernels
+
 from lmcli.engine.layers.parallel import TP, shard, split
 
 
@@ -27,5 +29,5 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Used as the LM head: float32 logits over the full vocabulary, on every rank."""
-        local = F.linear(hidden, self.weight).float()
+        local = kernels.linear(hidden, self.weight, out_dtype=torch.float32)
         return self.tp.all_gather_last(local, split(self.vocab_size, self.tp.size))

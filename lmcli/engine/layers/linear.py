@@ -2,8 +2,9 @@
 part of the full (workspace) tensor, so model files read like single-device code."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from lmcli import kernels
 
 from lmcli.engine.layers.parallel import TP, shard
 
@@ -26,7 +27,7 @@ class RowParallelLinear(nn.Module):
         param.data = torch.cat([full[:, s:e] for s, e in self.in_shards], dim=1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(F.linear(x, self.weight))
+        return self.tp.all_reduce(kernels.linear(x, self.weight))
 
 
 class FusedColumnLinear(nn.Module):
@@ -48,7 +49,7 @@ class FusedColumnLinear(nn.Module):
         param.data = torch.cat([p[s:e] for p, (s, e) in zip(parts, self.rank_ranges)], dim=0).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return kernels.linear(x, self.weight, self.bias)
 
 
 def gate_up(hidden: int, intermediate: int, tp: TP) -> FusedColumnLinear:

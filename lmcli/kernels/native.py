@@ -1,0 +1,61 @@
+"""C kernels for the CPU, compiled at first use with the machine's C compiler into the user's cache, and called
+through ctypes. Anything missing (no compiler, not Linux, LMCLI_NATIVE_KERNELS=0) leaves the PyTorch path."""
+
+import ctypes
+import hashlib
+import os
+import platform
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+SOURCES = Path(__file__).parent / "cpu"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+
+
+@lru_cache(maxsize=None)
+def library() -> Optional[ctypes.CDLL]:
+    if os.environ.get("LMCLI_NATIVE_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
+        return None
+    from lmcli.known_models import cache_dir
+
+    source = (SOURCES / "gemv.c").read_bytes()
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.processor().encode()
+                         + _cpu_flags().encode()).hexdigest()[:16]
+    path = cache_dir() / "kernels" / f"lmcli-{key}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        cc = os.environ.get("CC", "cc")
+        try:
+            subprocess.run([cc, *FLAGS, str(SOURCES / "gemv.c"), "-o", str(tmp)], check=True, capture_output=True,
+                           timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        tmp.replace(path)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:
+        return None
+    lib.gemv_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
+    lib.gemv_bf16.restype = None
+    return lib
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (m, k) bfloat16 contiguous, w (n, k) bfloat16 contiguous -> (m, n) float32."""
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    library().gemv_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], w.shape[0], w.shape[1])
+    return y

@@ -1,0 +1,84 @@
+"""Kernels against plain PyTorch written the obvious way."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmcli import kernels
+from lmcli.kernels import native, reference
+from lmcli.engine.batch import build_batch
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 10, 576), (4, 7, 100), (2, 576, 1536)])
+def test_native_gemv_matches_float32_products(m, n, k):
+    assert native.library() is not None, "the C compiler should build the kernel on this machine"
+    torch.manual_seed(m * n + k)
+    x, w = torch.randn(m, k, dtype=torch.bfloat16), torch.randn(n, k, dtype=torch.bfloat16)
+    expected = F.linear(x.float(), w.float())
+    got = native.gemv_bf16(x, w)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_dispatch_and_bias():
+    torch.manual_seed(0)
+    w, b = torch.randn(64, 96, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
+    for rows in (1, 4, 5, 32):  # native up to GEMV_MAX_ROWS, torch beyond
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        got = kernels.linear(x, w, b)
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b.float()), rtol=2e-2, atol=5e-2)
+        assert kernels.linear(x, w, out_dtype=torch.float32).dtype == torch.float32
+
+
+def test_native_kernels_can_be_turned_off():
+    code = "from lmcli.kernels import native; print(native.library())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"LMCLI_NATIVE_KERNELS": "0", "PATH": "/usr/bin:/bin"})
+    assert done.stdout.strip() == "None", done.stderr
+
+
+def naive_attention(q, ks, vs, positions):
+    """q (t, h, d) of one sequence at the given positions; ks, vs (context, kv_heads, d)."""
+    group = q.shape[1] // ks.shape[1]
+    k, v = ks.repeat_interleave(group, 1).float(), vs.repeat_interleave(group, 1).float()
+    scores = torch.einsum("thd,lhd->htl", q.float(), k) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(torch.arange(k.shape[0])[None, None, :] > positions[None, :, None], float("-inf"))
+    return torch.einsum("htl,lhd->thd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("dtype,num_decode", [(torch.float32, 3), (torch.bfloat16, 2), (torch.bfloat16, 9)])
+def test_paged_attention_matches_naive_attention(dtype, num_decode):
+    torch.manual_seed(num_decode)
+    bs, kv_heads, heads, d, num_blocks = 4, 2, 6, 8, 64
+    k_cache = torch.randn(num_blocks, kv_heads, bs, d, dtype=dtype)
+    v_cache = torch.randn(num_blocks, kv_heads, bs, d, dtype=dtype)
+    blocks = iter(torch.randperm(num_blocks).tolist())
+    # decodes of various context lengths, a prefill chunk after a cached prefix, and a fresh prompt
+    items, contexts = [], []
+    for i in range(num_decode):
+        c = 3 + 2 * i
+        items.append(([1], c, [next(blocks) for _ in range(-(-(c + 1) // bs))], True))
+    items.append(([1] * 5, 6, [next(blocks) for _ in range(3)], True))
+    items.append(([1] * 7, 0, [next(blocks) for _ in range(2)], True))
+    batch, _ = build_batch(items, bs)
+    t = batch.input_ids.shape[0]
+    q = torch.randn(t, heads, d, dtype=dtype)
+    k, v = torch.randn(t, kv_heads, d, dtype=dtype), torch.randn(t, kv_heads, d, dtype=dtype)
+    reference.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, bs)
+    out = kernels.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    start = 0
+    order = [i for i, it in enumerate(items) if len(it[0]) == 1] + [i for i, it in enumerate(items) if len(it[0]) > 1]
+    for i in order:
+        new, c, table, _ = items[i]
+        n = len(new)
+        flat = torch.tensor(table)
+        ks = k_cache[flat].transpose(0, 1).flatten(1, 2)[:, :c + n].transpose(0, 1)
+        vs = v_cache[flat].transpose(0, 1).flatten(1, 2)[:, :c + n].transpose(0, 1)
+        expected = naive_attention(q[start:start + n], ks, vs, torch.arange(c, c + n))
+        torch.testing.assert_close(out[start:start + n].float(), expected, **tol)
+        start += n
