@@ -13,6 +13,7 @@ class Batch:
     num_decode: int  # sequences computing one token; they come first
     decode_block_tables: torch.Tensor  # (num_decode, max_blocks), padded with block 0
     decode_bias: torch.Tensor  # (num_decode, 1, 1, max_blocks * block_size) float32: 0 in the context, -inf after
+    decode_lens: torch.Tensor  # (num_decode,): each decode's context length, its new token included
     prefills: list  # [(start, length, context, block_table)] for sequences computing several tokens
     sample_idx: torch.Tensor  # (samples,): the tokens whose logits are needed, in sampling order
 
@@ -51,5 +52,7 @@ def build_batch(items: list[tuple], block_size: int, device="cpu") -> tuple[Batc
     as_long = dict(dtype=torch.long, device=device)
     batch = Batch(input_ids=torch.tensor(ids, **as_long), positions=torch.tensor(positions, **as_long),
                   slot_mapping=torch.tensor(slots, **as_long), num_decode=nd, decode_block_tables=tables.to(device),
-                  decode_bias=bias.to(device), prefills=chunks, sample_idx=torch.tensor(sample_idx, **as_long))
+                  decode_bias=bias.to(device), prefills=chunks,
+                  decode_lens=torch.tensor([c + 1 for _, c, _, _ in decodes], **as_long),
+                  sample_idx=torch.tensor(sample_idx, **as_long))
     return batch, sampled

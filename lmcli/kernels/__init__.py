@@ -6,7 +6,6 @@ import torch
 from lmcli.kernels import native, reference
 from lmcli.kernels.reference import (  # noqa: F401
     add_rms_norm,
-    paged_attention,
     rms_norm,
     rotary,
     silu_and_mul,
@@ -27,3 +26,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out
             y += bias
         return y.to(out_dtype or x.dtype)
     return reference.linear(x, weight, bias, out_dtype)
+
+
+def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
+    """See reference.paged_attention; decodes in bfloat16 on CPU run the native kernel, which reads K/V in place."""
+    decode = None
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and native.library() is not None:
+        def decode(qd, kc, vc, b, s):
+            return native.paged_decode_attention(qd, kc, vc, b.decode_block_tables, b.decode_lens, s).to(qd.dtype)
+    return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode)

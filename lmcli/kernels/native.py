@@ -14,7 +14,8 @@ from typing import Optional
 import torch
 
 SOURCES = Path(__file__).parent / "cpu"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+FILES = ("gemv.c", "attention.c")
 
 
 @lru_cache(maxsize=None)
@@ -23,7 +24,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     from lmcli.known_models import cache_dir
 
-    source = (SOURCES / "gemv.c").read_bytes()
+    source = b"".join((SOURCES / name).read_bytes() for name in FILES)
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.processor().encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"lmcli-{key}.so"
@@ -32,8 +33,8 @@ def library() -> Optional[ctypes.CDLL]:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         cc = os.environ.get("CC", "cc")
         try:
-            subprocess.run([cc, *FLAGS, str(SOURCES / "gemv.c"), "-o", str(tmp)], check=True, capture_output=True,
-                           timeout=120)
+            subprocess.run([cc, *FLAGS, *(str(SOURCES / name) for name in FILES), "-o", str(tmp), "-lm"],
+                           check=True, capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
             return None
         tmp.replace(path)
@@ -43,6 +44,8 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     lib.gemv_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     lib.gemv_bf16.restype = None
+    lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+    lib.paged_decode_attention.restype = None
     return lib
 
 
@@ -59,3 +62,15 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
     library().gemv_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], w.shape[0], w.shape[1])
     return y
+
+
+def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float) -> torch.Tensor:
+    """q (seqs, heads, dim) bfloat16; caches (blocks, kv_heads, block_size, dim) bfloat16; block_tables (seqs,
+    max_blocks) int64; lens (seqs,) int64 -> (seqs, heads, dim) float32."""
+    q = q.contiguous()
+    out = torch.empty(q.shape, dtype=torch.float32)
+    seqs, heads, dim = q.shape
+    library().paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+                                     lens.data_ptr(), out.data_ptr(), seqs, heads, k_cache.shape[1], dim,
+                                     k_cache.shape[2], block_tables.shape[1], scale)
+    return out

@@ -53,17 +53,17 @@ def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tor
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch, scale: float) -> torch.Tensor:
+                    v_cache: torch.Tensor, batch, scale: float, decode=None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole context, read through block tables.
 
     q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim): the new tokens, already stored in the cache,
     (num_blocks, kv_heads, block_size, head_dim). The batch puts its decode tokens (one per sequence) first,
-    then each prefill chunk.
+    then each prefill chunk. decode: another implementation of decode_attention, if given.
     """
     out = torch.empty_like(q)
     nd = batch.num_decode
     if nd:
-        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_bias, scale)
+        out[:nd] = (decode or decode_attention)(q[:nd], k_cache, v_cache, batch, scale)
     for start, length, context, block_table in batch.prefills:
         qi = q[start:start + length].transpose(0, 1)  # (heads, length, head_dim)
         if context == length:  # no earlier tokens: attend to the chunk itself
@@ -79,11 +79,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     return out
 
 
-def _decode_attention(q, k_cache, v_cache, block_tables, bias, scale):
+def decode_attention(q, k_cache, v_cache, batch, scale):
     """One query per sequence, block by block, with no copy of the context into one piece.
 
-    q (seqs, heads, head_dim); block_tables (seqs, max_blocks); bias (seqs, 1, 1, max_blocks * block_size): 0 for
-    keys in the context, -inf after it."""
+    q (seqs, heads, head_dim); batch.decode_block_tables (seqs, max_blocks); batch.decode_bias (seqs, 1, 1,
+    max_blocks * block_size): 0 for keys in the context, -inf after it."""
+    block_tables, bias = batch.decode_block_tables, batch.decode_bias
     b, nb = block_tables.shape
     kv_heads, bs, d = k_cache.shape[1:]
     group = q.shape[1] // kv_heads

@@ -50,8 +50,9 @@ def naive_attention(q, ks, vs, positions):
     return torch.einsum("htl,lhd->thd", scores.softmax(-1), v)
 
 
+@pytest.mark.parametrize("impl", [kernels.paged_attention, reference.paged_attention])
 @pytest.mark.parametrize("dtype,num_decode", [(torch.float32, 3), (torch.bfloat16, 2), (torch.bfloat16, 9)])
-def test_paged_attention_matches_naive_attention(dtype, num_decode):
+def test_paged_attention_matches_naive_attention(dtype, num_decode, impl):
     torch.manual_seed(num_decode)
     bs, kv_heads, heads, d, num_blocks = 4, 2, 6, 8, 64
     k_cache = torch.randn(num_blocks, kv_heads, bs, d, dtype=dtype)
@@ -69,7 +70,7 @@ def test_paged_attention_matches_naive_attention(dtype, num_decode):
     q = torch.randn(t, heads, d, dtype=dtype)
     k, v = torch.randn(t, kv_heads, d, dtype=dtype), torch.randn(t, kv_heads, d, dtype=dtype)
     reference.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, bs)
-    out = kernels.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5)
+    out = impl(q, k, v, k_cache, v_cache, batch, d ** -0.5)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     start = 0
     order = [i for i, it in enumerate(items) if len(it[0]) == 1] + [i for i, it in enumerate(items) if len(it[0]) > 1]
