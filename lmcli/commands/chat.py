@@ -54,7 +54,7 @@ def chat(
         messages.append({"role": "user", "content": text})
         turn += 1
         ids = continue_chat(engine.tokenizer, history, messages)
-        answer, start, n = "", time.perf_counter(), 0
+        answer, start, n, last = "", time.perf_counter(), 0, None
         try:
             engine.add_request(f"chat-{turn}", ids, params, session_id=session_id)
             while engine.has_work:
@@ -63,8 +63,7 @@ def chat(
                     answer, n = answer + out.text, n + len(out.token_ids)
                     last = out
         except KeyboardInterrupt:
-            engine.abort(f"chat-{turn}")
-            last = None
+            engine.abort(f"chat-{turn}")  # the partial answer stays in the session, as in the transcript
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             messages.pop()
