@@ -79,3 +79,11 @@ def hf_single_stream(model, prompt, output_len: int) -> Result:
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=output_len, do_sample=False)
     return Result("transformers, one stream", output_len - 1, time.perf_counter() - start - prefill)
+
+
+def medians(runs: list[Result]) -> list[Result]:
+    """One result per name (in first-seen order): the run with the median rate."""
+    by_name: dict[str, list[Result]] = {}
+    for r in runs:
+        by_name.setdefault(r.name, []).append(r)
+    return [sorted(rs, key=lambda r: r.rate)[len(rs) // 2] for rs in by_name.values()]

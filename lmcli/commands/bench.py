@@ -21,6 +21,7 @@ def throughput(
                                                      "the best is the baseline.")] = "32,64",
     baseline: Annotated[bool, typer.Option(help="Also run transformers (the baseline).")] = True,
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks for our engine.")] = 1,
+    repeat: Annotated[int, typer.Option(help="Rounds, each running every engine once; medians are shown.")] = 1,
 ) -> None:
     """Output tokens/s of our engine and of transformers' generate on the same prompts, and single-stream decode."""
     from rich.console import Console
@@ -36,16 +37,20 @@ def throughput(
         raise fail("bench throughput", str(e))
     prompts = bench.random_prompts(engine.tokenizer, num_prompts, input_len)
     bench.run_engine(engine, prompts[:2], 4, 2)  # warm up
-    results = [bench.run_engine(engine, prompts, output_len, concurrency),
-               bench.engine_single_stream(engine, prompts[0], output_len)]
-    engine.close()
+    model = None
     if baseline:
         from lmcli.bench.hf import hf_model
 
         model = hf_model(engine.workspace, dtype.value)
-        batched = [bench.run_hf(model, prompts, output_len, int(b)) for b in hf_batch_sizes.split(",")]
-        best = max(batched, key=lambda r: r.rate)
-        results += batched + [bench.hf_single_stream(model, prompts[0], output_len)]
+    runs = []  # each round: ours, then transformers, so slow spells of a shared machine hit both alike
+    for _ in range(repeat):
+        runs.append(bench.run_engine(engine, prompts, output_len, concurrency))
+        runs.append(bench.engine_single_stream(engine, prompts[0], output_len))
+        if model is not None:
+            runs += [bench.run_hf(model, prompts, output_len, int(b)) for b in hf_batch_sizes.split(",")]
+            runs.append(bench.hf_single_stream(model, prompts[0], output_len))
+    engine.close()
+    results = bench.medians(runs)
     table = Table(title=f"{engine.workspace.model_name}, {dtype.value}, {num_prompts} prompts x "
                         f"{input_len} in / {output_len} out, concurrency {concurrency}, tp {tp}")
     for column in ("run", "output tokens", "seconds", "tokens/s"):
@@ -55,5 +60,7 @@ def throughput(
     console = Console(width=120)
     console.print(table)
     if baseline:
+        best = max((r for r in results if r.name.startswith("transformers generate")), key=lambda r: r.rate)
         console.print(f"batch throughput: {results[0].rate / best.rate:.2f}x transformers' best ({best.name}); "
-                      f"single stream: {results[1].rate / results[-1].rate:.2f}x transformers")
+                      f"single stream: {results[1].rate / results[-1].rate:.2f}x transformers"
+                      + (f" (medians of {repeat} interleaved rounds)" if repeat > 1 else ""))

@@ -151,3 +151,18 @@ def test_detokenizer_multibyte_and_leading_spaces(engine):
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
     assert pieces[0].startswith(" ")
+
+
+def test_kv_pool_is_sized_from_free_memory(smollm2_workspace):
+    from lmcli.engine import model_runner
+
+    small = Engine(smollm2_workspace, dtype="bfloat16", cache_max_entry_count=0.01)
+    c, bs = small.workspace.config, small.config.cache.block_size
+    block_bytes = 2 * c.num_layers * c.num_kv_heads * bs * c.head_dim * 2  # K and V, bfloat16
+    budget = min(model_runner.available_memory() * 0.01, small.config.cache.cpu_cache_cap_bytes)
+    assert 0.5 * budget <= small.runner.num_blocks * block_bytes <= 1.5 * budget
+    assert tuple(small.runner.kv_cache.shape) == (2, c.num_layers, small.runner.num_blocks, c.num_kv_heads, bs,
+                                                  c.head_dim)
+    capped = Engine(smollm2_workspace, dtype="bfloat16", cache_max_entry_count=1.0)
+    assert capped.runner.num_blocks * block_bytes <= small.config.cache.cpu_cache_cap_bytes
+    assert capped.block_manager.num_blocks == capped.runner.num_blocks > small.runner.num_blocks

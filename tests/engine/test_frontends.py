@@ -85,3 +85,13 @@ def test_bench_throughput_prints_both_engines(smollm2_workspace):
         assert row in done.stdout
     assert re.search(r"lm engine\s+│\s+32 │", done.stdout)  # 4 prompts x 8 tokens
     assert re.search(r"batch throughput: [\d.]+x transformers' best", done.stdout)
+
+
+def test_bench_medians_pick_the_middle_run_per_name():
+    from lmcli.bench.throughput import Result, medians
+
+    runs = [Result("a", 100, 1.0), Result("b", 10, 1.0), Result("a", 100, 4.0), Result("a", 100, 2.0),
+            Result("b", 30, 1.0)]
+    got = medians(runs)
+    assert [r.name for r in got] == ["a", "b"]
+    assert got[0].seconds == 2.0 and got[1].output_tokens == 30  # b: of 10 and 30 tok/s, the upper middle
