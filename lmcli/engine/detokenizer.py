@@ -30,23 +30,33 @@ class Detokenizer:
         self.ids.append(token_id)
         before = self._decode(self.ids[self.prefix_offset:self.read_offset])
         after = self._decode(self.ids[self.prefix_offset:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
+        if len(after) <= len(before):
             return False
-        start = max(0, len(self.text) - self.hold)
-        self.text += after[len(before):]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        if self.stop:
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.text = self.text[:min(hits)]
-                self.stopped = True
+        piece = after[len(before):]
+        complete = not piece.endswith("\ufffd")  # else an incomplete character waits for the next token
+        if complete:
+            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        candidate = self.text + (piece if complete else piece.rstrip("\ufffd"))
+        hit = self._first_stop(candidate)
+        if hit is not None:
+            self.text, self.stopped = candidate[:hit], True
+        elif complete:
+            self.text = candidate
         return self.stopped
+
+    def _first_stop(self, text: str):
+        """Where the first stop string begins in text, looking only past what was already checked; or None."""
+        start = max(0, len(self.text) - self.hold)
+        hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        return min(hits) if hits else None
 
     def delta(self, final: bool) -> str:
         """The text not handed out yet; while not final, keep back what might begin a stop string."""
         if final and not self.stopped and self.read_offset < len(self.ids):  # an incomplete character at the end
             before = self._decode(self.ids[self.prefix_offset:self.read_offset])
-            self.text += self._decode(self.ids[self.prefix_offset:])[len(before):]
+            candidate = self.text + self._decode(self.ids[self.prefix_offset:])[len(before):]
+            hit = self._first_stop(candidate)
+            self.text, self.stopped = (candidate, False) if hit is None else (candidate[:hit], True)
             self.read_offset = len(self.ids)
         end = len(self.text) if final or self.stopped else max(self.sent, len(self.text) - self.hold)
         piece, self.sent = self.text[self.sent:end], end

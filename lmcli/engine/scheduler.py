@@ -2,7 +2,8 @@
 
 Each step spends a token budget (max_prefill_token_num) on, first, the running sequences in arrival order
 (one token for a decode, a chunk for an unfinished prefill), then on waiting sequences, oldest first, while
-the budget, max_batch_size and free blocks allow. When blocks run out, idle sessions give theirs back first,
+the budget, max_batch_size and free blocks allow. When blocks run out, sessions not running a turn give theirs
+back first (idle ones before those whose next turn waits),
 then the newest running sequence is preempted: its blocks are freed and it waits at the front of the queue to
 be recomputed (its tokens are kept, so its output is unchanged).
 """
@@ -81,7 +82,7 @@ class Scheduler:
                 self._unadmit(seq)
                 break
             self.waiting.popleft()
-            seq.status = Status.RUNNING
+            seq.status, seq.admitted = Status.RUNNING, True
             bisect.insort(self.running, seq, key=_arrival)
             out.append((seq, n))
             budget -= n
@@ -103,7 +104,7 @@ class Scheduler:
         seq.status, seq.finish_reason, seq.finish_message = Status.FINISHED, reason, message
         session = seq.session
         if session is not None:
-            if seq.num_computed:  # the turn ran: its tokens join the history
+            if seq.admitted:  # the turn ran: its tokens join the history
                 session.token_ids = list(seq.token_ids)
             self._unadmit(seq)
             session.busy, session.last_used = False, self.clock
@@ -122,10 +123,13 @@ class Scheduler:
             seq.session.take_blocks(seq)
 
     def _evict_idle_session(self) -> bool:
-        idle = [s for s in self.sessions.values() if not s.busy and s.block_table]
-        if not idle:
+        """Take back the blocks of the least recently used session that holds any. A session holds blocks only
+        while no turn of it runs (a running turn holds them itself), so this includes sessions whose next turn
+        still waits: it will rebuild them."""
+        holding = [s for s in self.sessions.values() if s.block_table]
+        if not holding:
             return False
-        victim = min(idle, key=lambda s: s.last_used)
+        victim = min(holding, key=lambda s: (s.busy, s.last_used))  # idle sessions first
         self.bm.release(victim.block_table)  # hashed full blocks stay findable in the prefix cache
         victim.block_table, victim.num_computed = [], 0
         victim.num_hashed_blocks, victim.last_block_hash = 0, None

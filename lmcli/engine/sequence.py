@@ -31,6 +31,7 @@ class Sequence:
         self.num_hashed_blocks = 0  # leading blocks already registered in the prefix cache
         self.last_block_hash: Optional[int] = None  # the hash of the last of those
         self.status = Status.WAITING
+        self.admitted = False  # scheduled at least once
         self.finish_reason: Optional[str] = None
         self.finish_message: Optional[str] = None
         self.session = None  # the Session this turn belongs to, if any

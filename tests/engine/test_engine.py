@@ -166,3 +166,27 @@ def test_kv_pool_is_sized_from_free_memory(smollm2_workspace):
     capped = Engine(smollm2_workspace, dtype="bfloat16", cache_max_entry_count=1.0)
     assert capped.runner.num_blocks * block_bytes <= small.config.cache.cpu_cache_cap_bytes
     assert capped.block_manager.num_blocks == capped.runner.num_blocks > small.runner.num_blocks
+
+
+class ByteTokenizer:
+    """Each token is a few raw bytes, so a token can end inside a UTF-8 character (as byte-level BPE tokens do)."""
+
+    VOCAB = {0: b"c", 1: b"ab\xe2", 2: b"\x82\xac", 3: b"x"}
+
+    def decode(self, ids, skip_special_tokens=True, clean_up_tokenization_spaces=False):
+        return b"".join(self.VOCAB[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def test_a_stop_string_before_an_incomplete_character_is_found_and_never_sent():
+    det = Detokenizer(ByteTokenizer(), [3], stop=("ab",))
+    assert not det.add(0)
+    assert det.add(1)  # "ab" arrives with half of a euro sign
+    assert det.delta(final=True) == "c"
+    whole = Detokenizer(ByteTokenizer(), [3], stop=("zz",))
+    for t in (0, 1, 2):
+        whole.add(t)
+    assert whole.delta(final=True) == "cab€"
+    cut = Detokenizer(ByteTokenizer(), [3], stop=("€",))
+    cut.add(0)
+    cut.add(1)
+    assert cut.add(2) and cut.delta(final=True) == "cab"

@@ -130,3 +130,42 @@ def test_abort_while_waiting_or_running_frees_everything():
     sched.finish(a, "abort")
     sched.finish(b, "abort")
     assert not sched.has_work and bm.num_free == bm.num_blocks
+
+
+def test_a_session_whose_turn_waits_gives_its_blocks_back_instead_of_dropping_others():
+    sched, bm = make(num_blocks=8, block_size=4, budget=64)
+    session = sched.sessions[1] = Session(1)
+    first = seq(20, start=100)
+    first.session, session.busy = session, True
+    sched.add(first)
+    run_step(sched, bm)
+    sched.finish(first, "stop")  # the session keeps 5 blocks
+    other = seq(7, start=200)
+    sched.add(other)
+    run_step(sched, bm)  # other takes 2 blocks; 1 is free
+    turn = Sequence(session.token_ids + list(range(300, 308)), SamplingParams())
+    turn.session, session.busy = session, True
+    sched.add(turn)  # cannot be admitted yet; its session keeps holding blocks
+    for _ in range(12):
+        run_step(sched, bm)
+        assert sched.dropped == [] and other.finish_reason is None
+    assert other.num_tokens == 7 + 13  # it grew past the free block, with the waiting session's blocks
+    bm.check()
+
+
+def test_a_turn_that_never_ran_leaves_the_history_alone():
+    sched, bm = make(num_blocks=4, block_size=4, budget=64)
+    session = sched.sessions[1] = Session(1)
+    first = seq(6, start=100)
+    first.session, session.busy = session, True
+    sched.add(first)
+    run_step(sched, bm)
+    sched.finish(first, "stop")
+    history = list(session.token_ids)
+    big = Sequence(history + list(range(40)), SamplingParams())  # can never fit in 4 blocks
+    big.session, session.busy = session, True
+    sched.add(big)
+    run_step(sched, bm)
+    assert big.finish_reason == "length" and not big.admitted
+    assert session.token_ids == history and not session.busy
+    bm.check()
