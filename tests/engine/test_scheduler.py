@@ -132,20 +132,29 @@ def test_abort_while_waiting_or_running_frees_everything():
     assert not sched.has_work and bm.num_free == bm.num_blocks
 
 
+def session_turn(sched, session, tokens):
+    turn = Sequence(tokens, SamplingParams())
+    turn.session, session.busy = session, True
+    sched.add(turn)
+    return turn
+
+
+def ran_session(sched, bm, num_tokens):
+    """A session whose first turn ran and ended; it keeps its blocks."""
+    session = sched.sessions[1] = Session(1)
+    first = session_turn(sched, session, list(range(100, 100 + num_tokens)))
+    run_step(sched, bm)
+    sched.finish(first, "stop")
+    return session
+
+
 def test_a_session_whose_turn_waits_gives_its_blocks_back_instead_of_dropping_others():
     sched, bm = make(num_blocks=8, block_size=4, budget=64)
-    session = sched.sessions[1] = Session(1)
-    first = seq(20, start=100)
-    first.session, session.busy = session, True
-    sched.add(first)
-    run_step(sched, bm)
-    sched.finish(first, "stop")  # the session keeps 5 blocks
+    session = ran_session(sched, bm, 20)  # it keeps 5 blocks
     other = seq(7, start=200)
     sched.add(other)
     run_step(sched, bm)  # other takes 2 blocks; 1 is free
-    turn = Sequence(session.token_ids + list(range(300, 308)), SamplingParams())
-    turn.session, session.busy = session, True
-    sched.add(turn)  # cannot be admitted yet; its session keeps holding blocks
+    session_turn(sched, session, session.token_ids + list(range(300, 308)))  # waits; its session keeps its blocks
     for _ in range(12):
         run_step(sched, bm)
         assert sched.dropped == [] and other.finish_reason is None
@@ -155,16 +164,9 @@ def test_a_session_whose_turn_waits_gives_its_blocks_back_instead_of_dropping_ot
 
 def test_a_turn_that_never_ran_leaves_the_history_alone():
     sched, bm = make(num_blocks=4, block_size=4, budget=64)
-    session = sched.sessions[1] = Session(1)
-    first = seq(6, start=100)
-    first.session, session.busy = session, True
-    sched.add(first)
-    run_step(sched, bm)
-    sched.finish(first, "stop")
+    session = ran_session(sched, bm, 6)
     history = list(session.token_ids)
-    big = Sequence(history + list(range(40)), SamplingParams())  # can never fit in 4 blocks
-    big.session, session.busy = session, True
-    sched.add(big)
+    big = session_turn(sched, session, history + list(range(40)))  # can never fit in 4 blocks
     run_step(sched, bm)
     assert big.finish_reason == "length" and not big.admitted
     assert session.token_ids == history and not session.busy
