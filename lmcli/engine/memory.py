@@ -4,7 +4,8 @@ Reading 270 MB of weights per token through 4 KiB pages spends much of the time 
 the 120 projection matrices of SmolLM2 in bfloat16 take 34 ms per one-token pass in ordinary pages and 17 ms in
 2 MiB pages. Linux gives huge pages to memory marked with madvise(MADV_HUGEPAGE) before it is first touched (the
 machine's default is often "madvise"), so weights are packed into one such buffer, and the KV cache is marked
-before use."""
+before use. In the whole engine the gain did not show beyond noise (docs/benchmarks.md); it is kept because it
+costs nothing at run time and the micro-benchmark gain is real."""
 
 import ctypes
 import sys
