@@ -1,12 +1,153 @@
-from typing import Annotated
+"""`lm serve api_server WORKSPACE`: the OpenAI-compatible HTTP server on uvicorn."""
+
+import os
+import socket
+import sys
+import threading
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
-from lmcli.commands.options import fail
+from lmcli.commands.options import ChatTemplateOption, DType, DTypeOption, ModelNameOption, fail
+
+NAME = "serve api_server"
+
+
+class LogLevel(str, Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
 
 
 def api_server(
-    workspace: Annotated[str, typer.Argument(help="The workspace made by `lm convert`.", show_default=False)],
+    workspace: Annotated[Path, typer.Argument(help="The workspace made by `lm convert`.", show_default=False)],
+    server_name: Annotated[str, typer.Option(help="The address to listen on.")] = "0.0.0.0",
+    server_port: Annotated[int, typer.Option(help="The port to listen on.")] = 23333,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel ranks (processes on this machine).")] = 1,
+    session_len: Annotated[Optional[int], typer.Option(
+        help="Most tokens a sequence or session may hold (prompt and output). Default: the model's context.",
+        show_default=False)] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Most sequences computed in one step.")] = 128,
+    cache_max_entry_count: Annotated[float, typer.Option(
+        help="Share of free memory for the KV cache (on CPU: of available RAM, at most 4 GiB).")] = 0.8,
+    cache_block_seq_len: Annotated[int, typer.Option(help="Tokens per KV cache block.")] = 64,
+    max_prefill_token_num: Annotated[int, typer.Option(help="Most tokens computed in one step.")] = 2048,
+    enable_prefix_caching: Annotated[bool, typer.Option(
+        "--enable-prefix-caching/--disable-prefix-caching", help="Reuse the KV cache of prompts' shared "
+        "beginnings.")] = True,
+    dtype: DTypeOption = DType.auto,
+    device: Annotated[str, typer.Option(help="cpu, or cuda on a machine with an NVIDIA GPU.")] = "cpu",
+    model_name: ModelNameOption = None,
+    chat_template: ChatTemplateOption = None,
+    meta_instruction: Annotated[Optional[str], typer.Option(
+        help="The system prompt of chats that send none.", show_default=False)] = None,
+    api_keys: Annotated[Optional[list[str]], typer.Option(
+        "--api-keys", help="Accepted API keys (Bearer tokens) for /v1/ paths; repeat the option or separate keys "
+        "with commas. Default: no key needed.", show_default=False)] = None,
+    allow_origins: Annotated[Optional[list[str]], typer.Option(
+        help="CORS: origins allowed to call the API from a browser (repeat; * for any). Default: no CORS.",
+        show_default=False)] = None,
+    allow_credentials: Annotated[bool, typer.Option(help="CORS: allow cookies and auth headers.")] = False,
+    allow_methods: Annotated[Optional[list[str]], typer.Option(help="CORS: allowed methods (repeat). Default: *.",
+                                                               show_default=False)] = None,
+    allow_headers: Annotated[Optional[list[str]], typer.Option(help="CORS: allowed headers (repeat). Default: *.",
+                                                               show_default=False)] = None,
+    ssl: Annotated[bool, typer.Option(help="Serve HTTPS with the key and certificate in the files named by "
+                                           "SSL_KEYFILE and SSL_CERTFILE.")] = False,
+    max_concurrent_requests: Annotated[Optional[int], typer.Option(
+        help="Answer 429 beyond this many generation requests at once. Default: no limit.",
+        show_default=False)] = None,
+    log_level: Annotated[LogLevel, typer.Option(help="Server log level; info logs every request.")] = LogLevel.warning,
+    proxy_url: Annotated[Optional[str], typer.Option(
+        help="Register with this `lm serve proxy` once the model is loaded.", show_default=False)] = None,
 ) -> None:
-    """Serve a workspace over an OpenAI-compatible HTTP API."""
-    raise fail("serve api_server", "not implemented yet: the server lands with the issue 'engine-backed api_server'")
+    """Serve a workspace over an OpenAI-compatible HTTP API (and LMDeploy's /v1/chat/interactive).
+
+    Open the printed URL in a browser for the API docs."""
+    from lmcli.errors import UserError
+    from lmcli.workspace import Workspace
+
+    try:
+        ws = Workspace.load(workspace)
+        template = None
+        if chat_template:
+            from lmcli.convert import read_chat_template
+
+            template = read_chat_template(chat_template)
+    except UserError as e:
+        raise fail(NAME, str(e))
+    if not 0 < server_port < 65536:
+        raise fail(NAME, f"--server-port must be in 1..65535, not {server_port}")
+    if max_concurrent_requests is not None and max_concurrent_requests < 1:
+        raise fail(NAME, "--max-concurrent-requests must be at least 1")
+    ssl_files = {}
+    if ssl:
+        for env, key in (("SSL_KEYFILE", "ssl_keyfile"), ("SSL_CERTFILE", "ssl_certfile")):
+            path = os.environ.get(env)
+            if not path or not os.path.isfile(path):
+                raise fail(NAME, f"--ssl needs {env} to name a file" + (f" ({path!r} is not one)" if path else ""))
+            ssl_files[key] = path
+    try:
+        with socket.create_server((server_name, server_port)):  # a clear line now, not a log line later
+            pass
+    except OSError as e:
+        raise fail(NAME, f"cannot listen on {server_name}:{server_port}: {e.strerror or e}")
+
+    import uvicorn
+
+    from lmcli.engine.async_engine import AsyncEngine
+    from lmcli.engine.engine import Engine
+    from lmcli.serve.api_server import create_app
+    from lmcli.serve.state import ServerOptions
+
+    keys = tuple(k for value in api_keys or () for k in value.split(",") if k)
+    options = ServerOptions(model_name=model_name, chat_template=template, meta_instruction=meta_instruction,
+                            api_keys=keys, max_concurrent_requests=max_concurrent_requests,
+                            allow_origins=tuple(allow_origins or ()), allow_credentials=allow_credentials,
+                            allow_methods=tuple(allow_methods or ("*",)), allow_headers=tuple(allow_headers or ("*",)))
+    scheme = "https" if ssl else "http"
+    shown = "127.0.0.1" if server_name in ("0.0.0.0", "::") else server_name
+    url = f"{scheme}://{shown}:{server_port}"
+    failed = []
+
+    def load() -> AsyncEngine:
+        return AsyncEngine(Engine(ws.path, dtype=dtype.value, device=device, tp=tp, session_len=session_len,
+                                  cache_block_seq_len=cache_block_seq_len,
+                                  cache_max_entry_count=cache_max_entry_count, max_batch_size=max_batch_size,
+                                  max_prefill_token_num=max_prefill_token_num,
+                                  enable_prefix_caching=enable_prefix_caching))
+
+    def on_ready(state) -> None:
+        print(f"lm api_server: {state.model_name} is ready at {url} (open it in a browser for the API docs)",
+              file=sys.stderr, flush=True)
+        if proxy_url:  # in a thread: the event loop keeps serving
+            threading.Thread(target=register, args=(proxy_url, url), daemon=True).start()
+
+    def on_error(message: str) -> None:
+        failed.append(message)
+        server.should_exit = True
+
+    app = create_app(load, options, on_ready, on_error)
+    print(f"lm api_server: loading {ws.model_name} from {ws.path}; serving at {url}", file=sys.stderr, flush=True)
+    config = uvicorn.Config(app, host=server_name, port=server_port, log_level=log_level.value,
+                            access_log=log_level in (LogLevel.info, LogLevel.debug), timeout_graceful_shutdown=5,
+                            **ssl_files)
+    server = uvicorn.Server(config)
+    server.run()
+    if failed:
+        raise fail(NAME, failed[0])
+
+
+def register(proxy_url: str, url: str) -> None:
+    """Tell an `lm serve proxy` about this server (POST /nodes/add), as LMDeploy's api_server does."""
+    import httpx
+
+    try:
+        httpx.post(proxy_url.rstrip("/") + "/nodes/add", json={"url": url}, timeout=10).raise_for_status()
+        print(f"lm api_server: registered {url} with the proxy at {proxy_url}", file=sys.stderr, flush=True)
+    except httpx.HTTPError as e:
+        print(f"lm api_server: warning: could not register with the proxy at {proxy_url}: {e}", file=sys.stderr,
+              flush=True)

@@ -17,7 +17,7 @@ def convert_model(src: str, dst: Path, *, dtype: str = "auto", model_name: Optio
     start = time.perf_counter()
     dst = Path(dst)
     _check_destination(dst, force)
-    template = _read_chat_template(chat_template) if chat_template else None
+    template = read_chat_template(chat_template) if chat_template else None
 
     import torch
     from rich.console import Console
@@ -76,7 +76,7 @@ def _check_destination(dst: Path, force: bool) -> None:
         raise UserError(f"{dst} is not an lm workspace (no {MANIFEST}); refusing to replace it even with --force")
 
 
-def _read_chat_template(value: str) -> str:
+def read_chat_template(value: str) -> str:
     import jinja2
 
     path = Path(value).expanduser()

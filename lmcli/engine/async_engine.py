@@ -1,6 +1,7 @@
 """The engine for an asyncio server: the step loop runs in its own thread; requests go in through a queue and
 their outputs come back to each caller's event loop. `async for out in engine.generate(...)`; leaving the loop
-early (a client that went away) aborts the request and frees its blocks."""
+early (a client that went away) aborts the request and frees its blocks. A server that must know a request was
+accepted before it answers (a 409 or 400 instead of a broken stream) uses `await engine.start(...)`."""
 
 import asyncio
 import queue
@@ -23,7 +24,8 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
         self.error: Optional[BaseException] = None
-        self.last_step = time.monotonic()
+        self.last_step = time.monotonic()  # the loop's last round
+        self.stats: dict = engine.stats()  # the engine's counters after its latest step, for /metrics
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="lm-engine", daemon=True)
         self._thread.start()
@@ -40,9 +42,10 @@ class AsyncEngine:
                 self._drain(block=not self.engine.has_work)
                 if self.engine.has_work:
                     outputs = self.engine.step()
-                    self.last_step = time.monotonic()
                     for out in outputs:
                         self._deliver(out.request_id, out)
+                self.stats = self.engine.stats()
+                self.last_step = time.monotonic()  # idle, the loop comes round every half second
         except BaseException as e:  # a bug or a dead worker: fail every caller, never hang them
             self.error = e
             for request_id in list(self._streams):
@@ -68,10 +71,12 @@ class AsyncEngine:
             except Exception as e:  # a user error: raised to the caller
                 self._deliver(request_id, e)
                 return
+            self._deliver(request_id, ACCEPTED)
             for out in outputs:
                 self._deliver(request_id, out)
-        elif command == "abort":
-            self.engine.abort(args[0])
+        elif command == "abort":  # a caller that still listens (a cancelled session turn) gets the final output
+            for out in self.engine.abort(args[0]):
+                self._deliver(args[0], out)
         elif command == "end_session":
             self.engine.end_session(args[0])
         elif command == "call":  # run a function on the engine thread, between steps
@@ -91,29 +96,37 @@ class AsyncEngine:
 
     # ---- the caller's side ----
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
-                       request_id: Optional[str] = None, session_id: Optional[int] = None) -> AsyncIterator[Output]:
-        """Outputs of all the request's choices as they come; raises UserError for a bad request."""
+    async def start(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                    request_id: Optional[str] = None, session_id: Optional[int] = None) -> "RequestStream":
+        """Queue a request and wait until the engine took it; raises UserError (SessionBusy ...) if it did not.
+        The caller must close() the stream (closing an unfinished one aborts the request)."""
         if self.error is not None:
             raise EngineDead(f"the engine stopped: {self.error}")
         request_id = request_id or uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), q, params.n)
         self._inbox.put(("add", request_id, list(prompt_ids), params, session_id))
-        unfinished = params.n
+        stream = RequestStream(self, request_id, q, params.n)
         try:
-            while unfinished:
-                item = await q.get()
-                if isinstance(item, BaseException):
-                    unfinished = 0
-                    raise item
-                if item.finish_reason is not None:
-                    unfinished -= 1
-                yield item
+            first = await q.get()
+        except BaseException:  # cancelled while waiting: the request may have started
+            stream.close()
+            raise
+        if isinstance(first, BaseException):
+            stream.unfinished = 0
+            stream.close()
+            raise first
+        return stream
+
+    async def generate(self, prompt_ids: list[int], params: SamplingParams = SamplingParams(),
+                       request_id: Optional[str] = None, session_id: Optional[int] = None) -> AsyncIterator[Output]:
+        """Outputs of all the request's choices as they come; raises UserError for a bad request."""
+        stream = await self.start(prompt_ids, params, request_id, session_id)
+        try:
+            async for out in stream:
+                yield out
         finally:
-            self._streams.pop(request_id, None)
-            if unfinished:
-                self.abort(request_id)
+            stream.close()
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
@@ -128,19 +141,54 @@ class AsyncEngine:
         self._inbox.put(("call", fn, loop, future))
         return await asyncio.wait_for(future, timeout)
 
-    async def healthy(self, timeout: float = 5.0) -> bool:
-        """True when the loop is alive and answers between steps."""
+    async def healthy(self, timeout: float = 5.0, stall: float = 120.0) -> bool:
+        """True when the engine can generate: the loop is alive and, if busy, stepping (a step ended within
+        `stall` seconds, so this does not wait for the step running now); if idle, it answers a probe that also
+        checks tensor-parallel workers."""
         if self.error is not None or not self._thread.is_alive():
             return False
+        if self.engine.has_work:
+            return time.monotonic() - self.last_step < stall
         try:
-            return await self.call(lambda engine: True, timeout)
-        except asyncio.TimeoutError:
+            await self.call(lambda engine: engine.check(), timeout)
+        except Exception:
             return False
+        return True
 
     def close(self) -> None:
-        self._stop = True  # the loop sees it within half a second
+        self._stop = True
+        self._inbox.put(("wake",))  # the loop may be waiting for work
         self._thread.join(timeout=5)
         self.engine.close()
+
+
+ACCEPTED = object()  # the engine's first word on a request it took
+
+
+class RequestStream:
+    """One request's outputs, all choices, as they come; close() aborts it if unfinished."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, q: asyncio.Queue, n: int):
+        self.engine, self.request_id, self.q, self.unfinished = engine, request_id, q, n
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> Output:
+        if not self.unfinished:
+            raise StopAsyncIteration
+        item = await self.q.get()
+        if isinstance(item, BaseException):
+            self.unfinished = 0
+            raise item
+        if item.finish_reason is not None:
+            self.unfinished -= 1
+        return item
+
+    def close(self) -> None:
+        if self.engine._streams.pop(self.request_id, None) is not None and self.unfinished:
+            self.engine.abort(self.request_id)
+        self.unfinished = 0
 
 
 def _set(future: asyncio.Future, result, error) -> None:

@@ -106,6 +106,11 @@ class DistributedRunner(ModelRunner):
         except Exception as e:
             raise self._worker_error(wait=True) or e
 
+    def check(self) -> None:
+        error = self._worker_error()
+        if error is not None:
+            raise error
+
     def _worker_error(self, wait: bool = False):
         """The first worker's error, if one failed (waiting a moment for a dying worker to say why)."""
         deadline = time.monotonic() + (5 if wait else 0)

@@ -134,6 +134,25 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
+    def stats(self) -> dict:
+        """Counters and gauges for /metrics; read between steps."""
+        bm, sch = self.block_manager, self.scheduler
+        return {"running": len(sch.running), "waiting": len(sch.waiting), "num_blocks": bm.num_blocks,
+                "free_blocks": bm.num_free, "prefix_queries": bm.prefix_queries, "prefix_hits": bm.prefix_hits,
+                "computed_tokens": self.num_computed_tokens, "preemptions": sch.num_preemptions,
+                "sessions": len(sch.sessions)}
+
+    def session_tokens(self, session_id: int) -> list[int]:
+        """A session's history (prompts and answers), empty for an unknown one."""
+        session = self.scheduler.sessions.get(session_id)
+        return list(session.token_ids) if session else []
+
+    def check(self) -> None:
+        """Raise if the engine cannot run a step (a tensor-parallel worker died)."""
+        check = getattr(self.runner, "check", None)
+        if check is not None:
+            check()
+
     def close(self) -> None:
         """Stop tensor-parallel workers, if any."""
         shutdown = getattr(self.runner, "shutdown", None)

@@ -1,0 +1,130 @@
+"""What the routes share: reading a body, starting engine requests, merging their outputs, SSE framing, and
+collecting a response while watching for a client that leaves."""
+
+import asyncio
+import json
+from contextlib import suppress
+from typing import AsyncIterator, Optional, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from lmcli.engine.async_engine import EngineDead, RequestStream
+from lmcli.engine.engine import Output, SessionBusy
+from lmcli.errors import UserError
+from lmcli.serve.errors import APIError, from_validation
+
+M = TypeVar("M", bound=BaseModel)
+
+
+async def parse(request: Request, model: type[M]) -> M:
+    body = await request.body()
+    try:
+        data = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_json")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise from_validation(e) from None
+
+
+def user_error(e: Exception) -> APIError:
+    if isinstance(e, SessionBusy):
+        return APIError(409, str(e), "session_id", "session_busy")
+    if isinstance(e, EngineDead):
+        return APIError(503, str(e), code="engine_dead")
+    return APIError(400, str(e))
+
+
+async def start(engine, prompt_ids, params, request_id, session_id=None) -> RequestStream:
+    try:
+        return await engine.start(prompt_ids, params, request_id, session_id)
+    except (UserError, EngineDead) as e:
+        raise user_error(e) from None
+
+
+async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Output]]:
+    """(which stream, output) from several requests as they come; closing this closes them all."""
+    if len(streams) == 1:
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            streams[0].close()
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                q.put_nowait((k, out))
+        except Exception as e:
+            q.put_nowait((k, e))
+        q.put_nowait((k, None))
+
+    tasks = [asyncio.create_task(pump(k, s)) for k, s in enumerate(streams)]
+    try:
+        left = len(streams)
+        while left:
+            k, item = await q.get()
+            if item is None:
+                left -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield k, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        for s in streams:
+            s.close()
+
+
+def sse(data) -> bytes:
+    text = data if isinstance(data, str) else data.model_dump_json() if isinstance(data, BaseModel) \
+        else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def sse_error(e: Exception) -> bytes:
+    err = e if isinstance(e, APIError) else user_error(e) if isinstance(e, (UserError, EngineDead)) \
+        else APIError(500, f"{type(e).__name__}: {e}")
+    return sse(err.body())
+
+
+async def until_disconnect(request: Request, work) -> Optional[object]:
+    """Run the coroutine `work`; if the client goes away first, cancel it (which aborts its requests) and return
+    None."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this handler was cancelled (the server stops)
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not task.done():
+        task.cancel()
+        with suppress(asyncio.CancelledError):
+            await task
+        return None
+    return task.result()
+
+
+async def collected(request: Request, work, cleanup) -> Response:
+    """The JSON of the model that `work` builds, or 499 if the client left first; cleanup() runs either way."""
+    try:
+        body = await until_disconnect(request, work)
+    finally:
+        cleanup()
+    return JSONResponse(body.model_dump()) if body is not None else Response(status_code=499)

@@ -1,0 +1,124 @@
+"""/v1/chat/interactive: LMDeploy's session API. With interactive_mode=true the engine keeps the session's
+history and KV cache, so a turn prefills only its new tokens; interactive_mode=false ends the session and runs
+the prompt on its own. Streamed as one JSON object per line (application/x-ndjson)."""
+
+import random
+import uuid
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from lmcli.engine.prompt import continue_chat, encode_chat, to_messages
+from lmcli.engine.sampling_params import SamplingParams
+from lmcli.errors import UserError
+from lmcli.serve import protocol as p
+from lmcli.serve.common import collected, merge, parse, start, user_error
+from lmcli.serve.errors import APIError
+from lmcli.serve.metrics import RequestTimer
+from lmcli.serve.state import ServerState
+
+
+async def chat_interactive(request: Request) -> Response:
+    state: ServerState = request.app.state.server
+    req = await parse(request, p.InteractiveRequest)
+    engine = state.ready()
+    sid = req.session_id
+    if req.cancel:
+        if sid == -1:
+            raise APIError(400, "cancel needs the session_id of the running turn", "session_id")
+        rid = state.sessions_in_use.get(sid)
+        if rid is not None:
+            engine.abort(rid)
+        history = await engine.call(lambda e: len(e.session_tokens(sid)))
+        return JSONResponse(p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=history,
+                                                  finish_reason="abort", session_id=sid).model_dump())
+    if sid in state.sessions_in_use:
+        raise APIError(409, f"session {sid} is busy with another request", "session_id", "session_busy")
+    if not req.interactive_mode and sid != -1:  # end the session; this request runs on its own
+        state.histories.pop(sid, None)
+        engine.end_session(sid)
+    if req.request_output_len == 0:  # LMDeploy's way to end a session: nothing to generate
+        return JSONResponse(p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
+                                                  finish_reason="stop", session_id=sid).model_dump())
+    if req.interactive_mode and sid == -1:
+        sid = random.randrange(1 << 30, 1 << 31)
+    messages = to_messages([m.model_dump() for m in req.prompt] if isinstance(req.prompt, list) else req.prompt)
+    if not messages or not any(m["content"] for m in messages):
+        raise APIError(400, "the prompt is empty", "prompt")
+    messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
+                 else "".join(part["text"] for part in m["content"])} for m in messages]
+    history_messages = state.histories.get(sid, []) if req.interactive_mode else []
+    history_ids = await engine.call(lambda e: e.session_tokens(sid)) if req.interactive_mode else []
+    try:
+        if history_ids:
+            prompt_ids = await run_in_threadpool(continue_chat, state.tokenizer, history_ids,
+                                                 history_messages + messages)
+        else:
+            messages = to_messages(messages, state.options.meta_instruction)
+            prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages)
+    except ValueError as e:
+        raise APIError(400, str(e), "prompt") from None
+    if not req.interactive_mode and len(prompt_ids) >= state.max_len:
+        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens, but this model's context holds "
+                            f"{state.max_len}", "prompt", "context_length_exceeded")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    try:
+        params = SamplingParams(max_tokens=req.request_output_len, temperature=req.temperature, top_p=req.top_p,
+                                top_k=req.top_k, repetition_penalty=req.repetition_penalty,
+                                ignore_eos=req.ignore_eos, stop=stop, seed=req.seed,
+                                skip_special_tokens=req.skip_special_tokens)
+    except UserError as e:
+        raise APIError(400, str(e)) from None
+    rid = f"interactive-{uuid.uuid4().hex}"
+    claimed = sid if sid != -1 else None
+    state.claim_session(claimed, rid)
+    try:
+        stream = await start(engine, prompt_ids, params, rid, sid if req.interactive_mode else None)
+    except BaseException:
+        state.release_session(claimed, rid)
+        raise
+    timer = RequestTimer(state.metrics, "interactive")
+    turn = {"text": "", "tokens": 0, "prompt": len(prompt_ids), "reason": None, "message": None}
+
+    def result(text: str) -> p.InteractiveResponse:
+        return p.InteractiveResponse(text=text, tokens=turn["tokens"], input_tokens=len(prompt_ids),
+                                     history_tokens=turn["prompt"] - len(prompt_ids), finish_reason=turn["reason"],
+                                     session_id=sid, message=turn["message"])
+
+    def take(out) -> None:
+        turn["text"] += out.text
+        turn["tokens"] = out.num_output_tokens
+        turn["prompt"] = out.num_prompt_tokens
+        turn["reason"], turn["message"] = out.finish_reason, out.finish_message
+        timer.tokens(len(out.token_ids))
+
+    def finish() -> None:
+        state.release_session(claimed, rid)
+        timer.done(turn["reason"], len(prompt_ids))
+        if req.interactive_mode and (turn["tokens"] or turn["reason"] not in (None, "abort")) and \
+                turn["message"] is None:  # the turn ran: it joins the kept conversation
+            state.histories[sid] = history_messages + messages + [{"role": "assistant", "content": turn["text"]}]
+
+    if req.stream:
+        async def lines():
+            try:
+                async for _, out in merge([stream]):
+                    take(out)
+                    if out.text or out.finish_reason:
+                        yield (result(out.text).model_dump_json() + "\n").encode()
+            except Exception as e:
+                err = e if isinstance(e, APIError) else user_error(e)
+                yield (JSONResponse(err.body()).body + b"\n")
+            finally:
+                stream.close()
+                finish()
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    async def collect() -> p.InteractiveResponse:
+        async for _, out in merge([stream]):
+            take(out)
+        return result(turn["text"])
+
+    return await collected(request, collect(), lambda: (stream.close(), finish()))

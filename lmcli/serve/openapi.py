@@ -1,0 +1,73 @@
+"""/openapi.json: an OpenAPI 3.1 document made from the pydantic models, one entry per route below."""
+
+from functools import lru_cache
+
+from pydantic.json_schema import models_json_schema
+
+from lmcli.serve import protocol as p
+
+JSON, SSE, NDJSON = "application/json", "text/event-stream", "application/x-ndjson"
+
+# (path, method, operationId, summary, request model, response model, streamed as)
+ROUTES = [
+    ("/v1/models", "get", "listModels", "The served model", None, p.ModelList, None),
+    ("/v1/chat/completions", "post", "createChatCompletion",
+     "OpenAI chat completion; with stream=true, server-sent events of ChatCompletionChunk ending with [DONE]",
+     p.ChatCompletionRequest, p.ChatCompletionResponse, (SSE, p.ChatCompletionChunk)),
+    ("/v1/completions", "post", "createCompletion",
+     "OpenAI text completion; with stream=true, server-sent events of CompletionResponse ending with [DONE]",
+     p.CompletionRequest, p.CompletionResponse, (SSE, p.CompletionResponse)),
+    ("/v1/chat/interactive", "post", "chatInteractive",
+     "LMDeploy's session chat: the server keeps the history with interactive_mode=true; with stream=true, one "
+     "InteractiveResponse per line", p.InteractiveRequest, p.InteractiveResponse, (NDJSON, p.InteractiveResponse)),
+    ("/v1/encode", "post", "encode", "Token ids of a text or texts", p.EncodeRequest, p.EncodeResponse, None),
+    ("/health", "get", "health", "200 when the engine can generate, 503 while loading or broken", None, p.Health,
+     None),
+]
+
+ERRORS = {"400": "Bad request: malformed JSON, a wrong type, a value out of range, an unsupported field, a prompt "
+                 "longer than the context", "401": "Missing or wrong API key", "404": "Unknown model",
+          "409": "The session is busy with another request", "429": "Too many concurrent requests",
+          "503": "The model is loading or the engine stopped"}
+
+
+@lru_cache(maxsize=None)
+def openapi_schema(version: str) -> dict:
+    models = {p.ErrorResponse}
+    for route in ROUTES:
+        models |= {m for m in (route[4], route[5]) if m is not None}
+        if route[6]:
+            models.add(route[6][1])
+    keyed = [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)]
+    _, top = models_json_schema(keyed, ref_template="#/components/schemas/{model}")
+    schemas = top.get("$defs", {})
+    ref = lambda m: {"$ref": f"#/components/schemas/{m.__name__}"}  # noqa: E731
+    paths: dict = {}
+    for path, method, op_id, summary, request, response, streamed in ROUTES:
+        content = {JSON: {"schema": ref(response)}}
+        if streamed:
+            content[streamed[0]] = {"schema": ref(streamed[1])}
+        op = {"operationId": op_id, "summary": summary,
+              "responses": {"200": {"description": "OK", "content": content}}}
+        if request is not None:
+            op["requestBody"] = {"required": True, "content": {JSON: {"schema": ref(request)}}}
+            for code, text in ERRORS.items():
+                op["responses"][code] = {"description": text, "content": {JSON: {"schema": ref(p.ErrorResponse)}}}
+        elif path != "/health":
+            op["responses"]["401"] = {"description": ERRORS["401"],
+                                      "content": {JSON: {"schema": ref(p.ErrorResponse)}}}
+        if path.startswith("/v1/"):
+            op["security"] = [{"bearer": []}, {}]
+        paths[path] = {method: op}
+    paths["/metrics"] = {"get": {"operationId": "metrics", "summary": "Prometheus metrics", "responses": {
+        "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "lm api_server", "version": version,
+                 "description": "An OpenAI-compatible API served by lm's engine, with LMDeploy's interactive "
+                                "sessions. Errors are OpenAI error bodies."},
+        "paths": paths,
+        "components": {"schemas": schemas,
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
+                                                      "description": "Only when the server runs with --api-keys"}}},
+    }

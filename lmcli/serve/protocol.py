@@ -1,0 +1,248 @@
+"""The bodies of the HTTP API as pydantic models: they check requests (strict types, ranges, no unknown fields)
+and they are the OpenAPI schema. Field names follow OpenAI, and LMDeploy for /v1/chat/interactive."""
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# ---- requests ----
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Union[str, list[TextPart]]
+
+
+class StreamOptions(Strict):
+    include_usage: bool = Field(False, description="Send a last chunk with the usage; every other chunk has "
+                                                   "`usage: null`.")
+
+
+Stop = Optional[Union[str, list[str]]]
+
+
+class SamplingFields(Strict):
+    temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy. Default: the model's "
+                                         "generation config, else 1.")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus sampling. Default: the model's, else 1.")
+    top_k: Optional[int] = Field(None, ge=0, description="Sample from the k most likely tokens; 0 is off.")
+    min_p: Optional[float] = Field(None, ge=0, le=1, description="Drop tokens less likely than min_p times the "
+                                   "most likely one.")
+    n: int = Field(1, ge=1, le=16, description="How many choices to generate for each prompt.")
+    max_tokens: Optional[int] = Field(None, ge=1, description="The most tokens to generate. Default: what is left "
+                                      "of the context.")
+    stop: Stop = Field(None, description="Strings that end the output (of any token length; not included).")
+    stop_token_ids: Optional[list[int]] = Field(None, description="Token ids that end the output, besides the "
+                                                "model's end-of-sequence tokens.")
+    stream: bool = Field(False, description="Send server-sent events as tokens come, ending with `data: [DONE]`.")
+    stream_options: Optional[StreamOptions] = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10, description="Multiplicative, over prompt and output "
+                                      "tokens; 1 is off.")
+    seed: Optional[int] = Field(None, ge=0, description="The same seed and request give the same output, whatever "
+                                "else the server is running.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
+    min_tokens: int = Field(0, ge=0, description="End-of-sequence and stop tokens are held off until this many "
+                            "tokens are out.")
+    skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
+    session_id: Optional[int] = Field(None, description="Names the request (LMDeploy): a second request with a "
+                                      "session id in use gets 409. No history is kept; see /v1/chat/interactive.")
+    user: Optional[str] = Field(None, description="Your end user's id; written to the server log with the request.")
+
+
+class ChatCompletionRequest(SamplingFields):
+    model: str = Field(description="One of the ids from /v1/models.")
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Optional[int] = Field(None, ge=1, description="The same as max_tokens.")
+    logprobs: bool = Field(False, description="Return the log probability of each output token.")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="With logprobs: this many most likely "
+                                        "tokens at each position.")
+
+
+class CompletionRequest(SamplingFields):
+    model: str = Field(description="One of the ids from /v1/models.")
+    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+        description="Text, texts, token ids, or lists of token ids; each prompt gets n choices.")
+    echo: bool = Field(False, description="Put the prompt before the output in the text.")
+    logprobs: Optional[int] = Field(None, ge=0, le=20, description="Return the log probability of each output "
+                                    "token and this many most likely tokens.")
+    suffix: Optional[str] = Field(None, description="Text after the completion (fill in the middle); refused: no "
+                                  "supported model does it.")
+
+
+class InteractiveRequest(Strict):
+    prompt: Union[str, list[Message]] = Field(description="The next user message, or messages.")
+    session_id: int = Field(-1, ge=-1, description="-1: the server picks one and returns it.")
+    interactive_mode: bool = Field(False, description="true: keep this session's history and KV cache for the "
+                                   "next turn. false: end the session; this request runs on its own.")
+    stream: bool = Field(False, description="Send one JSON object per line (application/x-ndjson) as tokens come.")
+    stop: Stop = None
+    request_output_len: Optional[int] = Field(None, ge=0, description="The most tokens to generate; 0 ends the session (with interactive_mode=false). Default: what "
+                                              "is left of the session.")
+    top_p: float = Field(0.8, gt=0, le=1)
+    top_k: int = Field(40, ge=0)
+    temperature: float = Field(0.8, ge=0, le=2)
+    repetition_penalty: float = Field(1.0, gt=0, le=10)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    cancel: bool = Field(False, description="Stop the session's running turn (prompt is then ignored).")
+    seed: Optional[int] = Field(None, ge=0)
+
+
+class EncodeRequest(Strict):
+    input: Union[str, list[str]]
+    do_preprocess: bool = Field(False, description="Apply the chat template first (as one user message).")
+    add_bos: bool = Field(True, description="Start with the model's beginning-of-sequence token, if it has one.")
+
+
+# ---- responses ----
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lm"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="Prompt tokens whose KV cache was reused (prefix cache).")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Literal["stop", "length", "abort"]
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: Delta
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat completion."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+
+
+class CompletionResponse(BaseModel):
+    """A text completion; streamed, each server-sent event is one of these with the new text."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+class InteractiveResponse(BaseModel):
+    """A turn's result; streamed, one per line with the new text, the last with finish_reason."""
+
+    text: str
+    tokens: int = Field(description="Tokens generated in this turn (so far).")
+    input_tokens: int = Field(description="The new prompt tokens of this turn.")
+    history_tokens: int = Field(description="Tokens the session held before this turn.")
+    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    session_id: int
+    message: Optional[str] = Field(None, description="Why the turn ended early, e.g. a full session.")
+
+
+class EncodeResponse(BaseModel):
+    input_ids: Union[list[int], list[list[int]]]
+    length: Union[int, list[int]]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "error"]
+    message: Optional[str] = None

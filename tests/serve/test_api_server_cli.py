@@ -1,0 +1,45 @@
+"""`lm serve api_server` as a user types it: help, and wrong input that must be one clear line."""
+
+import socket
+
+from typer.testing import CliRunner
+
+from conftest import assert_one_line_error, run_lm
+from lmcli.cli import build_app
+
+OPTIONS = ("--server-name", "--server-port", "--tp", "--session-len", "--max-batch-size", "--cache-max-entry-count",
+           "--cache-block-seq-len", "--max-prefill-token-num", "--enable-prefix-caching", "--dtype", "--device",
+           "--model-name", "--chat-template", "--meta-instruction", "--api-keys", "--allow-origins",
+           "--allow-credentials", "--allow-methods", "--allow-headers", "--ssl", "--max-concurrent-requests",
+           "--log-level", "--proxy-url")
+
+
+def test_help_lists_every_option():
+    result = CliRunner().invoke(build_app(), ["serve", "api_server", "--help"], env={"COLUMNS": "240"})
+    assert result.exit_code == 0
+    for option in OPTIONS:
+        assert option in result.output, option
+    assert "23333" in result.output and "0.0.0.0" in result.output
+
+
+def test_user_errors_are_one_line(tmp_path, smollm2_workspace):
+    assert_one_line_error(run_lm("serve", "api_server", tmp_path / "missing"), "missing")
+    assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--server-port", "70000"), "--server-port")
+    assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--ssl", env={"SSL_KEYFILE": ""}),
+                          "SSL_KEYFILE")
+    assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--chat-template", "{% if %}"),
+                          "template")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--server-name", "127.0.0.1",
+                                     "--server-port", port), f"127.0.0.1:{port}")
+    from servers import free_port
+
+    # found while loading (after the "loading" line): the server stops with the reason, no traceback
+    done = run_lm("serve", "api_server", smollm2_workspace, "--session-len", "100000", "--server-port", free_port(),
+                  timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("lm serve api_server: error: loading the model failed: "
+                                                           "session_len must be in")

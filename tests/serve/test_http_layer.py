@@ -1,0 +1,390 @@
+"""The HTTP layer against the fake engine (fast): formats, errors, keys, CORS, sessions, health, metrics."""
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+from starlette.testclient import TestClient
+
+from fake_engine import ANSWER, FakeEngine
+from lmcli.engine.async_engine import AsyncEngine
+from lmcli.serve import protocol as p
+from lmcli.serve.api_server import create_app
+from lmcli.serve.state import ServerOptions
+from servers import serve_in_thread
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+def make_app(engine=None, **options):
+    engine = AsyncEngine(engine or FakeEngine())
+    return create_app(engine, ServerOptions(**options)), engine
+
+
+@pytest.fixture
+def client():
+    app, engine = make_app()
+    with TestClient(app) as c:
+        c.engine = engine.engine
+        yield c
+
+
+def sse_events(text: str) -> list:
+    events = [line[len("data: "):] for line in text.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and text.endswith("data: [DONE]\n\n")
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_models_health_metrics(client):
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert models["data"][0]["id"] == "fake-model" and models["data"][0]["max_model_len"] == 256
+    assert set(models["data"][0]) == {"id", "object", "created", "owned_by", "max_model_len"}
+    assert client.get("/health").json() == {"status": "ok"}
+    client.post("/v1/chat/completions", json=CHAT)
+    text = client.get("/metrics").text
+    for name in ("lm_requests_running", "lm_requests_waiting", "lm_kv_cache_blocks_used", "lm_kv_cache_blocks_total",
+                 "lm_prefix_cache_hit_rate 0.5", "lm_prompt_tokens_total", "lm_generation_tokens_total",
+                 "lm_time_to_first_token_seconds_bucket", "lm_time_per_output_token_seconds_bucket",
+                 "lm_e2e_request_latency_seconds_count 1.0", 'lm_requests_total{endpoint="chat",finish_reason="stop"}'):
+        assert name in text, name
+
+
+def test_docs_work_offline_and_schema_is_valid(client):
+    page = client.get("/")
+    assert page.status_code == 200 and "SwaggerUIBundle" in page.text and "http" not in page.text.split("<body>")[1]
+    for asset in ("/swagger/swagger-ui-bundle.js", "/swagger/swagger-ui.css"):
+        r = client.get(asset)
+        assert r.status_code == 200 and len(r.content) > 10_000, asset
+    schema = client.get("/openapi.json").json()
+    validate(schema)
+    for path in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/chat/interactive", "/v1/encode",
+                 "/health", "/metrics"):
+        assert path in schema["paths"], path
+    components = schema["components"]["schemas"]
+    for model in (p.ChatCompletionRequest, p.CompletionRequest, p.InteractiveRequest, p.EncodeRequest,
+                  p.ChatCompletionResponse, p.ChatCompletionChunk, p.InteractiveResponse):
+        assert set(components[model.__name__]["properties"]) == set(model.model_fields), model
+
+
+def test_chat_completion(client):
+    r = client.post("/v1/chat/completions", json={**CHAT, "n": 2, "logprobs": True, "top_logprobs": 2,
+                                                  "user": "u1"}).json()
+    assert r["object"] == "chat.completion" and r["id"].startswith("chatcmpl-") and r["model"] == "fake-model"
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    for c in r["choices"]:
+        assert c["message"] == {"role": "assistant", "content": ANSWER} and c["finish_reason"] == "stop"
+        lp = c["logprobs"]["content"]
+        assert len(lp) == len(ANSWER) + 1 and lp[0]["token"] == "H" and lp[0]["bytes"] == [72]
+        assert [t["token"] for t in lp[0]["top_logprobs"]] == ["H", "?"]
+    prompt = len("<user>Hi</user><assistant>")
+    assert r["usage"] == {"prompt_tokens": prompt, "completion_tokens": 2 * (len(ANSWER) + 1),
+                          "total_tokens": prompt + 2 * (len(ANSWER) + 1), "prompt_tokens_details": {"cached_tokens": 0}}
+    capped = client.post("/v1/chat/completions", json={**CHAT, "max_completion_tokens": 5}).json()
+    assert capped["choices"][0]["message"]["content"] == ANSWER[:5] and capped["choices"][0]["finish_reason"] == "length"
+
+
+def test_sampling_fields_reach_the_engine(client):
+    body = {**CHAT, "temperature": 0.5, "top_p": 0.9, "top_k": 7, "min_p": 0.1, "max_tokens": 9, "stop": "xyz",
+            "stop_token_ids": [5], "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2,
+            "seed": 42, "ignore_eos": True, "min_tokens": 2, "skip_special_tokens": False,
+            "messages": [{"role": "system", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    rid, ids, params, _ = client.engine.added[-1]
+    assert "".join(map(chr, ids)) == "<system>Be brief.</system><user>ab</user><assistant>"
+    assert (params.temperature, params.top_p, params.top_k, params.min_p, params.max_tokens) == (0.5, 0.9, 7, 0.1, 9)
+    assert (params.stop, params.stop_token_ids, params.seed, params.ignore_eos) == (("xyz",), (5,), 42, True)
+    assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -0.5, 1.2)
+    assert (params.min_tokens, params.skip_special_tokens, params.logprobs) == (2, False, None)
+
+
+def test_meta_instruction_is_the_default_system_prompt():
+    app, engine = make_app(meta_instruction="You are terse.")
+    with TestClient(app) as c:
+        c.post("/v1/chat/completions", json=CHAT)
+        assert "".join(map(chr, engine.engine.added[-1][1])).startswith("<system>You are terse.</system><user>Hi")
+        c.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "system", "content": "Own."}, CHAT["messages"][0]]})
+        assert "".join(map(chr, engine.engine.added[-1][1])).startswith("<system>Own.</system>")
+
+
+def test_chat_stream_is_openai_sse(client):
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "n": 2})
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert len({e["id"] for e in events}) == 1 and all(e["object"] == "chat.completion.chunk" for e in events)
+    for i in (0, 1):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == i]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content", "") for c in mine) == ANSWER
+        assert [c.get("finish_reason") for c in mine][-1] == "stop"
+        assert all(c.get("finish_reason") is None for c in mine[:-1])
+        assert mine[-1]["delta"].get("content") is not None  # the last content chunk carries finish_reason
+    assert all("usage" not in e for e in events)
+
+
+def test_stream_include_usage(client):
+    r = client.post("/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True},
+                                                  "max_tokens": 4})
+    events = sse_events(r.text)
+    assert all(e["usage"] is None for e in events[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 4
+    assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_completions_prompt_forms(client):
+    def ask(**body):
+        r = client.post("/v1/completions", json={"model": "fake-model", "max_tokens": 3, **body})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    one = ask(prompt="two steps")
+    assert one["object"] == "text_completion" and one["choices"][0]["text"] == ANSWER[:3]
+    assert one["usage"]["prompt_tokens"] == len("two steps")
+    many = ask(prompt=["a", "bb"], n=2)
+    assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3] and many["usage"]["prompt_tokens"] == 3
+    assert ask(prompt=[104, 105])["usage"]["prompt_tokens"] == 2
+    assert len(ask(prompt=[[104], [105, 106]])["choices"]) == 2
+    assert ask(prompt="ab", echo=True)["choices"][0]["text"] == "ab" + ANSWER[:3]
+    lp = ask(prompt="ab", logprobs=1)["choices"][0]["logprobs"]
+    assert lp["tokens"] == list(ANSWER[:3]) and lp["text_offset"] == [0, 1, 2] and lp["token_logprobs"] == [-0.25] * 3
+    events = sse_events(client.post("/v1/completions", json={"model": "fake-model", "prompt": ["a", "b"],
+                                                             "max_tokens": 3, "stream": True}).text)
+    assert all(e["object"] == "text_completion" for e in events)
+    for i in (0, 1):
+        assert "".join(e["choices"][0]["text"] for e in events if e["choices"][0]["index"] == i) == ANSWER[:3]
+
+
+BAD = [
+    (b"{not json", 400, None, "invalid_json"),
+    (b"[1, 2]", 400, None, "invalid_json"),
+    ({"messages": CHAT["messages"]}, 400, "model", "missing_field"),
+    ({**CHAT, "temperature": "hot"}, 400, "temperature", "invalid_value"),
+    ({**CHAT, "temperature": 2.5}, 400, "temperature", "invalid_value"),
+    ({**CHAT, "top_p": 0}, 400, "top_p", "invalid_value"),
+    ({**CHAT, "n": 0}, 400, "n", "invalid_value"),
+    ({**CHAT, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+    ({**CHAT, "stream": "yes"}, 400, "stream", "invalid_value"),
+    ({**CHAT, "messages": []}, 400, "messages", "invalid_value"),
+    ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
+    ({**CHAT, "messages": [{"role": "user", "content": 1}]}, 400, "messages.0.content", "invalid_value"),
+    ({**CHAT, "logit_bias": {"1": 5}}, 400, "logit_bias", "unsupported_field"),
+    ({**CHAT, "tools": []}, 400, "tools", "unsupported_field"),
+    ({**CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages", "context_length_exceeded"),
+    ({**CHAT, "max_tokens": 250}, 400, "max_tokens", "context_length_exceeded"),
+    ({**CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
+    ({**CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
+    ({**CHAT, "min_tokens": 9, "max_tokens": 3}, 400, None, None),
+]
+
+
+@pytest.mark.parametrize("body,status,param,code", BAD)
+def test_bad_chat_requests(client, body, status, param, code):
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = client.post("/v1/chat/completions", **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"] and err["type"]
+    assert err["param"] == param and err["code"] == code
+    assert client.post("/v1/chat/completions", json=CHAT).status_code == 200  # still serving
+    assert not client.engine.requests
+
+
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/completions", {"model": "fake-model", "prompt": "x", "suffix": "y"}, "suffix"),
+    ("/v1/completions", {"model": "fake-model", "prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+    ("/v1/completions", {"model": "fake-model", "prompt": []}, "prompt"),
+    ("/v1/completions", {"model": "fake-model", "prompt": {"a": 1}}, "prompt"),
+    ("/v1/chat/interactive", {"prompt": ""}, "prompt"),
+    ("/v1/chat/interactive", {"prompt": "x", "session_id": -5}, "session_id"),
+    ("/v1/chat/interactive", {"prompt": "x", "cancel": True}, "session_id"),
+    ("/v1/encode", {"input": 5}, "input"),
+])
+def test_bad_requests_elsewhere(client, path, body, param):
+    r = client.post(path, json=body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_unknown_path_and_method(client):
+    assert client.get("/v1/nothing").json()["error"]["code"] == "not_found"
+    r = client.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.json()["error"]["message"]
+
+
+def test_api_keys():
+    app, _ = make_app(api_keys=("k1", "k2"))
+    with TestClient(app) as c:
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "k1"}, {"Authorization": "Basic k1"}):
+            r = c.post("/v1/chat/completions", json=CHAT, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+            assert r.headers["www-authenticate"] == "Bearer"
+        assert c.get("/v1/models").status_code == 401
+        for key in ("k1", "k2"):
+            assert c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        for open_path in ("/health", "/", "/openapi.json", "/metrics", "/swagger/swagger-ui.css"):
+            assert c.get(open_path).status_code == 200, open_path
+
+
+def test_cors():
+    app, _ = make_app(allow_origins=("http://ui.example",), allow_credentials=True)
+    with TestClient(app) as c:
+        r = c.options("/v1/chat/completions", headers={"Origin": "http://ui.example",
+                                                       "Access-Control-Request-Method": "POST"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://ui.example"
+        assert r.headers["access-control-allow-credentials"] == "true"
+        r = c.get("/v1/models", headers={"Origin": "http://ui.example"})
+        assert r.headers["access-control-allow-origin"] == "http://ui.example"
+        assert "access-control-allow-origin" not in c.get("/v1/models", headers={"Origin": "http://evil"}).headers
+    app, _ = make_app()
+    with TestClient(app) as c:
+        assert "access-control-allow-origin" not in c.get("/v1/models", headers={"Origin": "http://ui.example"}).headers
+
+
+def test_encode(client):
+    assert client.post("/v1/encode", json={"input": "hi"}).json() == {"input_ids": [1, 104, 105], "length": 3}
+    assert client.post("/v1/encode", json={"input": "hi", "add_bos": False}).json()["input_ids"] == [104, 105]
+    both = client.post("/v1/encode", json={"input": ["a", "bc"], "add_bos": False}).json()
+    assert both == {"input_ids": [[97], [98, 99]], "length": [1, 2]}
+    pre = client.post("/v1/encode", json={"input": "x", "do_preprocess": True, "add_bos": False}).json()
+    assert "".join(map(chr, pre["input_ids"])) == "<user>x</user><assistant>"
+
+
+def test_interactive_session(client):
+    def turn(**body):
+        r = client.post("/v1/chat/interactive", json={"session_id": 3, "interactive_mode": True, **body})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = turn(prompt="Hi", request_output_len=4)
+    assert first == {"text": ANSWER[:4], "tokens": 4, "input_tokens": len("<user>Hi</user><assistant>"),
+                     "history_tokens": 0, "finish_reason": "length", "session_id": 3, "message": None}
+    second = turn(prompt="More")
+    assert second["history_tokens"] == first["input_tokens"] + first["tokens"]
+    assert second["text"] == ANSWER and second["finish_reason"] == "stop"
+    third = turn(prompt="Again", request_output_len=2)
+    assert third["history_tokens"] == second["history_tokens"] + second["input_tokens"] + second["tokens"]
+    assert client.engine.added[-1][3] == 3  # ran in the engine's session
+    lines = client.post("/v1/chat/interactive", json={"session_id": 3, "interactive_mode": True, "prompt": "s",
+                                                       "stream": True, "request_output_len": 3})
+    assert lines.headers["content-type"].startswith("application/x-ndjson")
+    items = [json.loads(x) for x in lines.text.splitlines()]
+    assert "".join(i["text"] for i in items) == ANSWER[:3] and [i["tokens"] for i in items] == [1, 2, 3]
+    assert items[-1]["finish_reason"] == "length" and items[0]["finish_reason"] is None
+    # interactive_mode=false ends the session: the next turn starts from nothing
+    ended = client.post("/v1/chat/interactive", json={"session_id": 3, "prompt": "Hi", "request_output_len": 1}).json()
+    assert ended["history_tokens"] == 0 and 3 not in client.engine.sessions
+    assert client.engine.added[-1][3] is None
+    picked = client.post("/v1/chat/interactive", json={"prompt": "Hi", "interactive_mode": True,
+                                                       "request_output_len": 1}).json()
+    assert picked["session_id"] > 0 and picked["session_id"] in client.engine.sessions
+    done = client.post("/v1/chat/interactive", json={"prompt": "", "session_id": picked["session_id"],
+                                                     "request_output_len": 0})
+    assert done.status_code == 200 and picked["session_id"] not in client.engine.sessions
+
+
+def test_busy_session_409_and_cancel():
+    app, engine = make_app(FakeEngine(step_delay=0.02))
+    with serve_in_thread(app) as url:
+        body = {"session_id": 9, "interactive_mode": True, "prompt": "Hi", "ignore_eos": True,
+                "request_output_len": 200}
+        results = {}
+        t = threading.Thread(target=lambda: results.setdefault("first", httpx.post(url + "/v1/chat/interactive",
+                                                                                    json=body, timeout=60)))
+        t.start()
+        deadline = time.monotonic() + 10
+        while 9 not in engine.engine.busy:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        busy = httpx.post(url + "/v1/chat/interactive", json=body, timeout=10)
+        assert busy.status_code == 409 and busy.json()["error"]["code"] == "session_busy"
+        chat = httpx.post(url + "/v1/chat/completions", json={**CHAT, "session_id": 9}, timeout=10)
+        assert chat.status_code == 409
+        cancel = httpx.post(url + "/v1/chat/interactive", json={"session_id": 9, "prompt": "", "cancel": True},
+                            timeout=10)
+        assert cancel.status_code == 200 and cancel.json()["finish_reason"] == "abort"
+        t.join(10)
+        first = results["first"].json()
+        assert first["finish_reason"] == "abort" and 0 < first["tokens"] < 200
+        after = httpx.post(url + "/v1/chat/interactive", json={**body, "request_output_len": 2}, timeout=10).json()
+        assert after["finish_reason"] == "length" and after["history_tokens"] > 0  # the session goes on
+
+
+def test_client_disconnect_aborts_at_once():
+    app, engine = make_app(FakeEngine(step_delay=0.02))
+    long = {**CHAT, "ignore_eos": True, "max_tokens": 200}
+    with serve_in_thread(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**long, "stream": True}, timeout=30) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i == 4:
+                    break
+        wait_until(lambda: not engine.engine.requests)
+        assert len(engine.engine.aborted) == 1
+        with pytest.raises(httpx.ReadTimeout):  # a plain request whose client gives up
+            httpx.post(url + "/v1/completions", json={"model": "fake-model", "prompt": "x", "max_tokens": 200,
+                                                      "ignore_eos": True}, timeout=0.3)
+        wait_until(lambda: not engine.engine.requests)
+        assert len(engine.engine.aborted) == 2
+        assert engine.engine.steps < 150  # neither ran to its end
+
+
+def test_max_concurrent_requests():
+    app, engine = make_app(FakeEngine(step_delay=0.02), max_concurrent_requests=1)
+    with serve_in_thread(app) as url:
+        t = threading.Thread(target=httpx.post, args=(url + "/v1/chat/completions",),
+                             kwargs={"json": {**CHAT, "ignore_eos": True, "max_tokens": 50}, "timeout": 30})
+        t.start()
+        wait_until(lambda: engine.engine.requests)
+        r = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10)
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert httpx.get(url + "/v1/models").status_code == 200
+        t.join()
+        assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
+
+
+def test_health_while_loading_and_after_the_engine_died():
+    gate = threading.Event()
+
+    def load():
+        gate.wait(10)
+        return AsyncEngine(FakeEngine(fail_after=3))
+
+    ready = []
+    app = create_app(load, on_ready=ready.append)
+    with TestClient(app) as c:
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "loading"
+        r = c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "loading"
+        gate.set()
+        wait_until(lambda: ready)
+        assert c.get("/health").status_code == 200
+        events = sse_events(c.post("/v1/chat/completions", json={**CHAT, "stream": True}).text)
+        assert "the fake engine broke" in events[-1]["error"]["message"]  # an error after the stream started
+        r = c.get("/health")
+        assert r.status_code == 503 and "the fake engine broke" in r.json()["message"]
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 503
+
+
+def test_loading_failure_is_reported():
+    errors = []
+
+    def load():
+        raise RuntimeError("out of memory")
+
+    with TestClient(create_app(load, on_error=errors.append)) as c:
+        wait_until(lambda: errors)
+        r = c.get("/health")
+        assert r.status_code == 503 and "out of memory" in r.json()["message"]
+    assert "out of memory" in errors[0]
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
