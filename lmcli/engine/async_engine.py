@@ -40,12 +40,11 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._drain(block=not self.engine.has_work)
-                if self.engine.has_work:
-                    outputs = self.engine.step()
-                    for out in outputs:
-                        self._deliver(out.request_id, out)
-                self.stats = self.engine.stats()
+                outputs = self.engine.step() if self.engine.has_work else []
+                self.stats = self.engine.stats()  # before the outputs: a caller that got its answer sees it
                 self.last_step = time.monotonic()  # idle, the loop comes round every half second
+                for out in outputs:
+                    self._deliver(out.request_id, out)
         except BaseException as e:  # a bug or a dead worker: fail every caller, never hang them
             self.error = e
             for request_id in list(self._streams):

@@ -73,6 +73,8 @@ class CompletionRequest(SamplingFields):
     model: str = Field(description="One of the ids from /v1/models.")
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
         description="Text, texts, token ids, or lists of token ids; each prompt gets n choices.")
+    max_tokens: Optional[int] = Field(16, ge=1, description="The most tokens to generate (OpenAI's default, 16); "
+                                      "null: what is left of the context.")
     echo: bool = Field(False, description="Put the prompt before the output in the text.")
     logprobs: Optional[int] = Field(None, ge=0, le=20, description="Return the log probability of each output "
                                     "token and this many most likely tokens.")

@@ -147,6 +147,9 @@ def test_completions_prompt_forms(client):
     many = ask(prompt=["a", "bb"], n=2)
     assert [c["index"] for c in many["choices"]] == [0, 1, 2, 3] and many["usage"]["prompt_tokens"] == 3
     assert ask(prompt=[104, 105])["usage"]["prompt_tokens"] == 2
+    default = client.post("/v1/completions", json={"model": "fake-model", "prompt": "x"}).json()["choices"][0]
+    assert default["text"] == ANSWER[:16] and default["finish_reason"] == "length"  # OpenAI's default max_tokens
+    assert ask(prompt="x", max_tokens=None)["choices"][0]["text"] == ANSWER  # null: what the context leaves
     assert len(ask(prompt=[[104], [105, 106]])["choices"]) == 2
     assert ask(prompt="ab", echo=True)["choices"][0]["text"] == "ab" + ANSWER[:3]
     lp = ask(prompt="ab", logprobs=1)["choices"][0]["logprobs"]

@@ -1,0 +1,275 @@
+"""The real server (`lm serve api_server`) on the real SmolLM2 workspace, on a real socket, through clients no one
+here wrote (the openai SDK, curl) and through APIClient."""
+
+import asyncio
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import REPO
+from lmcli.serve.api_client import APIClient, APIClientError
+from servers import LmServer
+
+MODEL = "SmolLM2-135M-Instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_workspace, tmp_path_factory):
+    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", log_dir=tmp_path_factory.mktemp("log"))
+    try:
+        yield s.wait_ready()
+    finally:
+        assert s.stop() in (0, 130) and "Traceback" not in s.stderr(), s.stderr()  # 130: stopped by Ctrl-C
+
+
+@pytest.fixture
+def sdk(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def metrics(server) -> dict:
+    text = httpx.get(server.url + "/metrics").text
+    return {m[0]: float(m[1]) for m in re.findall(r"^(\w+(?:\{[^}]*\})?) (\S+)$", text, re.M)}
+
+
+def pool_is_full(server, timeout: float = 10) -> dict:
+    """Every KV block back in the pool and nothing running (waits a moment for aborts to land)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = metrics(server)
+        if m["lm_kv_cache_blocks_used"] == 0 and m["lm_requests_running"] == 0 and m["lm_requests_waiting"] == 0:
+            return m
+        assert time.monotonic() < deadline, m
+        time.sleep(0.1)
+
+
+def test_startup_line_names_the_url(server):
+    assert f"is ready at {server.url} (open it in a browser" in server.stderr()
+    assert httpx.get(server.url + "/").status_code == 200
+
+
+def test_chat_with_the_openai_sdk(sdk):
+    assert [m.id for m in sdk.models.list()] == [MODEL]
+    r = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32)
+    text = r.choices[0].message.content
+    assert "Paris" in text and r.choices[0].finish_reason == "stop" and r.object == "chat.completion"
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    again = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32)
+    assert again.choices[0].message.content == text
+    assert again.usage.prompt_tokens_details.cached_tokens == 0  # the prompt is shorter than one block
+    stream = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32, stream=True,
+                                         stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert len({c.id for c in chunks}) == 1 and chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-2].choices[0].finish_reason == "stop" and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    capped = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=3)
+    assert capped.choices[0].finish_reason == "length" and capped.usage.completion_tokens == 3
+    assert text.startswith(capped.choices[0].message.content)
+
+
+def test_stop_seed_n_and_logprobs(sdk):
+    base = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32)
+    text = base.choices[0].message.content
+    word = text.split()[3]
+    stopped = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32, stop=[word])
+    assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].message.content == text[:text.index(word)]
+    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Write a poem."}], temperature=1.0, max_tokens=16)
+    a = sdk.chat.completions.create(**ask, seed=7, n=2)
+    b = sdk.chat.completions.create(**ask, seed=7, n=2)
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    assert a.choices[0].message.content != a.choices[1].message.content  # n choices differ
+    lp = sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=5, logprobs=True,
+                                     top_logprobs=3)
+    content = lp.choices[0].logprobs.content
+    assert len(content) == 5 and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.token == t.top_logprobs[0].token and t.logprob <= 0 for t in content)  # greedy: the most likely
+    assert "".join(t.token for t in content) == lp.choices[0].message.content
+
+
+def test_completions_with_the_openai_sdk(sdk):
+    r = sdk.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
+    assert r.object == "text_completion" and "Paris" in r.choices[0].text
+    many = sdk.completions.create(model=MODEL, prompt=["One, two,", "A, B,"], temperature=0, max_tokens=4, n=2,
+                                  echo=True)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text.startswith("One, two,") and many.choices[2].text.startswith("A, B,")
+    assert many.choices[0].text == many.choices[1].text  # greedy
+    ids = httpx.post(str(sdk.base_url) + "encode", json={"input": "The capital of France is",
+                                                                  "add_bos": False}).json()["input_ids"]
+    by_ids = sdk.completions.create(model=MODEL, prompt=ids, temperature=0, max_tokens=8)
+    assert by_ids.choices[0].text == r.choices[0].text
+    chunks = list(sdk.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8,
+                                         stream=True, logprobs=2))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert sum(len(c.choices[0].logprobs.tokens) for c in chunks) == 8
+
+
+def test_errors_with_the_openai_sdk(sdk, server):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        sdk.chat.completions.create(model="gpt-4", messages=FRANCE)
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        sdk.chat.completions.create(model=MODEL, messages=FRANCE, temperature=3)
+    with pytest.raises(openai.BadRequestError, match="context holds 8192"):
+        sdk.completions.create(model=MODEL, prompt=[1] * 9000)
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        sdk.chat.completions.create(model=MODEL, messages=FRANCE, logit_bias={"1": 1.0})
+    with pytest.raises(openai.BadRequestError, match=r"token ids must be in \[0, 49152\)"):
+        sdk.completions.create(model=MODEL, prompt=[1, 10**6])
+    bad = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": ', timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    pool_is_full(server)
+
+
+def test_interactive_session_keeps_its_cache(server):
+    client = APIClient(server.url)
+    sid, turns = 41, []
+    for prompt in ["My name is Ada. Remember it.", "What is my name?", "Say it again.", "Thanks!"]:
+        before = metrics(server)["lm_computed_tokens_total"]
+        (r,) = client.chat_interactive_v1(prompt, session_id=sid, interactive_mode=True, request_output_len=24,
+                                          temperature=0)
+        computed = metrics(server)["lm_computed_tokens_total"] - before
+        turns.append(r)
+        history = sum(t["input_tokens"] + t["tokens"] for t in turns[:-1])
+        assert r["history_tokens"] == history and r["session_id"] == sid
+        # only this turn's tokens ran: its prompt (and the last answer's final token, never fed back until now)
+        assert computed == r["input_tokens"] + r["tokens"] - (1 if len(turns) == 1 else 0), (computed, r)
+    # the kept history reads as the conversation: a stateless request resending it answers the same
+    prompts = ["My name is Ada. Remember it.", "What is my name?"]
+    messages = [{"role": "user", "content": prompts[0]}, {"role": "assistant", "content": turns[0]["text"]},
+                {"role": "user", "content": prompts[1]}]
+    (stateless,) = client.chat_completions_v1(MODEL, messages, temperature=0, max_tokens=24)
+    assert stateless["choices"][0]["message"]["content"] == turns[1]["text"]
+    assert stateless["usage"]["prompt_tokens"] == turns[1]["history_tokens"] + turns[1]["input_tokens"]
+    streamed = list(client.chat_interactive_v1("And once more?", session_id=sid, interactive_mode=True, stream=True,
+                                               request_output_len=8, temperature=0))
+    assert streamed[-1]["finish_reason"] in ("stop", "length") and [s["tokens"] for s in streamed][-1] <= 8
+    assert metrics(server)["lm_kv_cache_blocks_used"] > 0 and metrics(server)["lm_sessions"] == 1
+    client.end_session(sid)
+    m = pool_is_full(server)
+    assert m["lm_sessions"] == 0
+
+
+def test_interactive_full_session_and_busy(smollm2_workspace, tmp_path):
+    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", "--session-len", "96", log_dir=tmp_path).wait_ready()
+    try:
+        client = APIClient(s.url)
+        reasons = []
+        for _ in range(5):
+            (r,) = client.chat_interactive_v1("Tell me a long story.", session_id=5, interactive_mode=True,
+                                              request_output_len=30, temperature=0)
+            reasons.append(r["finish_reason"])
+            assert r["history_tokens"] >= 0 and r["tokens"] >= 0
+            if r["message"]:
+                break
+        assert r["finish_reason"] == "length" and "session" in r["message"] and r["tokens"] == 0
+        with httpx.stream("POST", s.url + "/v1/chat/interactive", timeout=60, json={
+                "prompt": "Count to a thousand.", "session_id": 6, "interactive_mode": True, "stream": True,
+                "ignore_eos": True, "request_output_len": 60}) as running:
+            lines = running.iter_lines()
+            first = json.loads(next(lines))
+            assert first["tokens"] == 1 and first["finish_reason"] is None, first
+            with pytest.raises(APIClientError) as busy:
+                next(client.chat_interactive_v1("Hi", session_id=6, interactive_mode=True))
+            assert busy.value.status == 409
+            cancelled = client.cancel(6)
+            assert cancelled["finish_reason"] == "abort"
+            last = json.loads(list(lines)[-1])
+            assert last["finish_reason"] == "abort" and last["tokens"] < 60
+        (after,) = client.chat_interactive_v1("Hi", session_id=6, interactive_mode=True, request_output_len=4)
+        assert after["history_tokens"] > 0  # the cancelled turn's tokens stayed in the history
+        client.end_session(5)
+        client.end_session(6)
+        pool_is_full(s)
+    finally:
+        s.stop()
+
+
+def test_many_streams_some_leaving_and_a_responsive_server(server):
+    """50 streaming requests at once, 10 of which disconnect midway: the rest finish, /health and /v1/models answer
+    fast meanwhile, and afterwards every KV block is back in the pool."""
+    async def one(client, i):
+        body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell me about the number {i}."}],
+                "max_tokens": 48, "ignore_eos": True, "stream": True}
+        chunks = []
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+                    if i < 10 and len(chunks) == 5:
+                        return "left"
+        assert chunks[-1] == "[DONE]"
+        return json.loads(chunks[-2])["choices"][0]["finish_reason"]
+
+    async def probe(client, latencies, done):
+        while not done.is_set():
+            for path in ("/health", "/v1/models"):
+                t = time.perf_counter()
+                assert (await client.get(path)).status_code == 200
+                latencies.append(time.perf_counter() - t)
+            await asyncio.sleep(0.05)
+
+    async def main():
+        latencies, done = [], asyncio.Event()
+        limits = httpx.Limits(max_connections=100)
+        async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client, \
+                httpx.AsyncClient(base_url=server.url, timeout=10) as prober:
+            probing = asyncio.create_task(probe(prober, latencies, done))
+            results = await asyncio.gather(*(one(client, i) for i in range(50)))
+            done.set()
+            await probing
+        return results, latencies
+
+    results, latencies = asyncio.run(main())
+    assert results[:10] == ["left"] * 10 and results[10:] == ["length"] * 40
+    assert len(latencies) > 20
+    assert statistics.median(latencies) < 0.05, sorted(latencies)[-5:]
+    assert max(latencies) < 0.5, sorted(latencies)[-5:]
+    m = pool_is_full(server)
+    assert m['lm_requests_total{endpoint="chat",finish_reason="abort"}'] >= 10
+
+
+def test_docs_curl_examples(server):
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "docs" / "api.md").read_text(), re.S)
+    curls = [b for b in blocks if b.lstrip().startswith("curl")]
+    assert len(curls) >= 7
+    for block in curls:
+        done = subprocess.run(["bash", "-c", "set -e\n" + block.replace("127.0.0.1:23333", server.url[7:])],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (block, done.stderr)
+        out = done.stdout.strip()
+        assert '"error"' not in out and out, (block, out)
+        if out.startswith("data: "):  # a stream
+            events = [line[6:] for line in out.splitlines() if line]
+            assert events[-1] == "[DONE]" and all(json.loads(e)["id"] for e in events[:-1])
+            continue
+        decoder, rest = json.JSONDecoder(), out
+        while rest.startswith("{"):  # one JSON object per curl, then maybe /metrics text
+            _, end = decoder.raw_decode(rest)
+            rest = rest[end:].lstrip()
+        assert not rest or "lm_kv_cache_blocks_total" in rest, rest[:200]
+    pool_is_full(server)
+
+
+def test_docs_python_examples(server):
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "docs" / "api.md").read_text(), re.S)
+    assert len(blocks) >= 5
+    for block in blocks:
+        done = subprocess.run([sys.executable, "-c", block.replace("127.0.0.1:23333", server.url[7:])],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (block, done.stderr)
+        assert done.stdout.strip(), block
+    seed_chat = subprocess.run([sys.executable, "-c", blocks[0].replace("127.0.0.1:23333", server.url[7:])],
+                               capture_output=True, text=True, timeout=300).stdout
+    assert "'object': 'chat.completion'" in seed_chat

@@ -1,0 +1,98 @@
+"""Server options end to end: --tp 2 with HTTPS, API keys and proxy registration in one server; the README's
+command that serves the default model."""
+
+import json
+import re
+import ssl
+import subprocess
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import httpx
+import openai
+import pytest
+
+from conftest import REPO
+from lmcli import pipeline
+from servers import LmServer, free_port, LM
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+def proxy():
+    """A stand-in for `lm serve proxy` that records what registers with it."""
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append((self.path, json.loads(self.rfile.read(int(self.headers["Content-Length"])))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", seen
+    server.shutdown()
+
+
+def test_tp2_over_https_with_keys_and_a_proxy(smollm2_workspace, tmp_path, proxy):
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    trust = ssl.create_default_context(cafile=str(cert))
+    proxy_url, registered = proxy
+    s = LmServer(smollm2_workspace, "--tp", "2", "--dtype", "float32", "--api-keys", "k1,k2", "--ssl",
+                 "--proxy-url", proxy_url, env={"SSL_KEYFILE": str(key), "SSL_CERTFILE": str(cert)},
+                 log_dir=tmp_path, scheme="https")
+    try:
+        s.wait_ready()
+        assert f"is ready at {s.url}" in s.stderr()
+        deadline = time.monotonic() + 10
+        while "registered" not in s.stderr():  # registration runs beside the server
+            assert time.monotonic() < deadline, s.stderr()
+            time.sleep(0.05)
+        assert registered == [("/nodes/add", {"url": s.url})]
+        sdk = openai.OpenAI(base_url=s.url + "/v1", api_key="k2", max_retries=0,
+                            http_client=openai.DefaultHttpxClient(verify=trust))
+        r = sdk.chat.completions.create(model="SmolLM2-135M-Instruct", messages=FRANCE, temperature=0,
+                                        max_tokens=24)
+        expected = pipeline(smollm2_workspace, dtype="float32")(FRANCE, max_new_tokens=24, temperature=0).text
+        assert r.choices[0].message.content == expected and "Paris" in expected
+        chunks = list(sdk.chat.completions.create(model="SmolLM2-135M-Instruct", messages=FRANCE, temperature=0,
+                                                  max_tokens=24, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected
+        wrong = openai.OpenAI(base_url=s.url + "/v1", api_key="nope", max_retries=0,
+                              http_client=openai.DefaultHttpxClient(verify=trust))
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        assert httpx.get(s.url + "/health", verify=trust).json() == {"status": "ok"}
+        assert "lm_kv_cache_blocks_total" in httpx.get(s.url + "/metrics", verify=trust).text
+    finally:
+        code = s.stop()
+    assert code in (0, 130) and "Traceback" not in s.stderr(), s.stderr()
+
+
+def test_the_readme_command_serves_the_default_model(smollm2_gguf, tmp_path):
+    blocks = re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S)
+    serve = next(line for b in blocks for line in b.splitlines() if line.startswith("pip install"))
+    command = serve.split(" && ", 1)[1]  # the install is what CI did already
+    assert command.startswith("lm convert smollm2") and "lm serve api_server ./workspace" in command
+    port = free_port()
+    command = command.replace("lm ", f"{LM} ") + f" --server-name 127.0.0.1 --server-port {port}"
+    log = open(tmp_path / "log", "w")
+    proc = subprocess.Popen(["bash", "-c", f"exec {command}" if "&&" not in command else command], cwd=tmp_path,
+                            stdout=log, stderr=log, start_new_session=True)
+    server = LmServer.__new__(LmServer)
+    server.proc, server.url, server.log = proc, f"http://127.0.0.1:{port}", tmp_path / "log"
+    try:
+        server.wait_ready(timeout=300)
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            "model": "SmolLM2-135M-Instruct", "messages": FRANCE, "temperature": 0, "max_tokens": 16})
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+    finally:
+        server.stop()
