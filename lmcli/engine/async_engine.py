@@ -140,19 +140,26 @@ class AsyncEngine:
         self._inbox.put(("call", fn, loop, future))
         return await asyncio.wait_for(future, timeout)
 
-    async def healthy(self, timeout: float = 5.0, stall: float = 120.0) -> bool:
-        """True when the engine can generate: the loop is alive and, if busy, stepping (a step ended within
-        `stall` seconds, so this does not wait for the step running now); if idle, it answers a probe that also
-        checks tensor-parallel workers."""
-        if self.error is not None or not self._thread.is_alive():
-            return False
+    async def problem(self, timeout: float = 5.0, stall: float = 120.0) -> Optional[str]:
+        """None when the engine can generate, else why not. Alive means: the loop runs and, if busy, steps (a step
+        ended within `stall` seconds, so this does not wait for the step running now); if idle, it answers a probe
+        that also checks tensor-parallel workers."""
+        if self.error is not None:
+            return f"the engine stopped: {type(self.error).__name__}: {self.error}"
+        if not self._thread.is_alive():
+            return "the engine loop is not running"
         if self.engine.has_work:
-            return time.monotonic() - self.last_step < stall
+            return None if time.monotonic() - self.last_step < stall else f"no engine step for {stall:.0f} s"
         try:
             await self.call(lambda engine: engine.check(), timeout)
-        except Exception:
-            return False
-        return True
+        except asyncio.TimeoutError:
+            return f"the engine did not answer within {timeout:.0f} s"
+        except Exception as e:
+            return str(e)
+        return None
+
+    async def healthy(self, timeout: float = 5.0) -> bool:
+        return await self.problem(timeout) is None
 
     def close(self) -> None:
         self._stop = True

@@ -67,10 +67,9 @@ async def health(request: Request) -> JSONResponse:
     if state.engine is None:
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status, "message": state.load_error or "the model is loading"}, 503)
-    if not await state.engine.healthy():
-        error = state.engine.error
-        message = f"the engine stopped: {error}" if error else "the engine does not answer"
-        return JSONResponse({"status": "error", "message": message}, 503)
+    problem = await state.engine.problem()
+    if problem is not None:
+        return JSONResponse({"status": "error", "message": problem}, 503)
     return JSONResponse({"status": "ok"})
 
 

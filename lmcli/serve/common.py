@@ -125,6 +125,8 @@ async def collected(request: Request, work, cleanup) -> Response:
     """The JSON of the model that `work` builds, or 499 if the client left first; cleanup() runs either way."""
     try:
         body = await until_disconnect(request, work)
+    except (UserError, EngineDead) as e:  # raised by the engine after it took the request
+        return user_error(e).response()
     finally:
         cleanup()
     return JSONResponse(body.model_dump()) if body is not None else Response(status_code=499)

@@ -2,6 +2,7 @@
 here wrote (the openai SDK, curl) and through APIClient."""
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 import json
 import re
 import statistics
@@ -160,10 +161,40 @@ def test_interactive_session_keeps_its_cache(server):
     assert m["lm_sessions"] == 0
 
 
-def test_interactive_full_session_and_busy(smollm2_workspace, tmp_path):
-    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", "--session-len", "96", log_dir=tmp_path).wait_ready()
+CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_engine_options_full_session_and_busy(smollm2_workspace, tmp_path):
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", "--session-len", "96", "--model-name", "tiny",
+                 "--meta-instruction", "You are a pirate.", "--chat-template", tmp_path / "chatml.jinja",
+                 "--max-batch-size", "2", "--cache-block-seq-len", "16", "--disable-prefix-caching",
+                 "--max-prefill-token-num", "32", "--cache-max-entry-count", "0.05", log_dir=tmp_path).wait_ready()
     try:
         client = APIClient(s.url)
+        assert httpx.get(s.url + "/v1/models").json()["data"][0] | {"created": 0} == {
+            "id": "tiny", "object": "model", "created": 0, "owned_by": "lm", "max_model_len": 96}
+        rendered, _ = client.encode("Hi", do_preprocess=True, add_bos=False)
+        text = "<|im_start|>system\nYou are a pirate.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        assert rendered == client.encode(text, add_bos=False)[0]
+
+        def ask(i):  # prompts longer than --max-prefill-token-num: prefilled in chunks
+            return next(client.chat_completions_v1("tiny", f"Number {i}: " + "tell me more " * 8, max_tokens=12,
+                                                   ignore_eos=True))
+
+        with ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(ask, i) for i in range(4)]
+            seen = []
+            while not all(f.done() for f in futures):
+                m = metrics(s)
+                seen.append((m["lm_requests_running"], m["lm_requests_waiting"]))
+                time.sleep(0.02)
+            answers = [f.result() for f in futures]
+        assert max(r for r, _ in seen) == 2 and max(w for _, w in seen) >= 1  # --max-batch-size 2
+        assert all(a["usage"]["completion_tokens"] == 12 for a in answers)
+        m = metrics(s)
+        assert m["lm_prefix_cache_queries_tokens_total"] == 0 and m['lm_requests_total{endpoint="chat",finish_reason="length"}'] == 4
         reasons = []
         for _ in range(5):
             (r,) = client.chat_interactive_v1("Tell me a long story.", session_id=5, interactive_mode=True,

@@ -2,7 +2,9 @@
 command that serves the default model."""
 
 import json
+import os
 import re
+import signal
 import ssl
 import subprocess
 import threading
@@ -72,9 +74,31 @@ def test_tp2_over_https_with_keys_and_a_proxy(smollm2_workspace, tmp_path, proxy
             wrong.models.list()
         assert httpx.get(s.url + "/health", verify=trust).json() == {"status": "ok"}
         assert "lm_kv_cache_blocks_total" in httpx.get(s.url + "/metrics", verify=trust).text
+        # a tensor-parallel worker dies: /health says so, requests get a clear error, nothing hangs
+        workers = subprocess.run(["pgrep", "-f", "lmcli.engine.distributed"], capture_output=True, text=True)
+        mine = [int(pid) for pid in workers.stdout.split() if str(s.proc.pid) in _ancestors(int(pid))]
+        assert len(mine) == 1, workers.stdout
+        os.kill(mine[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while (health := httpx.get(s.url + "/health", verify=trust)).status_code == 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert health.status_code == 503 and "worker" in health.json()["message"]
+        with pytest.raises((openai.APIStatusError, openai.APIError)) as failed:
+            sdk.chat.completions.create(model="SmolLM2-135M-Instruct", messages=FRANCE, max_tokens=4)
+        assert "worker" in str(failed.value)
     finally:
         code = s.stop()
-    assert code in (0, 130) and "Traceback" not in s.stderr(), s.stderr()
+    assert code in (0, 130), s.stderr()
+
+
+def _ancestors(pid: int) -> list[str]:
+    chain = []
+    while pid > 1:
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        chain.append(str(pid))
+    return chain
 
 
 def test_the_readme_command_serves_the_default_model(smollm2_gguf, tmp_path):

@@ -391,3 +391,11 @@ def wait_until(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_engine_dying_under_a_plain_request_is_a_503():
+    app, _ = make_app(FakeEngine(fail_after=3))
+    with TestClient(app) as c:
+        r = c.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 503 and "the fake engine broke" in r.json()["error"]["message"]
+        assert c.get("/health").json()["status"] == "error"
