@@ -5,6 +5,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -227,7 +228,7 @@ def test_engine_options_full_session_and_busy(smollm2_workspace, tmp_path):
 
 
 def test_many_streams_some_leaving_and_a_responsive_server(server):
-    """50 streaming requests at once, 10 of which disconnect midway: the rest finish, /health and /v1/models answer
+    """64 streaming requests at once, 10 of which disconnect midway: the rest finish, /health and /v1/models answer
     fast meanwhile, and afterwards every KV block is back in the pool."""
     async def one(client, i):
         body = {"model": MODEL, "messages": [{"role": "user", "content": f"Tell me about the number {i}."}],
@@ -257,13 +258,13 @@ def test_many_streams_some_leaving_and_a_responsive_server(server):
         async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client, \
                 httpx.AsyncClient(base_url=server.url, timeout=10) as prober:
             probing = asyncio.create_task(probe(prober, latencies, done))
-            results = await asyncio.gather(*(one(client, i) for i in range(50)))
+            results = await asyncio.gather(*(one(client, i) for i in range(64)))
             done.set()
             await probing
         return results, latencies
 
     results, latencies = asyncio.run(main())
-    assert results[:10] == ["left"] * 10 and results[10:] == ["length"] * 40
+    assert results[:10] == ["left"] * 10 and results[10:] == ["length"] * 54
     assert len(latencies) > 20
     assert statistics.median(latencies) < 0.05, sorted(latencies)[-5:]
     assert max(latencies) < 0.5, sorted(latencies)[-5:]
@@ -304,3 +305,40 @@ def test_docs_python_examples(server):
     seed_chat = subprocess.run([sys.executable, "-c", blocks[0].replace("127.0.0.1:23333", server.url[7:])],
                                capture_output=True, text=True, timeout=300).stdout
     assert "'object': 'chat.completion'" in seed_chat
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="openapi-generator needs a Java runtime")
+def test_openapi_generator_makes_working_clients(server, tmp_path):
+    """The real openapi-generator makes Java, Go and Rust clients from /openapi.json, and a Python one that we
+    then use against the server."""
+    schema = tmp_path / "openapi.json"
+    schema.write_text(httpx.get(server.url + "/openapi.json").text)
+    generator = [sys.executable, "-m", "openapi_generator_cli"] if not shutil.which("openapi-generator-cli") \
+        else ["openapi-generator-cli"]
+    done = subprocess.run([*generator, "validate", "-i", schema], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "No validation issues" in done.stdout, done.stdout + done.stderr
+    for lang, model_file in (("java", "ChatCompletionRequest.java"), ("go", "model_chat_completion_request.go"),
+                             ("rust", "chat_completion_request.rs"), ("python", "chat_completion_request.py")):
+        out = tmp_path / lang
+        done = subprocess.run([*generator, "generate", "-i", schema, "-g", lang, "-o", out, "--package-name",
+                               "lmapi"], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert list(out.rglob(model_file)), lang
+    script = f"""
+import lmapi
+from lmapi.models import ChatCompletionRequest, InteractiveRequest, EncodeRequest
+with lmapi.ApiClient(lmapi.Configuration(host={server.url!r})) as c:
+    api = lmapi.DefaultApi(c)
+    print(api.list_models().data[0].id)
+    r = api.create_chat_completion(ChatCompletionRequest.from_dict({{"model": {MODEL!r}, "max_tokens": 16,
+        "temperature": 0, "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}))
+    print(r.choices[0].message.content, r.usage.completion_tokens)
+    print(api.chat_interactive(InteractiveRequest.from_dict({{"prompt": "Hi", "request_output_len": 4}})).tokens)
+    print(api.encode(EncodeRequest.from_dict({{"input": "hi", "add_bos": False}})).length.actual_instance)
+    print(api.health().status)
+"""
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path / "python", capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == MODEL and "Paris" in lines[1] and lines[2:] == ["4", "1", "ok"]
