@@ -4,6 +4,7 @@ early (a client that went away) aborts the request and frees its blocks. A serve
 accepted before it answers (a 409 or 400 instead of a broken stream) uses `await engine.start(...)`."""
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -46,9 +47,18 @@ class AsyncEngine:
                 for out in outputs:
                     self._deliver(out.request_id, out)
         except BaseException as e:  # a bug or a dead worker: fail every caller, never hang them
+            logging.getLogger("lmcli.engine").exception("the engine loop stopped")
             self.error = e
+            dead = EngineDead(f"the engine stopped: {type(e).__name__}: {e}")
             for request_id in list(self._streams):
-                self._deliver(request_id, EngineDead(f"the engine stopped: {type(e).__name__}: {e}"))
+                self._deliver(request_id, dead)
+            while True:  # and those whose requests were still in the inbox
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item[0] == "call":
+                    item[2].call_soon_threadsafe(_set, item[3], None, dead)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -107,8 +117,8 @@ class AsyncEngine:
         self._inbox.put(("add", request_id, list(prompt_ids), params, session_id))
         stream = RequestStream(self, request_id, q, params.n)
         try:
-            first = await q.get()
-        except BaseException:  # cancelled while waiting: the request may have started
+            first = await self._answer(q.get)
+        except BaseException:  # cancelled while waiting (the request may have started), or the engine died
             stream.close()
             raise
         if isinstance(first, BaseException):
@@ -133,12 +143,21 @@ class AsyncEngine:
     def end_session(self, session_id: int) -> None:
         self._inbox.put(("end_session", session_id))
 
-    async def call(self, fn, timeout: float = 5.0):
+    async def call(self, fn, timeout: Optional[float] = None):
         """fn(engine) on the engine thread between steps; its result here."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._inbox.put(("call", fn, loop, future))
-        return await asyncio.wait_for(future, timeout)
+        return await asyncio.wait_for(self._answer(lambda: asyncio.shield(future)), timeout)
+
+    async def _answer(self, get):
+        """await get(), but raise EngineDead if the loop dies meanwhile (a step can take seconds: no timeout)."""
+        while True:
+            try:
+                return await asyncio.wait_for(get(), 1.0)
+            except asyncio.TimeoutError:
+                if self.error is not None or not self._thread.is_alive():
+                    raise EngineDead(f"the engine stopped: {self.error}") from None
 
     async def problem(self, timeout: float = 5.0, stall: float = 120.0) -> Optional[str]:
         """None when the engine can generate, else why not. Alive means: the loop runs and, if busy, steps (a step

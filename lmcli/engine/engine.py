@@ -80,21 +80,23 @@ class Engine:
             raise UserError("the prompt is empty")
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise UserError(f"token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t in params.stop_token_ids):
+            raise UserError(f"stop_token_ids must be in [0, {vocab})")
         session = None
         if session_id is not None:
             if params.n != 1:
                 raise UserError("n must be 1 in a session")
-            session = self.scheduler.sessions.get(session_id)
-            if session is None:
-                session = self.scheduler.sessions[session_id] = Session(session_id)
+            session = self.scheduler.sessions.get(session_id) or Session(session_id)  # kept once it runs
             if session.busy:
                 raise SessionBusy(f"session {session_id} is busy with another request")
         tokens = (session.token_ids if session else []) + list(prompt_ids)
-        if len(tokens) >= self.max_len and session is None:
+        if len(tokens) >= self.max_len and not (session and session.token_ids):  # a new prompt that cannot fit
             raise UserError(f"the prompt has {len(tokens)} tokens, but the context holds {self.max_len} "
                             "(prompt and output together)")
         if self.block_manager.blocks_for(min(len(tokens) + 1, self.max_len)) > self.block_manager.num_blocks:
             raise UserError(f"the prompt has {len(tokens)} tokens, more than the KV cache holds")
+        if session is not None:
+            self.scheduler.sessions.setdefault(session_id, session)
         if params.max_tokens is None:
             params = replace(params, max_tokens=max(1, self.max_len - len(tokens)))
         seqs = []

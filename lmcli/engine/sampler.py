@@ -24,7 +24,7 @@ def _generator(seq) -> Optional[torch.Generator]:
     if seq.params.seed is None:
         return None
     if seq.generator is None:
-        seq.generator = torch.Generator().manual_seed(seq.params.seed + seq.index)
+        seq.generator = torch.Generator().manual_seed((seq.params.seed + seq.index) % 2**63)
     return seq.generator
 
 
@@ -50,7 +50,7 @@ def _filter(logits: torch.Tensor, seqs: list) -> torch.Tensor:
     if any(s.params.top_k or s.params.top_p < 1 or s.params.min_p for s in seqs):
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]
-        ks = torch.tensor([s.params.top_k or vocab for s in seqs]).unsqueeze(1)
+        ks = torch.tensor([min(s.params.top_k or vocab, vocab) for s in seqs]).unsqueeze(1)
         drop = torch.arange(vocab) >= ks
         probs = sorted_logits.softmax(-1)
         top_p = torch.tensor([s.params.top_p for s in seqs]).unsqueeze(1)

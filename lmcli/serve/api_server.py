@@ -19,7 +19,7 @@ from starlette.staticfiles import StaticFiles
 
 from lmcli.engine.async_engine import AsyncEngine
 from lmcli.serve import protocol as p
-from lmcli.serve.common import parse
+from lmcli.serve.common import TEMPLATE_ERRORS, parse
 from lmcli.serve.errors import APIError
 from lmcli.serve.interactive import chat_interactive
 from lmcli.serve.metrics import CONTENT_TYPE
@@ -28,7 +28,6 @@ from lmcli.serve.openapi import openapi_schema
 from lmcli.serve.state import ServerOptions, ServerState
 
 log = logging.getLogger("lmcli.serve")
-GENERATION_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/chat/interactive")
 
 
 async def models(request: Request) -> JSONResponse:
@@ -55,10 +54,13 @@ async def encode(request: Request) -> JSONResponse:
             ids = [bos] + ids
         return ids
 
-    if isinstance(req.input, str):
-        ids = await run_in_threadpool(run, req.input)
-        return JSONResponse({"input_ids": ids, "length": len(ids)})
-    all_ids = [await run_in_threadpool(run, text) for text in req.input]
+    try:
+        if isinstance(req.input, str):
+            ids = await run_in_threadpool(run, req.input)
+            return JSONResponse({"input_ids": ids, "length": len(ids)})
+        all_ids = [await run_in_threadpool(run, text) for text in req.input]
+    except TEMPLATE_ERRORS as e:
+        raise APIError(400, f"the chat template refused the input: {e}", "input") from None
     return JSONResponse({"input_ids": all_ids, "length": [len(ids) for ids in all_ids]})
 
 
@@ -96,8 +98,8 @@ async def docs(request: Request) -> HTMLResponse:
 
 
 class Guard:
-    """API keys (Bearer tokens, compared in constant time) and the limit on concurrent generation requests,
-    for /v1/ paths; /health, /metrics and the docs stay open."""
+    """API keys (Bearer tokens, compared in constant time) for /v1/ paths; /health, /metrics and the docs stay
+    open."""
 
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
@@ -110,18 +112,7 @@ class Guard:
         if self.keys and not self._authorized(scope):
             error = APIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'", code="invalid_api_key")
             return await error.response()(scope, receive, send)
-        limit = self.state.options.max_concurrent_requests
-        if path not in GENERATION_PATHS:
-            return await self.app(scope, receive, send)
-        if limit is not None and self.state.in_flight >= limit:
-            error = APIError(429, f"the server is answering {limit} requests already (--max-concurrent-requests); "
-                                  "try again later", code="too_many_requests")
-            return await error.response()(scope, receive, send)
-        self.state.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.state.in_flight -= 1
+        return await self.app(scope, receive, send)
 
     def _authorized(self, scope) -> bool:
         header = dict(scope["headers"]).get(b"authorization", b"")

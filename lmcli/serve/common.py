@@ -6,6 +6,7 @@ import json
 from contextlib import suppress
 from typing import AsyncIterator, Optional, TypeVar
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -16,14 +17,23 @@ from lmcli.errors import UserError
 from lmcli.serve.errors import APIError, from_validation
 
 M = TypeVar("M", bound=BaseModel)
+TEMPLATE_ERRORS = (ValueError, TemplateError)  # what a chat template raises for messages it refuses
+MAX_BODY = 32 << 20  # bytes
 
 
 async def parse(request: Request, model: type[M]) -> M:
-    body = await request.body()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise APIError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="body_too_large")
+    body = b"".join(chunks)
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        message = "nested too deeply" if isinstance(e, RecursionError) else str(e)
+        raise APIError(400, f"the request body is not valid JSON: {message}", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object", code="invalid_json")
     try:

@@ -13,10 +13,11 @@ from lmcli.engine.prompt import continue_chat, encode_chat, to_messages
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
-from lmcli.serve.common import collected, merge, parse, start, user_error
+from lmcli.engine.async_engine import EngineDead
+from lmcli.serve.common import TEMPLATE_ERRORS, collected, merge, parse, start, user_error
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import RequestTimer
-from lmcli.serve.state import ServerState
+from lmcli.serve.state import History, ServerState
 
 
 async def chat_interactive(request: Request) -> Response:
@@ -27,29 +28,40 @@ async def chat_interactive(request: Request) -> Response:
     if req.cancel:
         if sid == -1:
             raise APIError(400, "cancel needs the session_id of the running turn", "session_id")
-        rid = state.sessions_in_use.get(sid)
-        if rid is not None:
+        running = state.sessions_in_use.get(sid)
+        for rid in running.request_ids if running else []:
             engine.abort(rid)
-        history = await engine.call(lambda e: len(e.session_tokens(sid)))
+        history = await engine_call(engine, lambda e: len(e.session_tokens(sid)))
         return JSONResponse(p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=history,
                                                   finish_reason="abort", session_id=sid).model_dump())
-    if sid in state.sessions_in_use:
-        raise APIError(409, f"session {sid} is busy with another request", "session_id", "session_busy")
+    if req.interactive_mode and sid == -1:
+        sid = random.randrange(1 << 30, 1 << 31)
+    rid = f"interactive-{uuid.uuid4().hex}"
+    claim = state.claim(sid if sid != -1 else None, [rid])  # before any await: this session is ours from here on
+    try:
+        return await _turn(request, state, engine, req, sid, rid, claim)
+    except BaseException:
+        claim.release()
+        raise
+
+
+async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, claim) -> Response:
+    """Run one turn; from the moment its stream exists, the stream's end releases the claim."""
     if not req.interactive_mode and sid != -1:  # end the session; this request runs on its own
         state.histories.pop(sid, None)
         engine.end_session(sid)
     if req.request_output_len == 0:  # LMDeploy's way to end a session: nothing to generate
+        claim.release()
         return JSONResponse(p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
                                                   finish_reason="stop", session_id=sid).model_dump())
-    if req.interactive_mode and sid == -1:
-        sid = random.randrange(1 << 30, 1 << 31)
     messages = to_messages([m.model_dump() for m in req.prompt] if isinstance(req.prompt, list) else req.prompt)
     if not messages or not any(m["content"] for m in messages):
         raise APIError(400, "the prompt is empty", "prompt")
     messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
                  else "".join(part["text"] for part in m["content"])} for m in messages]
-    history_messages = state.histories.get(sid, []) if req.interactive_mode else []
-    history_ids = await engine.call(lambda e: e.session_tokens(sid)) if req.interactive_mode else []
+    history_ids = await engine_call(engine, lambda e: e.session_tokens(sid)) if req.interactive_mode else []
+    kept = state.histories.get(sid)
+    history_messages = kept.messages(len(history_ids)) if kept and history_ids else []
     try:
         if history_ids:
             prompt_ids = await run_in_threadpool(continue_chat, state.tokenizer, history_ids,
@@ -57,9 +69,9 @@ async def chat_interactive(request: Request) -> Response:
         else:
             messages = to_messages(messages, state.options.meta_instruction)
             prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages)
-    except ValueError as e:
-        raise APIError(400, str(e), "prompt") from None
-    if not req.interactive_mode and len(prompt_ids) >= state.max_len:
+    except TEMPLATE_ERRORS as e:
+        raise APIError(400, f"the chat template refused the prompt: {e}", "prompt") from None
+    if not history_ids and len(prompt_ids) >= state.max_len:
         raise APIError(400, f"the prompt has {len(prompt_ids)} tokens, but this model's context holds "
                             f"{state.max_len}", "prompt", "context_length_exceeded")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -70,14 +82,7 @@ async def chat_interactive(request: Request) -> Response:
                                 skip_special_tokens=req.skip_special_tokens)
     except UserError as e:
         raise APIError(400, str(e)) from None
-    rid = f"interactive-{uuid.uuid4().hex}"
-    claimed = sid if sid != -1 else None
-    state.claim_session(claimed, rid)
-    try:
-        stream = await start(engine, prompt_ids, params, rid, sid if req.interactive_mode else None)
-    except BaseException:
-        state.release_session(claimed, rid)
-        raise
+    stream = await start(engine, prompt_ids, params, rid, sid if req.interactive_mode else None)
     timer = RequestTimer(state.metrics, "interactive")
     turn = {"text": "", "tokens": 0, "prompt": len(prompt_ids), "reason": None, "message": None}
 
@@ -94,11 +99,11 @@ async def chat_interactive(request: Request) -> Response:
         timer.tokens(len(out.token_ids))
 
     def finish() -> None:
-        state.release_session(claimed, rid)
+        if req.interactive_mode:  # the next turn sees from the engine's token count whether this one joined
+            state.histories[sid] = History(history_messages, history_messages + messages +
+                                           [{"role": "assistant", "content": turn["text"]}], len(history_ids))
+        claim.release()
         timer.done(turn["reason"], len(prompt_ids))
-        if req.interactive_mode and (turn["tokens"] or turn["reason"] not in (None, "abort")) and \
-                turn["message"] is None:  # the turn ran: it joins the kept conversation
-            state.histories[sid] = history_messages + messages + [{"role": "assistant", "content": turn["text"]}]
 
     if req.stream:
         async def lines():
@@ -122,3 +127,10 @@ async def chat_interactive(request: Request) -> Response:
         return result(turn["text"])
 
     return await collected(request, collect(), lambda: (stream.close(), finish()))
+
+
+async def engine_call(engine, fn):
+    try:
+        return await engine.call(fn)
+    except EngineDead as e:
+        raise user_error(e) from None

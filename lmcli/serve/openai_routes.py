@@ -1,7 +1,9 @@
 """/v1/chat/completions and /v1/completions: OpenAI's wire format over the engine."""
 
+import re
 import time
 import uuid
+from functools import lru_cache
 from typing import Optional
 
 from starlette.concurrency import run_in_threadpool
@@ -12,7 +14,7 @@ from lmcli.engine.prompt import encode_chat
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
-from lmcli.serve.common import collected, merge, parse, sse, sse_error, start
+from lmcli.serve.common import TEMPLATE_ERRORS, collected, merge, parse, sse, sse_error, start
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import RequestTimer
 from lmcli.serve.state import ServerState
@@ -64,13 +66,42 @@ def token_text(tokenizer, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+def token_bytes(tokenizer, token_id: int) -> bytes:
+    """A token's own bytes, also for a piece of a multi-byte character (whose text alone is U+FFFD), so a client
+    can join them (OpenAI's `bytes`)."""
+    text = token_text(tokenizer, token_id)
+    if "\ufffd" not in text:
+        return text.encode()
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if m := re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece):  # SentencePiece byte fallback
+        return bytes([int(m.group(1), 16)])
+    decoder = _byte_level_decoder()
+    if all(c in decoder for c in piece):  # byte-level BPE (GPT-2 style): one character per byte
+        return bytes(decoder[c] for c in piece)
+    return text.encode()
+
+
+@lru_cache(maxsize=1)
+def _byte_level_decoder() -> dict[str, int]:
+    # GPT-2's table: printable Latin-1 bytes stand for themselves, the others for 256, 257, ... in byte order
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[chr(b)] = b
+        else:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
 def chat_logprobs(tokenizer, out) -> p.ChoiceLogprobs:
     content = []
     for tok, lp in zip(out.token_ids, out.logprobs):
-        text = token_text(tokenizer, tok)
-        top = [p.TopLogprob(token=(t := token_text(tokenizer, i)), logprob=v, bytes=list(t.encode()))
+        top = [p.TopLogprob(token=token_text(tokenizer, i), logprob=v, bytes=list(token_bytes(tokenizer, i)))
                for i, v in lp.top]
-        content.append(p.TokenLogprob(token=text, logprob=lp.logprob, bytes=list(text.encode()), top_logprobs=top))
+        content.append(p.TokenLogprob(token=token_text(tokenizer, tok), logprob=lp.logprob,
+                                      bytes=list(token_bytes(tokenizer, tok)), top_logprobs=top))
     return p.ChoiceLogprobs(content=content)
 
 
@@ -113,8 +144,8 @@ async def chat_completions(request: Request) -> Response:
                  else "".join(part.text for part in m.content)} for m in req.messages]
     try:
         prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages, state.options.meta_instruction)
-    except ValueError as e:
-        raise APIError(400, str(e), "messages") from None
+    except TEMPLATE_ERRORS as e:
+        raise APIError(400, f"the chat template refused the messages: {e}", "messages") from None
     if req.max_tokens is not None and req.max_completion_tokens is not None and \
             req.max_tokens != req.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens differ; send one", "max_tokens")
@@ -122,17 +153,18 @@ async def chat_completions(request: Request) -> Response:
     params = sampling_params(state, req, max_tokens, len(prompt_ids),
                              (req.top_logprobs or 0) if req.logprobs else None)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    state.claim_session(req.session_id, rid)
+    engine_ids = [rid]
+    claim = state.claim(req.session_id, engine_ids)
     try:
         stream = await start(engine, prompt_ids, params, rid)
     except BaseException:
-        state.release_session(req.session_id, rid)
+        claim.release()
         raise
     created, tally = int(time.time()), Tally(state, "chat")
     log_user(request, req.user, rid)
 
     def finish() -> None:
-        state.release_session(req.session_id, rid)
+        claim.release()
         tally.done()
 
     if req.stream:
@@ -160,6 +192,9 @@ async def chat_events(state, req, rid, created, stream, tally, include_usage, fi
     def chunk(choices, usage=None) -> bytes:
         body = p.ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=choices, usage=usage)
         data = body.model_dump(exclude_none=True)
+        for c in data["choices"]:  # as OpenAI: these keys are always there
+            c.setdefault("logprobs", None)
+            c.setdefault("finish_reason", None)
         if include_usage:
             data["usage"] = usage.model_dump() if usage else None
         return sse(data)
@@ -210,21 +245,22 @@ async def completions(request: Request) -> Response:
     if len(prompts) * req.n > 64:
         raise APIError(400, "at most 64 choices per request (prompts times n)", "prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"
-    state.claim_session(req.session_id, rid)
+    engine_ids = [f"{rid}-{k}" for k in range(len(prompts))]
+    claim = state.claim(req.session_id, engine_ids)
     streams = []
     try:
         for k, ids in enumerate(prompts):
-            streams.append(await start(engine, ids, params[k], f"{rid}-{k}"))
+            streams.append(await start(engine, ids, params[k], engine_ids[k]))
     except BaseException:
         for s in streams:
             s.close()
-        state.release_session(req.session_id, rid)
+        claim.release()
         raise
     created, tally, n = int(time.time()), Tally(state, "completions"), req.n
     log_user(request, req.user, rid)
 
     def finish() -> None:
-        state.release_session(req.session_id, rid)
+        claim.release()
         tally.done()
 
     def response(choices, usage=None) -> p.CompletionResponse:

@@ -23,6 +23,20 @@ class ServerOptions:
     allow_headers: tuple[str, ...] = ("*",)
 
 
+@dataclass(frozen=True)
+class History:
+    """An interactive session's conversation as messages, for the chat template. Whether the last turn joined the
+    engine's history (it did if it ran at all, even when aborted) shows on the next turn: the engine's token count
+    then differs from `tokens_before`."""
+
+    before: list[dict]  # the messages before the last turn
+    after: list[dict]  # the messages if the last turn joined: its own and the answer
+    tokens_before: int  # the engine's token count for the session before the last turn
+
+    def messages(self, num_tokens: int) -> list[dict]:
+        return self.before if num_tokens == self.tokens_before else self.after
+
+
 class ServerState:
     def __init__(self, options: ServerOptions):
         self.options = options
@@ -30,8 +44,8 @@ class ServerState:
         self.load_error: Optional[str] = None
         self.metrics = Metrics(lambda: self.engine.stats if self.engine is not None else None)
         self.created = int(time.time())
-        self.sessions_in_use: dict[int, str] = {}  # session id -> the request id running under it
-        self.histories: dict[int, list[dict]] = {}  # interactive session id -> its messages so far
+        self.sessions_in_use: dict[int, "Claim"] = {}  # session id -> the request running under it
+        self.histories: dict[int, History] = {}  # interactive session id -> its conversation
         self.in_flight = 0  # generation requests being answered
 
     def attach(self, engine: AsyncEngine) -> None:
@@ -55,13 +69,29 @@ class ServerState:
             raise APIError(404, f"the model {name!r} does not exist; this server has {self.model_name!r} "
                                 "(see /v1/models)", "model", "model_not_found")
 
-    def claim_session(self, session_id: Optional[int], request_id: str) -> None:
-        if session_id is None:
-            return
-        if session_id in self.sessions_in_use:
+    def claim(self, session_id: Optional[int], request_ids: list[str]) -> "Claim":
+        """Count a generation request in (429 over --max-concurrent-requests) and hold its session id, if any (409 if
+        held). Synchronous, so two requests cannot both pass; Claim.release() undoes it."""
+        limit = self.options.max_concurrent_requests
+        if limit is not None and self.in_flight >= limit:
+            raise APIError(429, f"the server is answering {limit} requests already (--max-concurrent-requests); "
+                                "try again later", code="too_many_requests")
+        if session_id is not None and session_id in self.sessions_in_use:
             raise APIError(409, f"session {session_id} is busy with another request", "session_id", "session_busy")
-        self.sessions_in_use[session_id] = request_id
+        return Claim(self, session_id, request_ids)
 
-    def release_session(self, session_id: Optional[int], request_id: str) -> None:
-        if session_id is not None and self.sessions_in_use.get(session_id) == request_id:
-            del self.sessions_in_use[session_id]
+
+class Claim:
+    def __init__(self, state: ServerState, session_id: Optional[int], request_ids: list[str]):
+        self.state, self.session_id, self.request_ids, self.held = state, session_id, request_ids, True
+        if session_id is not None:
+            state.sessions_in_use[session_id] = self
+        state.in_flight += 1
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        if self.state.sessions_in_use.get(self.session_id) is self:
+            del self.state.sessions_in_use[self.session_id]
+        self.state.in_flight -= 1

@@ -4,6 +4,8 @@ token per character, id = code point) and a "model" that answers with ANSWER, on
 import time
 from types import SimpleNamespace
 
+from jinja2 import TemplateError
+
 from lmcli.engine.engine import Output, SessionBusy
 from lmcli.engine.sampler import TokenLogprobs
 from lmcli.errors import UserError
@@ -26,6 +28,8 @@ class FakeTokenizer:
         return "".join(chr(i) for i in ids if not (skip_special_tokens and i == EOS))
 
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+        if any(m["content"] == "RAISE" for m in messages):  # as templates that insist on alternating roles
+            raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
         text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
         return text + ("<assistant>" if add_generation_prompt else "")
 

@@ -9,6 +9,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -127,6 +128,17 @@ def test_errors_with_the_openai_sdk(sdk, server):
         sdk.chat.completions.create(model=MODEL, messages=FRANCE, logit_bias={"1": 1.0})
     with pytest.raises(openai.BadRequestError, match=r"token ids must be in \[0, 49152\)"):
         sdk.completions.create(model=MODEL, prompt=[1, 10**6])
+    # values that once reached torch unchecked and killed the engine loop for everyone
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        sdk.chat.completions.create(model=MODEL, messages=FRANCE, seed=2**64, max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="stop_token_ids"):
+        sdk.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=3,
+                                    extra_body={"min_tokens": 2, "stop_token_ids": [10**8]})
+    greedy = sdk.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=6, temperature=0)
+    tiny = sdk.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=6, temperature=1e-40)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content  # as greedy, not NaN
+    huge_k = sdk.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=6, extra_body={"top_k": 2**63})
+    assert huge_k.choices[0].message.content
     bad = httpx.post(server.url + "/v1/chat/completions", content=b'{"model": ', timeout=10)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
@@ -342,3 +354,43 @@ with lmapi.ApiClient(lmapi.Configuration(host={server.url!r})) as c:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == MODEL and "Paris" in lines[1] and lines[2:] == ["4", "1", "ok"]
+
+
+def test_an_interrupted_turn_keeps_the_session_readable(server):
+    """A turn cancelled while its long prompt is still being prefilled (no token yet) still joined the session's
+    history in the engine; the next turn must continue that history, not start a second conversation in it."""
+    client = APIClient(server.url)
+    sid = 77
+    (first,) = client.chat_interactive_v1("Hi, I am Ada.", session_id=sid, interactive_mode=True,
+                                          request_output_len=8, temperature=0)
+    long_prompt = "Summarize this: " + "the quick brown fox jumps over the lazy dog " * 500  # three prefill steps
+    results = []
+    turn = threading.Thread(target=lambda: results.extend(client.chat_interactive_v1(
+        long_prompt, session_id=sid, interactive_mode=True, request_output_len=8)))
+    turn.start()
+    deadline = time.monotonic() + 30
+    while metrics(server)["lm_requests_running"] == 0:  # its first prefill chunk is running
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    client.cancel(sid)
+    turn.join(60)
+    (cut,) = results
+    assert cut["finish_reason"] == "abort" and cut["tokens"] == 0
+    (third,) = client.chat_interactive_v1("Thanks!", session_id=sid, interactive_mode=True, request_output_len=4,
+                                          temperature=0)
+    assert third["history_tokens"] == first["input_tokens"] + first["tokens"] + cut["input_tokens"]
+    alone = client.encode("<|im_end|>\n<|im_start|>user\nThanks!<|im_end|>\n<|im_start|>assistant\n", add_bos=False)
+    assert third["input_tokens"] == alone[1]  # a continuation, not a conversation rendered afresh
+    client.end_session(sid)
+    pool_is_full(server)
+
+
+def test_logprob_bytes_rebuild_multibyte_characters(smollm2_workspace):
+    from lmcli.serve.openai_routes import token_bytes
+    from lmcli.workspace import Workspace
+
+    tok = Workspace.load(smollm2_workspace).tokenizer()
+    for text in ["👌👌 fine", "héllo wörld", "日本語のテキスト"]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert any("\ufffd" in tok.decode([i]) for i in ids) or text == "héllo wörld"
+        assert b"".join(token_bytes(tok, i) for i in ids).decode() == text

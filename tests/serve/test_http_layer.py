@@ -123,6 +123,7 @@ def test_chat_stream_is_openai_sse(client):
         assert [c.get("finish_reason") for c in mine][-1] == "stop"
         assert all(c.get("finish_reason") is None for c in mine[:-1])
         assert mine[-1]["delta"].get("content") is not None  # the last content chunk carries finish_reason
+        assert all("finish_reason" in c and "logprobs" in c for c in mine)  # null, but there, as OpenAI sends
     assert all("usage" not in e for e in events)
 
 
@@ -182,6 +183,9 @@ BAD = [
     ({**CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     ({**CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
     ({**CHAT, "min_tokens": 9, "max_tokens": 3}, 400, None, None),
+    ({**CHAT, "messages": [{"role": "user", "content": "RAISE"}]}, 400, "messages", None),
+    ({**CHAT, "seed": 2**64}, 400, None, None),
+    (b"[" * 100_000, 400, None, "invalid_json"),
 ]
 
 
@@ -206,6 +210,8 @@ def test_bad_chat_requests(client, body, status, param, code):
     ("/v1/chat/interactive", {"prompt": "x", "session_id": -5}, "session_id"),
     ("/v1/chat/interactive", {"prompt": "x", "cancel": True}, "session_id"),
     ("/v1/encode", {"input": 5}, "input"),
+    ("/v1/encode", {"input": "RAISE", "do_preprocess": True}, "input"),
+    ("/v1/chat/interactive", {"prompt": "RAISE"}, "prompt"),
 ])
 def test_bad_requests_elsewhere(client, path, body, param):
     r = client.post(path, json=body)
@@ -399,3 +405,27 @@ def test_engine_dying_under_a_plain_request_is_a_503():
         r = c.post("/v1/chat/completions", json=CHAT)
         assert r.status_code == 503 and "the fake engine broke" in r.json()["error"]["message"]
         assert c.get("/health").json()["status"] == "error"
+
+
+def test_body_over_the_limit_is_413(client):
+    r = client.post("/v1/completions", content=b'{"model": "fake-model", "prompt": "' + b"x" * (33 << 20) + b'"}')
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+
+
+def test_control_requests_pass_the_limit_and_busy_sessions_refuse_the_rest():
+    """cancel and end-session are not counted against --max-concurrent-requests; ending a busy session is a 409;
+    cancel stops every engine request of a completions call that holds the session."""
+    app, engine = make_app(FakeEngine(step_delay=0.02), max_concurrent_requests=1)
+    with serve_in_thread(app) as url:
+        body = {"model": "fake-model", "prompt": ["a", "b"], "max_tokens": 200, "ignore_eos": True, "session_id": 12}
+        t = threading.Thread(target=lambda: httpx.post(url + "/v1/completions", json=body, timeout=60))
+        t.start()
+        wait_until(lambda: len(engine.engine.requests) == 2)
+        end = httpx.post(url + "/v1/chat/interactive", json={"prompt": "", "session_id": 12, "request_output_len": 0})
+        assert end.status_code in (409, 429)  # busy (and over the limit): refused, nothing ended
+        cancel = httpx.post(url + "/v1/chat/interactive", json={"prompt": "", "session_id": 12, "cancel": True})
+        assert cancel.status_code == 200
+        t.join(30)
+        assert not engine.engine.requests and len(engine.engine.aborted) == 2 and engine.engine.steps < 190
+        assert httpx.post(url + "/v1/chat/interactive", json={"prompt": "", "session_id": 12,
+                                                               "request_output_len": 0}).status_code == 200
