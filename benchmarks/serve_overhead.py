@@ -1,6 +1,6 @@
-"""What the HTTP server costs: the same requests through the engine in-process (the baseline) and through
-`lm serve api_server` over HTTP with streaming, in one run; and how fast /health and /v1/models answer while the
-server is busy.
+"""What the HTTP server costs: the same requests through the engine in-process (the baseline), through the
+AsyncEngine (its loop thread, as the server uses it) and through `lm serve api_server` over HTTP with streaming,
+in one run; and how fast /health and /v1/models answer while the server is busy.
 
     python benchmarks/serve_overhead.py ./workspace [--num-prompts 64] [--input-len 128] [--output-len 128]
 """
@@ -18,7 +18,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "serve
 from servers import LmServer  # noqa: E402
 
 from lmcli.bench.throughput import random_prompts, run_engine  # noqa: E402
+from lmcli.engine.async_engine import AsyncEngine  # noqa: E402
 from lmcli.engine.engine import Engine  # noqa: E402
+from lmcli.engine.sampling_params import SamplingParams  # noqa: E402
+
+
+async def through_async_engine(engine: Engine, prompts, output_len: int) -> float:
+    async_engine = AsyncEngine(engine)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    produced = 0
+
+    async def one(ids):
+        nonlocal produced
+        async for out in async_engine.generate(ids, params):
+            produced += len(out.token_ids)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(one(ids) for ids in prompts))
+    rate = produced / (time.perf_counter() - start)
+    async_engine.close()
+    return rate
 
 
 async def over_http(url: str, model: str, prompts, output_len: int):
@@ -71,7 +90,7 @@ def main() -> None:
     model = engine.workspace.model_name
     run_engine(engine, prompts[:4], 8, 4)  # warm up
     base = run_engine(engine, prompts, args.output_len, args.num_prompts)
-    engine.close()
+    async_rate = asyncio.run(through_async_engine(engine, prompts, args.output_len))
     del engine
 
     server = LmServer(args.workspace, "--dtype", args.dtype).wait_ready()
@@ -83,7 +102,8 @@ def main() -> None:
     rate = produced / seconds
     lat = sorted(latencies)
     print(f"{args.num_prompts} requests, {args.input_len} in / {args.output_len} out, {args.dtype}, all at once")
-    print(f"engine in-process:        {base.rate:7.1f} output tok/s ({base.output_tokens} tokens, {base.seconds:.1f} s)")
+    print(f"engine in-process:         {base.rate:7.1f} output tok/s ({base.output_tokens} tokens, {base.seconds:.1f} s)")
+    print(f"AsyncEngine in-process:    {async_rate:7.1f} output tok/s: {async_rate / base.rate:.2f}x the engine")
     print(f"over HTTP (SSE streaming): {rate:7.1f} output tok/s ({produced} tokens, {seconds:.1f} s): "
           f"{rate / base.rate:.2f}x the engine")
     print(f"time to first token over HTTP: median {statistics.median(ttfts):.2f} s, max {max(ttfts):.2f} s")
