@@ -66,6 +66,9 @@ class FakeEngine:
             raise SessionBusy(f"session {session_id} is busy with another request")
         self.added.append((request_id, list(prompt_ids), params, session_id))
         history = self.sessions.get(session_id, []) if session_id is not None else []
+        if history and len(history) + len(prompt_ids) >= self.max_len:  # a full session, as the engine says it
+            return [Output(request_id, 0, "", [], [], "length", "the session is full; end it and start a new one",
+                           len(history) + len(prompt_ids), 0, 0)]
         if session_id is not None:
             self.busy.add(session_id)
         self.requests[request_id] = [FakeRequest(request_id, history + list(prompt_ids), params, session_id, i)

@@ -43,3 +43,11 @@ def test_user_errors_are_one_line(tmp_path, smollm2_workspace):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("lm serve api_server: error: loading the model failed: "
                                                            "session_len must be in")
+
+
+def test_gradio_help_and_a_server_that_is_not_there():
+    result = CliRunner().invoke(build_app(), ["serve", "gradio", "--help"], env={"COLUMNS": "240"})
+    assert result.exit_code == 0
+    for option in ("--server-name", "--server-port", "--share", "--api-key", "6006"):
+        assert option in result.output, option
+    assert_one_line_error(run_lm("serve", "gradio", "http://127.0.0.1:9"), "cannot reach")
