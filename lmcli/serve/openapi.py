@@ -1,4 +1,6 @@
-"""/openapi.json: an OpenAPI 3.1 document made from the pydantic models, one entry per route below."""
+"""/openapi.json: an OpenAPI 3.0.3 document made from the pydantic models, one entry per route below. 3.0, not
+3.1: the Swagger UI we ship (swagger-ui-bundle) and many client generators read only 3.0, so pydantic's JSON
+Schema (2020-12) is rewritten into 3.0's dialect (nullable, enum, boolean exclusive bounds)."""
 
 from functools import lru_cache
 
@@ -40,7 +42,7 @@ def openapi_schema(version: str) -> dict:
             models.add(route[6][1])
     keyed = [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)]
     _, top = models_json_schema(keyed, ref_template="#/components/schemas/{model}")
-    schemas = top.get("$defs", {})
+    schemas = {name: to_openapi30(schema) for name, schema in top.get("$defs", {}).items()}
     ref = lambda m: {"$ref": f"#/components/schemas/{m.__name__}"}  # noqa: E731
     paths: dict = {}
     for path, method, op_id, summary, request, response, streamed in ROUTES:
@@ -62,7 +64,7 @@ def openapi_schema(version: str) -> dict:
     paths["/metrics"] = {"get": {"operationId": "metrics", "summary": "Prometheus metrics", "responses": {
         "200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}}}
     return {
-        "openapi": "3.1.0",
+        "openapi": "3.0.3",
         "info": {"title": "lm api_server", "version": version,
                  "description": "An OpenAI-compatible API served by lm's engine, with LMDeploy's interactive "
                                 "sessions. Errors are OpenAI error bodies."},
@@ -71,3 +73,27 @@ def openapi_schema(version: str) -> dict:
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                                       "description": "Only when the server runs with --api-keys"}}},
     }
+
+
+def to_openapi30(node):
+    """JSON Schema 2020-12 as pydantic writes it, in OpenAPI 3.0's dialect."""
+    if isinstance(node, list):
+        return [to_openapi30(x) for x in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: to_openapi30(v) for k, v in node.items()}
+    if "anyOf" in node and {"type": "null"} in node["anyOf"]:
+        rest = [x for x in node.pop("anyOf") if x != {"type": "null"}]
+        if len(rest) == 1 and "$ref" in rest[0]:
+            node["allOf"] = rest  # a $ref takes no siblings in 3.0
+        elif len(rest) == 1:
+            node.update(rest[0])
+        else:
+            node["anyOf"] = rest
+        node["nullable"] = True
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        if bound in node and not isinstance(node[bound], bool):
+            node[plain], node[bound] = node[bound], True
+    return node

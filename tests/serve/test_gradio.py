@@ -168,3 +168,24 @@ def test_errors_show_in_the_page(browser, tmp_path):
                  "failed" in page.locator("#status").inner_text())
     finally:
         ui.stop()
+
+
+def test_the_api_docs_page_renders_offline(browser):
+    """The api_server's / is a Swagger UI that draws every endpoint from /openapi.json with local files only."""
+    with serve_in_thread(create_app(AsyncEngine(FakeEngine()))) as url:
+        page = open_page_plain(browser, url)
+        page.locator(".opblock").first.wait_for(timeout=30_000)
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        for path in ("/v1/models", "/v1/chat/completions", "/v1/completions", "/v1/chat/interactive", "/v1/encode",
+                     "/health", "/metrics"):
+            assert any(path == p.replace("\u200b", "") for p in paths), (path, paths)
+        assert page.outside == []
+
+
+def open_page_plain(browser, url: str):
+    page = browser.new_context().new_page()
+    page.outside = []
+    page.on("request", lambda r: None if re.match(r"^(https?://(127\.0\.0\.1|localhost)[:/]|data:)", r.url)
+            else page.outside.append(r.url))
+    page.goto(url, wait_until="load")
+    return page
