@@ -193,3 +193,56 @@ def _table(s: dict, title: str):
     for row in rows:
         table.add_row(*row)
     return table
+
+
+@app.command()
+def sessions(
+    url: Annotated[str, typer.Argument(help="An lm api_server's URL (it needs /v1/chat/interactive).",
+                                       show_default=False)],
+    num_sessions: Annotated[int, typer.Option(help="Conversations run at once.")] = 8,
+    turns: Annotated[int, typer.Option(help="Turns per conversation (user messages from ShareGPT).")] = 10,
+    output_len: Annotated[int, typer.Option(help="Tokens generated per turn (eos ignored).")] = 64,
+    seed: Annotated[int, typer.Option(help="Seed for picking the conversations.")] = 0,
+    dataset_path: Annotated[Optional[Path], typer.Option(help="A local ShareGPT JSON file instead of the download.",
+                                                         show_default=False)] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="The server's API key.", envvar="LM_API_KEY",
+                                                   show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write every turn's TTFT as JSON.", show_default=False)]
+    = None,
+) -> None:
+    """Time to first token by turn number: the server keeping the history (interactive) against resending it."""
+    import asyncio
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmcli.bench import datasets
+    from lmcli.bench import sessions as bench
+    from lmcli.errors import UserError
+    from lmcli.serve.api_client import APIClient, APIClientError
+
+    name = "bench sessions"
+    try:
+        model = APIClient(url, api_key=api_key).available_models[0]
+        conversations = datasets.load_conversations(dataset_path or datasets.sharegpt_path())
+        chats = bench.user_messages(conversations, num_sessions, turns, seed)
+    except (UserError, APIClientError, OSError, ValueError) as e:
+        raise fail(name, getattr(e, "message", None) or str(e))
+    console = Console(stderr=True)
+    asyncio.run(bench.run(url, model, [chats[0][:1]], 4, False, api_key, seed))  # warm up, measured nowhere
+    with console.status("interactive sessions..."):
+        kept = asyncio.run(bench.run(url, model, chats, output_len, True, api_key, seed))
+    with console.status("stateless requests resending the history..."):
+        resent = asyncio.run(bench.run(url, model, chats, output_len, False, api_key, seed))
+    a, b = bench.by_turn(kept), bench.by_turn(resent)
+    table = Table(title=f"TTFT by turn, median of {num_sessions} conversations at once, {output_len} tokens a turn "
+                        f"({url}, {model})")
+    for column in ("turn", "interactive (server keeps history)", "stateless (history resent)", "vs turn 1"):
+        table.add_column(column, justify="right")
+    for i, (x, y) in enumerate(zip(a, b), start=1):
+        table.add_row(str(i), f"{1000 * x:.0f} ms", f"{1000 * y:.0f} ms", f"{x / a[0]:.2f}x")
+    Console().print(table)
+    if output is not None:
+        output.write_text(json.dumps({"interactive": kept, "stateless": resent, "interactive_median": a,
+                                      "stateless_median": b}, indent=1))

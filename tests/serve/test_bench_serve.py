@@ -85,3 +85,28 @@ def test_help():
     for option in ("--dataset", "--num-prompts", "--concurrency", "--request-rate", "--seed", "--ignore-eos",
                    "--backend", "--output", "--tokenizer", "--api-key"):
         assert option in result.output, option
+
+
+def test_bench_sessions_against_a_server(tmp_path):
+    path = tmp_path / "sg.json"
+    chat = lambda i: {"conversations": [x for k in range(4) for x in (  # noqa: E731
+        {"from": "human", "value": f"Conversation {i}, message {k}."}, {"from": "gpt", "value": "Sure."})]}
+    path.write_text(json.dumps([chat(i) for i in range(3)] + [{"conversations": []}]))
+    engine = FakeEngine()
+    with serve_in_thread(create_app(AsyncEngine(engine))) as url:
+        out = tmp_path / "sessions.json"
+        done = run_lm("bench", "sessions", url, "--dataset-path", path, "--num-sessions", "2", "--turns", "3",
+                      "--output-len", "5", "--output", out, env={"COLUMNS": "160"})
+        assert done.returncode == 0, done.stderr
+        assert "TTFT by turn" in done.stdout and "vs turn 1" in done.stdout
+        data = json.loads(out.read_text())
+        assert [len(x) for x in data["interactive"]] == [3, 3] and len(data["stateless_median"]) == 3
+        sessions = [a for a in engine.added if a[3] is not None]
+        stateless = [a for a in engine.added if a[3] is None][1:]  # after the warm-up
+        assert len(sessions) == 6 and len({a[3] for a in sessions}) == 2  # two server sessions, three turns each
+        assert all("message 0" not in "".join(map(chr, a[1])) for a in sessions if "message 2" in "".join(map(chr, a[1])))
+        assert any("message 0" in "".join(map(chr, a[1])) and "message 2" in "".join(map(chr, a[1]))
+                   for a in stateless)  # the stateless third turn resends the first
+        assert not engine.sessions  # every session ended
+    done = run_lm("bench", "sessions", "http://127.0.0.1:9")
+    assert_one_line_error(done, "cannot reach")
