@@ -25,12 +25,13 @@ def api_client(
 ) -> None:
     """Chat with an api_server in the terminal; the server keeps the conversation.
 
-    Not a terminal (piped input): each line is a message, each answer one line on stdout."""
+    Not a terminal (piped input): each line is a message, each answer one line on stdout (its newlines become
+    spaces); a refused request or a full session stops with exit code 1."""
     from lmcli.serve.api_client import APIClient, APIClientError
     from lmcli.serve.terminal import Conversation, run_piped, run_terminal
 
-    client = APIClient(url, api_key=api_key)
     try:
+        client = APIClient(url, api_key=api_key)
         model = client.available_models[0]
     except APIClientError as e:
         raise fail(NAME, _explain(e, url))
@@ -41,11 +42,12 @@ def api_client(
             run_terminal(conversation, model, url)
         else:
             run_piped(conversation, sys.stdin)
-        conversation.end()
     except APIClientError as e:
         raise fail(NAME, _explain(e, url))
     except KeyboardInterrupt:
         raise typer.Exit(130)
+    finally:
+        conversation.end()
 
 
 def _explain(e, url: str) -> str:

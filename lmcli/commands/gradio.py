@@ -34,7 +34,8 @@ def gradio(
     shown = "127.0.0.1" if server_name in ("0.0.0.0", "::") else server_name
     print(f"lm gradio: open http://{shown}:{server_port} (talking to {url})", file=sys.stderr, flush=True)
     try:
-        demo.queue().launch(server_name=server_name, server_port=server_port, share=share, theme=theme,
-                            quiet=True, footer_links=[], show_error=True)
+        demo.queue(default_concurrency_limit=None).launch(  # tabs answer at once; the server batches
+            server_name=server_name, server_port=server_port, share=share, theme=theme, quiet=True, footer_links=[],
+            show_error=True)
     except OSError as e:
         raise fail(NAME, f"cannot listen on {server_name}:{server_port}: {e}")

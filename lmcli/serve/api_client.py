@@ -27,8 +27,11 @@ class APIClient:
         """timeout: seconds to wait for the server to answer or send the next chunk (None: as long as it takes)."""
         self.url = api_server_url.rstrip("/")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.http = httpx.Client(base_url=self.url, headers=headers,
-                                 timeout=httpx.Timeout(timeout, connect=min(timeout or 10, 10)))
+        try:
+            self.http = httpx.Client(base_url=self.url, headers=headers,
+                                     timeout=httpx.Timeout(timeout, connect=min(timeout or 10, 10)))
+        except (httpx.InvalidURL, ValueError) as e:
+            raise APIClientError(None, f"not a URL: {api_server_url!r} ({e})") from None
         self._models: Optional[list[str]] = None
 
     def close(self) -> None:
@@ -45,7 +48,11 @@ class APIClient:
     @property
     def available_models(self) -> list[str]:
         if self._models is None:
-            self._models = [m["id"] for m in self._get("/v1/models")["data"]]
+            try:
+                self._models = [m["id"] for m in self._get("/v1/models")["data"]]
+            except (KeyError, TypeError):
+                raise APIClientError(None, f"{self.url}/v1/models is not a model list: not an lm api_server?") \
+                    from None
         return self._models
 
     def health(self) -> dict:
@@ -108,15 +115,22 @@ class APIClient:
     # ---- transport ----
 
     def _get(self, path: str) -> dict:
-        return self._check(self._send(lambda: self.http.get(path))).json()
+        return self._json(self._check(self._send(lambda: self.http.get(path))))
 
     def _post(self, path: str, body: dict) -> dict:
-        return self._check(self._send(lambda: self.http.post(path, json=body))).json()
+        return self._json(self._check(self._send(lambda: self.http.post(path, json=body))))
+
+    def _json(self, response: httpx.Response) -> dict:
+        try:
+            return response.json()
+        except ValueError:
+            raise APIClientError(response.status_code, f"{self.url} answered {response.request.url.path} with "
+                                                       "something that is not JSON: not an lm api_server?") from None
 
     def _send(self, fn):
         try:
             return fn()
-        except httpx.TransportError as e:
+        except (httpx.TransportError, httpx.InvalidURL) as e:
             raise APIClientError(None, f"cannot reach {self.url}: {e}") from None
 
     def _generate(self, path: str, body: dict, stream: bool, sse: bool) -> Iterator[dict]:
@@ -138,12 +152,15 @@ class APIClient:
                             return
                     if not line.strip():
                         continue
-                    item = json.loads(line)
+                    try:
+                        item = json.loads(line)
+                    except ValueError:
+                        raise APIClientError(None, f"the server sent a line that is not JSON: {line[:80]!r}") from None
                     if "error" in item:
                         e = item["error"]
                         raise APIClientError(None, e.get("message", str(e)), e.get("type"), e.get("code"))
                     yield item
-        except httpx.TransportError as e:
+        except (httpx.TransportError, httpx.InvalidURL) as e:
             raise APIClientError(None, f"the connection to {self.url} failed: {e}") from None
 
     @staticmethod

@@ -2,6 +2,7 @@
 per browser tab, answers streamed from /v1/chat/interactive. No CDN at run time: system fonts, no analytics."""
 
 import random
+import time
 from typing import Optional
 
 from lmcli.serve.api_client import APIClient, APIClientError
@@ -16,8 +17,10 @@ def _new_session() -> dict:
 def build(url: str, api_key: Optional[str] = None):
     import gradio as gr
 
+    shared = APIClient(url, api_key=api_key)  # one connection pool for every tab (httpx.Client is thread-safe)
+
     def client() -> APIClient:
-        return APIClient(url, api_key=api_key)
+        return shared
 
     try:
         models = client().available_models
@@ -28,30 +31,36 @@ def build(url: str, api_key: Optional[str] = None):
         """Yield (history, status) while the answer comes in."""
         history = history + [{"role": "assistant", "content": ""}]
         yield history, ""
-        status = ""
+        status, counted = "", False
         try:
             for item in client().chat_interactive_v1(prompt, session_id=session["id"], interactive_mode=True,
                                                      stream=True, temperature=temperature, top_p=top_p,
                                                      top_k=int(top_k), request_output_len=int(max_new_tokens)):
+                if not counted:  # the server took the turn: the system prompt, if any, is in the session now
+                    session["turns"], counted = session["turns"] + 1, True
                 history[-1]["content"] += item["text"]
                 if item.get("message"):
                     status = f"⚠️ {item['message']} (press Reset)"
                 yield history, status
         except APIClientError as e:
             yield history, f"⚠️ {e.message}"
-        session["turns"] += 1
 
-    def send(message, history, session, system, temperature, top_p, top_k, max_new_tokens):
-        if not message.strip():
-            yield "", history, session, ""
+    tabs: dict[str, dict] = {}  # gradio's session hash -> that tab's server session, to end it when the tab closes
+
+    def send(message, history, session, system, temperature, top_p, top_k, max_new_tokens, request: gr.Request):
+        tabs[request.session_hash] = session
+        if not message.strip():  # nothing to send: leave the page as it is
+            yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
             return
         history = history + [{"role": "user", "content": message}]
         prompt = [{"role": "system", "content": system}, {"role": "user", "content": message}] \
             if system.strip() and not session["turns"] else message
+        cleared = False
         for h, status in stream_answer(prompt, history, session, temperature, top_p, top_k, max_new_tokens):
-            yield "", h, session, status
+            yield (gr.skip() if cleared else ""), h, session, status  # clear the box once: the user may type on
+            cleared = True
 
-    def regenerate(history, session, system, temperature, top_p, top_k, max_new_tokens):
+    def regenerate(history, session, system, temperature, top_p, top_k, max_new_tokens, request: gr.Request):
         """A new answer to the last message: the server session restarts with the conversation up to it."""
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
@@ -59,7 +68,7 @@ def build(url: str, api_key: Optional[str] = None):
             yield history, session, ""
             return
         _end(session)
-        session = _new_session()
+        session = tabs[request.session_hash] = _new_session()
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
             [{"role": m["role"], "content": _text(m["content"])} for m in history]
         for h, status in stream_answer(messages, history, session, temperature, top_p, top_k, max_new_tokens):
@@ -72,15 +81,28 @@ def build(url: str, api_key: Optional[str] = None):
             return f"⚠️ {e.message}"
         return ""
 
-    def reset(session):
+    def reset(session, request: gr.Request):
         _end(session)
-        return [], _new_session(), ""
+        session = tabs[request.session_hash] = _new_session()
+        return [], session, ""
+
+    def closed(request: gr.Request):
+        session = tabs.pop(request.session_hash, None)
+        if session is not None:
+            _end(session)
 
     def _end(session) -> None:
-        try:
-            client().end_session(session["id"])
-        except APIClientError:
-            pass
+        """Stop the session's running turn, if any, then end the session (a turn still stopping makes it busy
+        for a moment: 409, so try again)."""
+        for _ in range(50):
+            try:
+                client().cancel(session["id"])
+                client().end_session(session["id"])
+                return
+            except APIClientError as e:
+                if e.status != 409:
+                    return
+                time.sleep(0.05)
 
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "SFMono-Regular", "monospace"])
@@ -111,9 +133,13 @@ def build(url: str, api_key: Optional[str] = None):
         knobs = [system, temperature, top_p, top_k, max_new_tokens]
         sending = [message.submit(send, [message, chatbot, session, *knobs], [message, chatbot, session, status]),
                    send_button.click(send, [message, chatbot, session, *knobs], [message, chatbot, session, status])]
-        regenerating = regenerate_button.click(regenerate, [chatbot, session, *knobs], [chatbot, session, status])
+        # Cancelling an answer first, then acting in a .then(): a cancelled answer's last update would otherwise
+        # land after this event's own and undo it.
+        regenerating = regenerate_button.click(None, cancels=sending).then(
+            regenerate, [chatbot, session, *knobs], [chatbot, session, status])
         stop_button.click(stop, [session], [status], cancels=[*sending, regenerating])
-        reset_button.click(reset, [session], [chatbot, session, status], cancels=[*sending, regenerating])
+        reset_button.click(None, cancels=[*sending, regenerating]).then(reset, [session], [chatbot, session, status])
+        demo.unload(closed)  # a closed or reloaded tab ends its server session
     return demo, theme
 
 

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from lmcli.serve.api_client import APIClient
+from lmcli.serve.api_client import APIClient, APIClientError
 
 HELP = """Enter sends. Esc then Enter, or a line ending in \\, starts a new line.
 Ctrl-C stops an answer; Ctrl-C or Ctrl-D at an empty prompt quits.
@@ -34,7 +34,7 @@ class Conversation:
     def __init__(self, client: APIClient, system: Optional[str] = None, session_id: Optional[int] = None,
                  **sampling):
         self.client, self.system, self.sampling = client, system, sampling
-        self.session_id = session_id or _new_id()
+        self.session_id = session_id if session_id is not None else _new_id()
         self.turns = 0
 
     def send(self, text: str, write: Callable[[str], None]) -> Turn:
@@ -63,7 +63,11 @@ class Conversation:
         self.system, self.session_id, self.turns = system, _new_id(), 0
 
     def end(self) -> None:
-        self.client.end_session(self.session_id)
+        """End the session on the server, as well as it goes (when quitting, an error is no news)."""
+        try:
+            self.client.end_session(self.session_id)
+        except APIClientError:
+            pass
 
 
 def _new_id() -> int:
@@ -76,16 +80,18 @@ def stats(turn: Turn) -> str:
 
 
 def run_piped(conversation: Conversation, lines, out=sys.stdout) -> None:
-    """Not a terminal: one prompt per line, each answer on stdout followed by a newline."""
+    """Not a terminal: one prompt per line, each answer one line on stdout (its own newlines become spaces).
+    Raises APIClientError for a refused request and for a full session."""
     for line in lines:
         text = line.rstrip("\n")
         if not text.strip():
             continue
-        turn = conversation.send(text, lambda t: (out.write(t), out.flush()))
-        out.write("\n")
-        out.flush()
+        turn = conversation.send(text, lambda t: (out.write(t.replace("\n", " ")), out.flush()))
+        if turn.text or not turn.message:
+            out.write("\n")
+            out.flush()
         if turn.message:
-            print(f"lm serve api_client: {turn.message}", file=sys.stderr)
+            raise APIClientError(None, turn.message)
 
 
 def run_terminal(conversation: Conversation, model: str, url: str) -> None:
@@ -93,6 +99,7 @@ def run_terminal(conversation: Conversation, model: str, url: str) -> None:
     from prompt_toolkit.history import FileHistory
     from prompt_toolkit.key_binding import KeyBindings
     from rich.console import Console
+    from rich.text import Text
 
     from lmcli.known_models import cache_dir
 
@@ -102,7 +109,7 @@ def run_terminal(conversation: Conversation, model: str, url: str) -> None:
     @keys.add("enter")
     def _(event):
         buffer = event.current_buffer
-        if buffer.text.endswith("\\"):
+        if buffer.document.text_before_cursor.endswith("\\"):
             buffer.delete_before_cursor(1)
             buffer.insert_text("\n")
         else:
@@ -135,23 +142,35 @@ def run_terminal(conversation: Conversation, model: str, url: str) -> None:
         if command == "/help":
             console.print(HELP, markup=False)
             continue
-        if command == "/reset" or command.startswith("/system"):
+        if command == "/reset" or command == "/system" or command.startswith("/system "):
             system = command[len("/system"):].strip() or None if command != "/reset" else None
-            conversation.reset(system)
+            try:
+                conversation.reset(system)
+            except APIClientError as e:
+                console.print(Text(f"error: {e.message}", style="red"))
+                continue
             console.print(f"[dim](a new conversation{' with that system prompt' if system else ''}, "
                           f"session {conversation.session_id})[/dim]")
             continue
         if command.startswith("/"):
-            console.print(f"[yellow]unknown command {command.split()[0]}; /help lists them[/yellow]")
+            console.print(Text(f"unknown command {command.split()[0]}; /help lists them", style="yellow"))
             continue
         if not command:
             continue
+        written = []
         try:
-            turn = conversation.send(text, lambda t: (sys.stdout.write(t), sys.stdout.flush()))
+            turn = conversation.send(text, lambda t: (written.append(t), sys.stdout.write(t), sys.stdout.flush()))
         except Cancelled:
             console.print("\n[dim](stopped)[/dim]")
             continue
+        except APIClientError as e:
+            if e.status is None:  # the server is gone: nothing more to do here
+                if any(written):
+                    print()
+                raise
+            console.print(("\n" if any(written) else "") + f"error: {e.message}", style="red", markup=False)
+            continue
         console.print()
         if turn.message:
-            console.print(f"[yellow]{turn.message}[/yellow]", markup=True)
+            console.print(Text(f"{turn.message} (/reset starts a new conversation)", style="yellow"))
         console.print(f"[dim]{stats(turn)}[/dim]")

@@ -98,8 +98,14 @@ def metric(api_url: str, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)$", httpx.get(api_url + "/metrics").text, re.M).group(1))
 
 
-def test_chat_in_the_browser(smollm2_workspace, browser, tmp_path):
-    api = LmServer(smollm2_workspace, "--dtype", "bfloat16", log_dir=tmp_path).wait_ready()
+@pytest.fixture(scope="module")
+def api(smollm2_workspace, tmp_path_factory):
+    server = LmServer(smollm2_workspace, "--dtype", "bfloat16", log_dir=tmp_path_factory.mktemp("log")).wait_ready()
+    yield server
+    server.stop()
+
+
+def test_chat_in_the_browser(api, browser, tmp_path):
     ui = GradioPage(api.url, tmp_path)
     try:
         page = open_page(browser, ui.url)
@@ -144,9 +150,31 @@ def test_chat_in_the_browser(smollm2_workspace, browser, tmp_path):
         page.locator("#reset").click()
         wait_for(lambda: not bot_messages(page) and metric(api.url, "lm_sessions") == 1)
         assert page.outside == [] and other.outside == []  # nothing fetched from outside this machine
+        other.context.close()  # a closed tab ends its server session
+        wait_for(lambda: metric(api.url, "lm_sessions") == 0, timeout=30)
     finally:
         ui.stop()
-        api.stop()
+
+
+def test_tabs_answer_at_once_typing_survives_and_reset_stops_an_answer(api, browser, tmp_path):
+    ui = GradioPage(api.url, tmp_path)
+    try:
+        long_tab, short_tab = open_page(browser, ui.url), open_page(browser, ui.url)
+        set_slider(long_tab, "max_new_tokens", 400)
+        set_slider(short_tab, "max_new_tokens", 6)
+        send(long_tab, "Write a very long story about a dragon.")
+        wait_for(lambda: bot_messages(long_tab) and len(bot_messages(long_tab)[-1]) > 20)
+        long_tab.locator("#message textarea").fill("my next question")  # typed while the answer streams
+        send(short_tab, "Hello!")
+        wait_for(lambda: bot_messages(short_tab) and bot_messages(short_tab)[-1], timeout=20)
+        assert metric(api.url, "lm_requests_running") >= 1  # the short tab did not wait for the long answer
+        time.sleep(0.5)
+        assert long_tab.locator("#message textarea").input_value() == "my next question"
+        long_tab.locator("#reset").click()  # during the answer: it stops, the page and the session are cleared
+        wait_for(lambda: not bot_messages(long_tab) and metric(api.url, "lm_requests_running") == 0, timeout=20)
+        wait_for(lambda: metric(api.url, "lm_sessions") == 1, timeout=20)  # only the short tab's
+    finally:
+        ui.stop()
 
 
 def test_errors_show_in_the_page(browser, tmp_path):

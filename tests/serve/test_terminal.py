@@ -4,6 +4,7 @@ the real model; its errors against servers that refuse it."""
 import os
 import re
 import subprocess
+import time
 
 import httpx
 import pexpect
@@ -134,8 +135,43 @@ def test_a_full_session_says_so(server):
     lines = "".join(f"Tell me fact number {i} about the sea.\n" for i in range(12))
     done = run_lm("serve", "api_client", server.url, "--temperature", "0", "--max-new-tokens", "60", input=lines,
                   timeout=300)
-    assert done.returncode == 0
-    assert "is full" in done.stderr and "Traceback" not in done.stderr
+    assert_one_line_error(done, "is full")  # a script learns it from the exit code
+    answers = done.stdout.splitlines()
+    assert 2 <= len(answers) < 12 and all(answers)  # one line per answer until then
+    assert gauge(server, "lm_sessions") == 0
+
+
+def test_refused_turns_and_odd_input_keep_the_terminal_going(server, tmp_path):
+    child = spawn(server.url, tmp_path, "--session-id", "4242")
+    child.expect(">>>")
+    child.sendline("/foo[/]")  # rich markup in an unknown command
+    child.expect("unknown command")
+    child.expect(">>>")
+    # the session is busy with another client's turn: one red line, and the prompt comes back
+    busy = subprocess.Popen(["curl", "-sN", server.url + "/v1/chat/interactive", "-d",
+                             '{"prompt": "Count to a thousand.", "session_id": 4242, "interactive_mode": true, '
+                             '"stream": true, "ignore_eos": true, "request_output_len": 300}'],
+                            stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while gauge(server, "lm_requests_running") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        child.sendline("Hello?")
+        child.expect("error: session 4242 is busy")
+        child.expect(">>>")
+    finally:
+        busy.kill()
+    child.send("abc\\")
+    child.send("\x1b[D\x1b[D\r")  # Enter with the cursor before the backslash: a plain character; it sends
+    child.expect(r"tokens/s")
+    child.expect(">>>")
+    child.sendcontrol("d")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0 and "Traceback" not in child.before
+    assert history(server, 4242) == 0  # ended on the way out
+    assert_one_line_error(run_lm("serve", "api_client", "http://[::1", input=""), "not a URL")
 
 
 def test_errors_are_one_line(tmp_path):
