@@ -1,6 +1,8 @@
 """Loads the model's shard for this rank, owns its KV cache, and runs one scheduled batch: tensors in,
 sampled tokens out."""
 
+import math
+import mmap
 import os
 
 import torch
@@ -91,12 +93,16 @@ class ModelRunner:
             num_blocks = int(t)
         if num_blocks < 1:
             raise UserError("no memory is left for the KV cache; raise cache_max_entry_count or free memory")
-        # Unwritten slots must hold finite numbers: attention weighs padding by 0, and 0 * NaN is NaN. On CPU a
-        # large tensor is fresh mmap'd memory, zero pages the OS fills lazily (glibc maps anything over 32 MiB),
-        # so zeroing it again would only cost seconds; small ones are zeroed.
+        # Unwritten slots must hold finite numbers: attention weighs padding by 0, and 0 * NaN is NaN. On CPU the
+        # cache is an anonymous mmap of its own: zero pages the OS fills as they are first touched, whatever the
+        # process freed before (torch.empty could hand back reused memory; zeroing 4 GiB takes 8 s here).
         size = (2, m.num_layers, num_blocks, *shape)
-        lazy = self.device.type == "cpu" and 2 * num_blocks * block_bytes > 64 << 20
-        self.kv_cache = (torch.empty if lazy else torch.zeros)(size, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            nbytes = math.prod(size) * torch.empty((), dtype=self.dtype).element_size()
+            self._kv_memory = mmap.mmap(-1, nbytes)  # kept: the tensor lives in it
+            self.kv_cache = torch.frombuffer(self._kv_memory, dtype=self.dtype).view(size)
+        else:
+            self.kv_cache = torch.zeros(size, dtype=self.dtype, device=self.device)
         advise_huge_pages(self.kv_cache)
         for i, layer in enumerate(self.model.model.layers):
             layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
