@@ -99,7 +99,7 @@ class ModelRunner:
         size = (2, m.num_layers, num_blocks, *shape)
         if self.device.type == "cpu":
             nbytes = math.prod(size) * torch.empty((), dtype=self.dtype).element_size()
-            self._kv_memory = mmap.mmap(-1, nbytes)  # kept: the tensor lives in it
+            self._kv_memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # anonymous; kept: the tensor lives in it
             self.kv_cache = torch.frombuffer(self._kv_memory, dtype=self.dtype).view(size)
         else:
             self.kv_cache = torch.zeros(size, dtype=self.dtype, device=self.device)
