@@ -95,8 +95,8 @@ async def merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, Output
 
 
 def sse(data) -> bytes:
-    text = data if isinstance(data, str) else data.model_dump_json() if isinstance(data, BaseModel) \
-        else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    """One server-sent event: a dict as compact JSON, or a plain string ([DONE])."""
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     return f"data: {text}\n\n".encode()
 
 

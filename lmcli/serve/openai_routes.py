@@ -132,12 +132,28 @@ class Tally:
 # ---- /v1/chat/completions ----
 
 
-async def chat_completions(request: Request) -> Response:
+async def opening(request: Request, model):
+    """What both routes check first: the body, a loaded engine, the model's name, stream_options."""
     state: ServerState = request.app.state.server
-    req = await parse(request, p.ChatCompletionRequest)
+    req = await parse(request, model)
     engine = state.ready()
     state.check_model(req.model)
-    include_usage = check_stream_options(req)
+    return state, req, engine, check_stream_options(req)
+
+
+def chunk_event(body, include_usage: bool) -> bytes:
+    """One SSE chunk as OpenAI sends it: logprobs and finish_reason always there, usage null until the last."""
+    data = body.model_dump(exclude_none=True)
+    for c in data["choices"]:
+        c.setdefault("logprobs", None)
+        c.setdefault("finish_reason", None)
+    if include_usage:
+        data["usage"] = body.usage.model_dump() if body.usage else None
+    return sse(data)
+
+
+async def chat_completions(request: Request) -> Response:
+    state, req, engine, include_usage = await opening(request, p.ChatCompletionRequest)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
     messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
@@ -190,14 +206,8 @@ async def chat_completions(request: Request) -> Response:
 
 async def chat_events(state, req, rid, created, stream, tally, include_usage, finish):
     def chunk(choices, usage=None) -> bytes:
-        body = p.ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=choices, usage=usage)
-        data = body.model_dump(exclude_none=True)
-        for c in data["choices"]:  # as OpenAI: these keys are always there
-            c.setdefault("logprobs", None)
-            c.setdefault("finish_reason", None)
-        if include_usage:
-            data["usage"] = usage.model_dump() if usage else None
-        return sse(data)
+        return chunk_event(p.ChatCompletionChunk(id=rid, created=created, model=state.model_name, choices=choices,
+                                                 usage=usage), include_usage)
 
     try:
         for i in range(req.n):
@@ -229,11 +239,7 @@ def log_user(request: Request, user: Optional[str], rid: str) -> None:
 
 
 async def completions(request: Request) -> Response:
-    state: ServerState = request.app.state.server
-    req = await parse(request, p.CompletionRequest)
-    engine = state.ready()
-    state.check_model(req.model)
-    include_usage = check_stream_options(req)
+    state, req, engine, include_usage = await opening(request, p.CompletionRequest)
     if req.suffix is not None:
         raise APIError(400, f"suffix is not supported: {state.model_name} has no fill-in-the-middle tokens",
                        "suffix", "unsupported_field")
@@ -295,13 +301,7 @@ async def completions(request: Request) -> Response:
             yield sse("[DONE]")
 
         def chunk(body: p.CompletionResponse) -> bytes:
-            data = body.model_dump(exclude_none=True)
-            for c in data["choices"]:
-                c.setdefault("logprobs", None)
-                c.setdefault("finish_reason", None)
-            if include_usage:
-                data["usage"] = body.usage.model_dump() if body.usage else None
-            return sse(data)
+            return chunk_event(body, include_usage)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
