@@ -38,9 +38,11 @@ def load_conversations(path: Path) -> list[dict]:
         out.append(record)
 
 
-def sharegpt(tokenizer, num_prompts: int, seed: int = 0, path: Path = None, output_len: int = None) -> list[Request]:
+def sharegpt(tokenizer, num_prompts: int, seed: int = 0, path: Path = None, output_len: int = None,
+             max_output_len: int = None) -> list[Request]:
     """The first two turns of shuffled conversations; prompts or outputs under 4 tokens, prompts over 1024 and
-    prompt + output over 2048 tokens are dropped (vLLM's and LMDeploy's rules)."""
+    prompt + output over 2048 tokens are dropped (vLLM's and LMDeploy's rules). output_len replaces the answers'
+    lengths; max_output_len caps them."""
     conversations = [c["conversations"] for c in load_conversations(path or sharegpt_path())
                      if len(c.get("conversations", [])) >= 2]
     random.Random(seed).shuffle(conversations)
@@ -51,7 +53,7 @@ def sharegpt(tokenizer, num_prompts: int, seed: int = 0, path: Path = None, outp
         completion_len = len(tokenizer(completion).input_ids) if output_len is None else output_len
         if prompt_len < 4 or completion_len < 4 or prompt_len > 1024 or prompt_len + completion_len > 2048:
             continue
-        out.append(Request(prompt, prompt_len, completion_len))
+        out.append(Request(prompt, prompt_len, min(completion_len, max_output_len or completion_len)))
         if len(out) == num_prompts:
             break
     return out

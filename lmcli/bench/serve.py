@@ -84,7 +84,9 @@ async def run(url: str, backend: str, model: str, requests: list[Request], concu
     rng = random.Random(seed)
     gate = asyncio.Semaphore(concurrency)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=concurrency + 8)
+    # A new connection per request, as vLLM's and LMDeploy's benchmarks make: servers that close kept-alive
+    # connections after a few requests (llama-server's HTTP library does) would otherwise race the reuse.
+    limits = httpx.Limits(max_connections=concurrency + 8, max_keepalive_connections=0)
 
     async def guarded(client, req):
         async with gate:

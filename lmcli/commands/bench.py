@@ -101,6 +101,9 @@ def serve(
     random_output_len: Annotated[int, typer.Option(help="Output tokens of the random set.")] = 128,
     sharegpt_output_len: Annotated[Optional[int], typer.Option(
         help="Ask for this many output tokens instead of ShareGPT's answer length.", show_default=False)] = None,
+    max_output_len: Annotated[Optional[int], typer.Option(
+        help="Ask for at most this many output tokens (ShareGPT answers longer are cut).", show_default=False)]
+    = None,
     model: Annotated[Optional[str], typer.Option(help="The model to ask for. Default: the first of /v1/models.",
                                                  show_default=False)] = None,
     api_key: Annotated[Optional[str], typer.Option(help="The server's API key.", envvar="LM_API_KEY",
@@ -129,7 +132,7 @@ def serve(
                 raise UserError("the random set needs --tokenizer (a workspace or tokenizer folder) to make text")
             requests = datasets.random_set(tok, num_prompts, random_input_len, random_output_len, seed)
         else:
-            requests = datasets.sharegpt(tok, num_prompts, seed, dataset_path, sharegpt_output_len)
+            requests = datasets.sharegpt(tok, num_prompts, seed, dataset_path, sharegpt_output_len, max_output_len)
     except (UserError, APIClientError, OSError) as e:
         raise fail(name, getattr(e, "message", None) or str(e))
     count = (lambda text: len(tok(text).input_ids)) if tok is not None else None
@@ -145,7 +148,7 @@ def serve(
     if output is not None:
         config = {"url": url, "model": model, "dataset": dataset.value, "backend": backend.value,
                   "num_prompts": num_prompts, "concurrency": concurrency, "request_rate": str(request_rate),
-                  "seed": seed, "ignore_eos": ignore_eos}
+                  "seed": seed, "ignore_eos": ignore_eos, "max_output_len": max_output_len}
         output.write_text(bench.results_json(summary, config, results))
     if not summary["successful"]:
         raise fail(name, f"no request succeeded: {summary['errors'][:1]}")
@@ -246,3 +249,38 @@ def sessions(
     if output is not None:
         output.write_text(json.dumps({"interactive": kept, "stateless": resent, "interactive_median": a,
                                       "stateless_median": b}, indent=1))
+
+
+@app.command()
+def compare(
+    results: Annotated[list[Path], typer.Argument(help="JSON files written by `lm bench serve --output`; each "
+                                                       "file's name (without .json) labels its row.",
+                                                  show_default=False)],
+) -> None:
+    """One table of several `lm bench serve` results, with each one's output throughput against the first's."""
+    import json
+    import sys
+
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        runs = [(path.stem, json.loads(path.read_text())["summary"]) for path in results]
+    except (OSError, ValueError, KeyError) as e:
+        raise fail("bench compare", f"cannot read a result: {e}")
+    first_name, first = runs[0]
+    table = Table(title=f"lm bench serve, side by side ({first_name} against the others)")
+    for column in ("server", "ok", "duration", "req/s", "output tok/s", f"{first_name} ÷ this",
+                   "TTFT median", "TPOT median", "ITL median", "E2E median"):
+        table.add_column(column, justify="right")
+
+    def ms(s, key):
+        value = s[key]["median"]
+        return "-" if value is None else f"{1000 * value:.0f} ms"
+
+    for name, s in runs:
+        ratio = first["output_throughput"] / s["output_throughput"] if s["output_throughput"] else float("inf")
+        table.add_row(name, f"{s['successful']}/{s['requests']}", f"{s['duration_s']:.1f} s",
+                      f"{s['request_throughput']:.2f}", f"{s['output_throughput']:.1f}", f"{ratio:.2f}x",
+                      ms(s, "ttft"), ms(s, "tpot"), ms(s, "itl"), ms(s, "e2e"))
+    Console(width=None if sys.stdout.isatty() else 160).print(table)

@@ -10,7 +10,7 @@ from conftest import assert_one_line_error, run_lm
 from fake_engine import FakeEngine
 from servers import serve_in_thread
 from lmcli.bench import datasets
-from lmcli.bench.serve import Result, percentile, summarize
+from lmcli.bench.serve import Result, percentile, results_json, summarize
 from lmcli.cli import build_app
 from lmcli.engine.async_engine import AsyncEngine
 from lmcli.serve.api_server import create_app
@@ -27,6 +27,22 @@ def test_summary_math():
     assert s["tpot"]["mean"] == pytest.approx((0.8 / 4 + 0.4 / 2) / 2) and s["itl"]["median"] == pytest.approx(0.2)
     assert s["errors"] == ["500: boom"]
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5
+
+
+def test_compare_puts_results_side_by_side(tmp_path):
+    def write(name, duration, tokens):
+        s = summarize([Result(True, 10, tokens, ttft=0.25, latency=1.0, itl=[0.5])], duration)
+        (tmp_path / f"{name}.json").write_text(results_json(s, {}, []))
+        return tmp_path / f"{name}.json"
+
+    done = run_lm("bench", "compare", write("lm", 2.0, 600), write("llama-server", 2.0, 200),
+                  write("transformers", 4.0, 100), env={"COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    rows = {line.split("│")[1].strip(): line for line in done.stdout.splitlines() if line.count("│") > 5}
+    assert "300.0" in rows["lm"] and "1.00x" in rows["lm"]
+    assert "100.0" in rows["llama-server"] and "3.00x" in rows["llama-server"]
+    assert "25.0" in rows["transformers"] and "12.00x" in rows["transformers"] and "250 ms" in rows["transformers"]
+    assert_one_line_error(run_lm("bench", "compare", tmp_path / "missing.json"), "cannot read")
 
 
 def test_the_real_sharegpt_file_keeps_its_complete_records():
@@ -51,6 +67,8 @@ def test_sharegpt_filter_and_random_set(smollm2_workspace, tmp_path):
     assert sorted(r.prompt for r in picked) == ["Tell me about the sea, please."]  # the last record was cut
     assert picked[0].prompt_len == len(tok("Tell me about the sea, please.").input_ids) and picked[0].output_len > 4
     assert datasets.sharegpt(tok, 10, path=path, output_len=50)[0].output_len == 50
+    assert datasets.sharegpt(tok, 10, path=path, max_output_len=3)[0].output_len == 3
+    assert datasets.sharegpt(tok, 10, path=path, max_output_len=100)[0].output_len == picked[0].output_len
     rnd = datasets.random_set(tok, 3, 64, 16, seed=2)
     assert len(rnd) == 3 and all(48 <= r.prompt_len <= 80 and r.output_len == 16 for r in rnd)
 
