@@ -33,5 +33,6 @@ def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Ten
     decode = None
     if q.dtype == torch.bfloat16 and q.device.type == "cpu" and native.library() is not None:
         def decode(qd, kc, vc, b, s):
-            return native.paged_decode_attention(qd, kc, vc, b.decode_block_tables, b.decode_lens, s).to(qd.dtype)
+            out = native.paged_decode_attention(qd, kc, vc, b.decode_block_tables, b.decode_lens, s)
+            return reference.decode_attention(qd, kc, vc, b, s) if out is None else out.to(qd.dtype)
     return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode)

@@ -83,3 +83,29 @@ def test_paged_attention_matches_naive_attention(dtype, num_decode, impl):
         expected = naive_attention(q[start:start + n], ks, vs, torch.arange(c, c + n))
         torch.testing.assert_close(out[start:start + n].float(), expected, **tol)
         start += n
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (12, 1, 32, 32), (4, 2, 48, 8),
+                                                 (24, 1, 64, 16)])
+def test_native_decode_attention_matches_naive_attention(heads, kv_heads, d, bs):
+    """The native kernel's vector path (head_dim a multiple of 32, up to 8 query heads a kv head), its plain
+    loops (other shapes), and its refusal (more than 16 query heads a kv head: None, the caller falls back)."""
+    torch.manual_seed(d + heads)
+    lens = [1, 5, bs, bs + 1, 3 * bs + 7, 200]
+    num_blocks = sum(-(-n // bs) for n in lens) + 3
+    k_cache = torch.randn(num_blocks, kv_heads, bs, d, dtype=torch.bfloat16)
+    v_cache = torch.randn(num_blocks, kv_heads, bs, d, dtype=torch.bfloat16)
+    order = iter(torch.randperm(num_blocks).tolist())
+    tables = [[next(order) for _ in range(-(-n // bs))] for n in lens]
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    q = torch.randn(len(lens), heads, d, dtype=torch.bfloat16) * 3
+    out = native.paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens), d ** -0.5)
+    if heads // kv_heads > 16:
+        assert out is None
+        return
+    for i, (n, table) in enumerate(zip(lens, tables)):
+        ks = k_cache[table].transpose(0, 1).flatten(1, 2)[:, :n].transpose(0, 1)
+        vs = v_cache[table].transpose(0, 1).flatten(1, 2)[:, :n].transpose(0, 1)
+        expected = naive_attention(q[i:i + 1], ks, vs, torch.tensor([n - 1]))[0]
+        torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
