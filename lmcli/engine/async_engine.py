@@ -44,8 +44,7 @@ class AsyncEngine:
                 outputs = self.engine.step() if self.engine.has_work else []
                 self.stats = self.engine.stats()  # before the outputs: a caller that got its answer sees it
                 self.last_step = time.monotonic()  # idle, the loop comes round every half second
-                for out in outputs:
-                    self._deliver(out.request_id, out)
+                self._deliver_step(outputs)
         except BaseException as e:  # a bug or a dead worker: fail every caller, never hang them
             logging.getLogger("lmcli.engine").exception("the engine loop stopped")
             self.error = e
@@ -102,6 +101,17 @@ class AsyncEngine:
         if stream is not None:
             loop, q, _ = stream
             loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def _deliver_step(self, outputs: list[Output]) -> None:
+        """A step's outputs: one wake-up of each caller's event loop for all of them, not one per output (64
+        streams meant 64 cross-thread calls a step)."""
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                batches.setdefault(stream[0], []).append((stream[1], out))
+        for loop, items in batches.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     # ---- the caller's side ----
 
@@ -214,6 +224,11 @@ class RequestStream:
         if self.engine._streams.pop(self.request_id, None) is not None and self.unfinished:
             self.engine.abort(self.request_id)
         self.unfinished = 0
+
+
+def _put_all(items: list) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 def _set(future: asyncio.Future, result, error) -> None:
