@@ -99,7 +99,6 @@ def api_server(
     import uvicorn
 
     from lmcli.engine.async_engine import AsyncEngine
-    from lmcli.engine.engine import Engine
     from lmcli.serve.api_server import create_app
     from lmcli.serve.state import ServerOptions
 
@@ -114,11 +113,11 @@ def api_server(
     failed = []
 
     def load() -> AsyncEngine:
-        return AsyncEngine(Engine(ws.path, dtype=dtype.value, device=device, tp=tp, session_len=session_len,
-                                  cache_block_seq_len=cache_block_seq_len,
-                                  cache_max_entry_count=cache_max_entry_count, max_batch_size=max_batch_size,
-                                  max_prefill_token_num=max_prefill_token_num,
-                                  enable_prefix_caching=enable_prefix_caching))
+        return AsyncEngine.from_workspace(
+            ws.path, dtype=dtype.value, device=device, tp=tp, session_len=session_len,
+            cache_block_seq_len=cache_block_seq_len, cache_max_entry_count=cache_max_entry_count,
+            max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num,
+            enable_prefix_caching=enable_prefix_caching)
 
     def on_ready(state) -> None:
         print(f"lm api_server: {state.model_name} is ready at {url} (open it in a browser for the API docs)",

@@ -95,3 +95,27 @@ def test_bench_medians_pick_the_middle_run_per_name():
     got = medians(runs)
     assert [r.name for r in got] == ["a", "b"]
     assert got[0].seconds == 2.0 and got[1].output_tokens == 30  # b: of 10 and 30 tok/s, the upper middle
+
+
+def test_async_engine_builds_its_engine_on_the_loop_thread(smollm2_workspace):
+    """Weights loaded on another thread leave a second OpenMP team behind, which slowed every step by half."""
+    import threading
+
+    built_on = []
+
+    def build():
+        built_on.append(threading.get_ident())
+        return Engine(smollm2_workspace, dtype="float32", num_blocks=16)
+
+    engine = AsyncEngine(build)
+    try:
+        assert built_on == [engine._thread.ident] != [threading.get_ident()]
+        assert asyncio.run(engine.call(lambda e: threading.get_ident())) == built_on[0]
+    finally:
+        engine.close()
+
+    def broken():
+        raise UserError("no such workspace")
+
+    with pytest.raises(UserError, match="no such workspace"):
+        AsyncEngine(broken)
