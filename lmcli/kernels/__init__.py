@@ -5,8 +5,6 @@ import torch
 
 from lmcli.kernels import native, reference
 from lmcli.kernels.reference import (  # noqa: F401
-    add_rms_norm,
-    rms_norm,
     rotary,
     silu_and_mul,
     store_kv,
@@ -26,6 +24,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out
             y += bias
         return y.to(out_dtype or x.dtype)
     return reference.linear(x, weight, bias, out_dtype)
+
+
+def _native_norm(*tensors) -> bool:
+    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and tensors[0].dim() == 2 and native.library() is not None)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _native_norm(x, weight):
+        return native.add_rms_norm_bf16(x, None, weight, eps)[0]
+    return reference.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """(rms_norm(x + residual), x + residual); bfloat16 on CPU in one native pass."""
+    if _native_norm(x, residual, weight):
+        return native.add_rms_norm_bf16(x, residual, weight, eps)
+    return reference.add_rms_norm(x, residual, weight, eps)
 
 
 def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 SOURCES = Path(__file__).parent / "cpu"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-FILES = ("gemv.c", "attention.c")
+FILES = ("gemv.c", "attention.c", "norm.c")
 
 
 @lru_cache(maxsize=None)
@@ -46,6 +46,8 @@ def library() -> Optional[ctypes.CDLL]:
     lib.gemv_bf16.restype = None
     lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
     lib.paged_decode_attention.restype = ctypes.c_int
+    lib.add_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
+    lib.add_rms_norm_bf16.restype = None
     return lib
 
 
@@ -75,3 +77,14 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float
                                               block_tables.data_ptr(), lens.data_ptr(), out.data_ptr(), seqs, heads,
                                               k_cache.shape[1], dim, k_cache.shape[2], block_tables.shape[1], scale)
     return None if failed else out
+
+
+def add_rms_norm_bf16(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, eps: float):
+    """x, residual (rows, dim) and weight (dim,) bfloat16, contiguous -> (rms_norm(x + residual) * weight,
+    x + residual), or with no residual (rms_norm(x) * weight, None)."""
+    out = torch.empty_like(x)
+    total = torch.empty_like(x) if residual is not None else None
+    library().add_rms_norm_bf16(x.data_ptr(), residual.data_ptr() if residual is not None else None,
+                                weight.data_ptr(), out.data_ptr(), total.data_ptr() if total is not None else None,
+                                x.shape[0], x.shape[1], eps)
+    return out, total

@@ -109,3 +109,19 @@ def test_native_decode_attention_matches_naive_attention(heads, kv_heads, d, bs)
         vs = v_cache[table].transpose(0, 1).flatten(1, 2)[:, :n].transpose(0, 1)
         expected = naive_attention(q[i:i + 1], ks, vs, torch.tensor([n - 1]))[0]
         torch.testing.assert_close(out[i], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_native_norm_matches_the_reference_bit_for_bit(rows):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 576, dtype=torch.bfloat16) * 4
+    residual, weight = torch.randn(rows, 576, dtype=torch.bfloat16), torch.randn(576, dtype=torch.bfloat16)
+    out, total = native.add_rms_norm_bf16(x, residual, weight, 1e-5)
+    expected_out, expected_total = reference.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(out, expected_out) and torch.equal(total, expected_total)
+    plain, none = native.add_rms_norm_bf16(x, None, weight, 1e-5)
+    assert none is None and torch.equal(plain, reference.rms_norm(x, weight, 1e-5))
+    # the dispatcher: native for bfloat16, the reference for float32 (same answers either way)
+    assert torch.equal(kernels.add_rms_norm(x, residual, weight, 1e-5)[0], expected_out)
+    xf, rf, wf = x.float(), residual.float(), weight.float()
+    torch.testing.assert_close(kernels.add_rms_norm(xf, rf, wf, 1e-5)[0], reference.add_rms_norm(xf, rf, wf, 1e-5)[0])
