@@ -26,7 +26,7 @@ def test_native_gemv_matches_float32_products(m, n, k):
 def test_linear_dispatch_and_bias():
     torch.manual_seed(0)
     w, b = torch.randn(64, 96, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
-    for rows in (1, 4, 5, 32):  # native up to GEMV_MAX_ROWS, torch beyond
+    for rows in (1, 4, 5, kernels.GEMV_MAX_ROWS, kernels.GEMV_MAX_ROWS + 1, 32):  # native up to GEMV_MAX_ROWS
         x = torch.randn(rows, 96, dtype=torch.bfloat16)
         got = kernels.linear(x, w, b)
         assert got.dtype == torch.bfloat16
