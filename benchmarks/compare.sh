@@ -39,7 +39,7 @@ log() { echo "== $*" >&2; }
 
 prepare_transformers() {
     [ -f "$HF_DIR/config.json" ] && return
-    python -c "import fastapi, uvicorn" 2>/dev/null || pip install -q "transformers[serving]"
+    python -c "import fastapi, uvicorn, accelerate" 2>/dev/null || pip install -q "transformers[serving]"
     log "converting $GGUF into a Hugging Face folder ($HF_DIR)"
     python - "$GGUF" "$HF_DIR" "$DTYPE" <<'EOF'
 import sys
@@ -70,7 +70,7 @@ prepare_llama_server() {
 }
 
 start() {  # start NAME: run the server in the background; its log goes to $OUT/NAME.log
-    if curl -s "$URL" > /dev/null; then log "port $PORT is taken"; return 1; fi
+    if curl -s --max-time 5 "$URL" > /dev/null; then log "port $PORT is taken"; return 1; fi
     case $1 in  # exec: $PID is the server itself, so that stop() stops it
     lm)
         exec lm serve api_server "$WORKSPACE" --server-port "$PORT" --max-batch-size "$PARALLEL" ;;
@@ -90,7 +90,7 @@ start() {  # start NAME: run the server in the background; its log goes to $OUT/
     log "$1 did not become healthy in 10 minutes"; return 1
 }
 
-stop() { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null || true; }
+stop() { [ -n "${PID:-}" ] || return 0; kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; PID=; }
 trap 'stop' EXIT
 
 for name in $SERVERS; do

@@ -102,7 +102,8 @@ def serve(
     sharegpt_output_len: Annotated[Optional[int], typer.Option(
         help="Ask for this many output tokens instead of ShareGPT's answer length.", show_default=False)] = None,
     max_output_len: Annotated[Optional[int], typer.Option(
-        help="Ask for at most this many output tokens (ShareGPT answers longer are cut).", show_default=False)]
+        min=1, help="Ask for at most this many output tokens (ShareGPT answers longer are cut; the random set's "
+                    "length is --random-output-len).", show_default=False)]
     = None,
     model: Annotated[Optional[str], typer.Option(help="The model to ask for. Default: the first of /v1/models.",
                                                  show_default=False)] = None,
@@ -264,9 +265,15 @@ def compare(
     from rich.console import Console
     from rich.table import Table
 
+    keys = ("successful", "requests", "duration_s", "request_throughput", "output_throughput", "ttft", "tpot", "itl",
+            "e2e")
     try:
         runs = [(path.stem, json.loads(path.read_text())["summary"]) for path in results]
-    except (OSError, ValueError, KeyError) as e:
+        for path, (_, s) in zip(results, runs):
+            missing = [k for k in keys if k not in s]
+            if missing:
+                raise ValueError(f"{path}: no {missing[0]} in its summary (not an lm bench serve --output file?)")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise fail("bench compare", f"cannot read a result: {e}")
     first_name, first = runs[0]
     table = Table(title=f"lm bench serve, side by side ({first_name} against the others)")

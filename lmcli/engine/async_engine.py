@@ -51,6 +51,9 @@ class AsyncEngine:
             self.stats: dict = self.engine.stats()  # the engine's counters after its latest step, for /metrics
         except BaseException as e:
             failure.append(e)
+            close = getattr(getattr(self, "engine", None), "close", None)
+            if close is not None:  # built, then failed: tensor-parallel workers must not outlive it
+                close()
             return
         finally:
             built.set()

@@ -43,6 +43,10 @@ def test_compare_puts_results_side_by_side(tmp_path):
     assert "100.0" in rows["llama-server"] and "3.00x" in rows["llama-server"]
     assert "25.0" in rows["transformers"] and "12.00x" in rows["transformers"] and "250 ms" in rows["transformers"]
     assert_one_line_error(run_lm("bench", "compare", tmp_path / "missing.json"), "cannot read")
+    (tmp_path / "list.json").write_text("[]")
+    (tmp_path / "partial.json").write_text('{"summary": {"successful": 1}}')
+    for name in ("list.json", "partial.json"):
+        assert_one_line_error(run_lm("bench", "compare", tmp_path / "lm.json", tmp_path / name), "cannot read")
 
 
 def test_the_real_sharegpt_file_keeps_its_complete_records():

@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <float.h>
 #include <string.h>
 
 #define MAX_GROUP 16
@@ -68,7 +69,7 @@ static void attend(const float *qf, const uint16_t *qb, const uint16_t *k_cache,
                    int64_t block_size, float scale, float **out) {
     float acc[MAX_GROUP * MAX_DIM], sc[MAX_GROUP * (MAX_BLOCK + 16)], mx[MAX_GROUP], sum[MAX_GROUP];
     const int fast = dim % 32 == 0;
-    for (int64_t g = 0; g < group; g++) mx[g] = -INFINITY, sum[g] = 0.f;
+    for (int64_t g = 0; g < group; g++) mx[g] = -FLT_MAX, sum[g] = 0.f;  /* finite: built with -ffast-math */
     memset(acc, 0, sizeof(float) * group * dim);
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t n = len - start < block_size ? len - start : block_size;
@@ -125,7 +126,7 @@ static void attend(const float *qf, const uint16_t *qb, const uint16_t *k_cache,
         }
     }
     for (int64_t g = 0; g < group; g++)
-        for (int64_t d = 0; d < dim; d++) out[g][d] = acc[g * dim + d] / sum[g];
+        for (int64_t d = 0; d < dim; d++) out[g][d] = sum[g] > 0.f ? acc[g * dim + d] / sum[g] : 0.f;
 }
 
 /* 0 on success; -1 if a size is beyond this kernel's limits (the caller then uses another path) */

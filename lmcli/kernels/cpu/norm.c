@@ -1,5 +1,6 @@
 /* RMS norm with the residual add before it, in one pass over bfloat16 rows (one call instead of seven small
-   torch ops, 60 a decode step). Numerics follow the PyTorch reference: the sum x + residual rounded to
+   torch ops, 60 a decode step). Numerics follow the PyTorch reference (the sum of squares may add up in another
+   order: about 1 output in 100,000 differs by one bfloat16 step): the sum x + residual rounded to
    bfloat16, statistics in float32, the normalized row rounded to bfloat16, then times the weight, rounded.
    Built by lmcli/kernels/native.py. */
 #include <math.h>
