@@ -15,7 +15,7 @@ import torch
 
 SOURCES = Path(__file__).parent / "cpu"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-FILES = ("gemv.c", "attention.c", "norm.c")
+FILES = ("gemv.c", "attention.c", "norm.c", "prefill.c")
 
 
 @lru_cache(maxsize=None)
@@ -48,6 +48,8 @@ def library() -> Optional[ctypes.CDLL]:
     lib.paged_decode_attention.restype = ctypes.c_int
     lib.add_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.add_rms_norm_bf16.restype = None
+    lib.prefill_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+    lib.prefill_attention.restype = ctypes.c_int
     return lib
 
 
@@ -88,3 +90,22 @@ def add_rms_norm_bf16(x: torch.Tensor, residual: Optional[torch.Tensor], weight:
                                 weight.data_ptr(), out.data_ptr(), total.data_ptr() if total is not None else None,
                                 x.shape[0], x.shape[1], eps)
     return out, total
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
+    """q (heads, L, dim) bfloat16: queries at the last L of S context positions; k, v (kv_heads, S, dim) bfloat16
+    -> (heads, L, dim) float32, each query seeing keys up to its own position; None where the kernel does not apply
+    (no AVX512-BF16, head_dim not a multiple of 32 or over 256)."""
+    heads, length, dim = q.shape
+    kv_heads, context = k.shape[0], k.shape[1]
+    padded = -(-context // 32) * 32
+    if padded != context:
+        k = torch.nn.functional.pad(k, (0, 0, 0, padded - context))
+        v = torch.nn.functional.pad(v, (0, 0, 0, padded - context))
+    kt = k.reshape(kv_heads, padded, dim // 2, 2).transpose(1, 2).contiguous()
+    vp = v.reshape(kv_heads, padded // 2, 2, dim).transpose(2, 3).contiguous()
+    q = q.contiguous()
+    out = torch.empty(heads, length, dim, dtype=torch.float32)
+    failed = library().prefill_attention(q.data_ptr(), kt.data_ptr(), vp.data_ptr(), out.data_ptr(), kv_heads,
+                                         heads // kv_heads * length, length, context, padded, dim, scale)
+    return None if failed else out

@@ -53,12 +53,13 @@ def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tor
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch, scale: float, decode=None) -> torch.Tensor:
+                    v_cache: torch.Tensor, batch, scale: float, decode=None, prompt=None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole context, read through block tables.
 
     q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim): the new tokens, already stored in the cache,
     (num_blocks, kv_heads, block_size, head_dim). The batch puts its decode tokens (one per sequence) first,
-    then each prefill chunk. decode: another implementation of decode_attention, if given.
+    then each prefill chunk. decode: another implementation of decode_attention, if given; prompt: one of causal
+    attention over a whole prompt (heads, L, d) x (kv_heads, L, d) -> (heads, L, d), or None to decline.
     """
     out = torch.empty_like(q)
     nd = batch.num_decode
@@ -68,7 +69,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
         qi = q[start:start + length].transpose(0, 1)  # (heads, length, head_dim)
         if context == length:  # no earlier tokens: attend to the chunk itself
             ki, vi = k[start:start + length].transpose(0, 1), v[start:start + length].transpose(0, 1)
-            o = _sdpa(qi, ki, vi, is_causal=True, scale=scale)
+            o = prompt(qi, ki, vi, scale) if prompt is not None else None
+            if o is None:
+                o = _sdpa(qi, ki, vi, is_causal=True, scale=scale)
         else:
             ki, vi = _context(k_cache, block_table, context), _context(v_cache, block_table, context)
             # query i sits at position context - length + i and sees keys 0..that position

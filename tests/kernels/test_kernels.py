@@ -148,3 +148,34 @@ def test_paged_attention_falls_back_when_the_native_kernel_refuses():
                                          d ** -0.5) is None
     got = kernels.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5)
     torch.testing.assert_close(got, reference.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5))
+
+
+@pytest.mark.parametrize("length", [64, 100, 257])
+def test_native_prompt_attention_matches_naive_attention(length):
+    """Whole prompts at or over PREFILL_MIN_TOKENS take the native causal kernel (tails of 32 keys and of 4 rows
+    included); a chunk after a cached context still takes torch's path; both match naive attention."""
+    torch.manual_seed(length)
+    bs, kv_heads, heads, d = 64, 3, 9, 64
+    num_blocks = 16
+    k_cache = torch.zeros(num_blocks, kv_heads, bs, d, dtype=torch.bfloat16)
+    v_cache = torch.zeros(num_blocks, kv_heads, bs, d, dtype=torch.bfloat16)
+    fresh = [1, 2, 3, 4, 5][:-(-length // bs)]
+    items = [([1] * length, 0, fresh, True), ([1] * 70, 30, [9, 10], True)]
+    batch, _ = build_batch(items, bs)
+    t = batch.input_ids.shape[0]
+    q = torch.randn(t, heads, d, dtype=torch.bfloat16)
+    k, v = torch.randn(t, kv_heads, d, dtype=torch.bfloat16), torch.randn(t, kv_heads, d, dtype=torch.bfloat16)
+    reference.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, bs)
+    assert length >= kernels.PREFILL_MIN_TOKENS
+    assert native.prefill_attention(q[:length].transpose(0, 1), k[:length].transpose(0, 1),
+                                    v[:length].transpose(0, 1), d ** -0.5) is not None
+    out = kernels.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5)
+    start = 0
+    for new, c, table, _ in items:
+        n = len(new)
+        flat = torch.tensor(table)
+        ks = k_cache[flat].transpose(0, 1).flatten(1, 2)[:, :c + n].transpose(0, 1)
+        vs = v_cache[flat].transpose(0, 1).flatten(1, 2)[:, :c + n].transpose(0, 1)
+        expected = naive_attention(q[start:start + n], ks, vs, torch.arange(c, c + n))
+        torch.testing.assert_close(out[start:start + n].float(), expected, rtol=3e-2, atol=3e-2)
+        start += n
