@@ -16,6 +16,7 @@ import torch
 SOURCES = Path(__file__).parent / "cpu"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 FILES = ("gemv.c", "attention.c", "norm.c", "prefill.c")
+HEADERS = ("bf16.h",)
 
 
 @lru_cache(maxsize=None)
@@ -24,7 +25,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     from lmcli.known_models import cache_dir
 
-    source = b"".join((SOURCES / name).read_bytes() for name in FILES)
+    source = b"".join((SOURCES / name).read_bytes() for name in (*FILES, *HEADERS))
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.processor().encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"lmcli-{key}.so"

@@ -11,11 +11,12 @@
 #include <float.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_GROUP 16
 #define MAX_DIM 256
 #define MAX_BLOCK 256
 
-static inline float bf16f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
 #ifdef __AVX512F__
 static inline __m512 load16(const uint16_t *p) {  /* 16 bfloat16 -> 16 float32 */

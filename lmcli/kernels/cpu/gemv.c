@@ -8,7 +8,8 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16_to_f32(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+#include "bf16.h"
+
 
 /* y (m, n) fp32 = x (m, k) bf16 . W (n, k)^T bf16, for small m. */
 void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t m, int64_t n, int64_t k) {
@@ -30,7 +31,7 @@ void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t m, int64_
                 }
                 s = _mm512_reduce_add_ps(acc);
 #endif
-                for (; i < k; i++) s += bf16_to_f32(wr[i]) * bf16_to_f32(xr[i]);
+                for (; i < k; i++) s += bf16f(wr[i]) * bf16f(xr[i]);
                 y[r * n + j] = s;
             }
         }

@@ -7,15 +7,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float bf16f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
-
-static inline uint16_t f2bf16(float f) {  /* round to nearest even (finite values) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7F800000u) == 0x7F800000u) return (uint16_t)(u >> 16);  /* inf, nan */
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 /* out = rms_norm(x (+ residual)) * weight; with a residual, sum <- x + residual. Rows of dim values. */
 void add_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, uint16_t *out,
