@@ -49,7 +49,7 @@ def library() -> Optional[ctypes.CDLL]:
     lib.paged_decode_attention.restype = ctypes.c_int
     lib.add_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.add_rms_norm_bf16.restype = None
-    lib.prefill_attention.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+    lib.prefill_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float]
     lib.prefill_attention.restype = ctypes.c_int
     return lib
 
@@ -93,20 +93,17 @@ def add_rms_norm_bf16(x: torch.Tensor, residual: Optional[torch.Tensor], weight:
     return out, total
 
 
-def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> Optional[torch.Tensor]:
-    """q (heads, L, dim) bfloat16: queries at the last L of S context positions; k, v (kv_heads, S, dim) bfloat16
-    -> (heads, L, dim) float32, each query seeing keys up to its own position; None where the kernel does not apply
+def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                      context: int, scale: float, out: torch.Tensor) -> bool:
+    """Causal attention of one sequence's L new tokens, q (L, heads, dim) bfloat16 (rows may be strided), the
+    last L of its `context` positions, over the keys in the paged caches (blocks, kv_heads, block_size, dim)
+    through block_table (int64); written into out (L, heads, dim) bfloat16. False where the kernel does not apply
     (no AVX512-BF16, head_dim not a multiple of 32 or over 256)."""
-    heads, length, dim = q.shape
-    kv_heads, context = k.shape[0], k.shape[1]
-    padded = -(-context // 32) * 32
-    if padded != context:
-        k = torch.nn.functional.pad(k, (0, 0, 0, padded - context))
-        v = torch.nn.functional.pad(v, (0, 0, 0, padded - context))
-    kt = k.reshape(kv_heads, padded, dim // 2, 2).transpose(1, 2).contiguous()
-    vp = v.reshape(kv_heads, padded // 2, 2, dim).transpose(2, 3).contiguous()
-    q = q.contiguous()
-    out = torch.empty(heads, length, dim, dtype=torch.float32)
-    failed = library().prefill_attention(q.data_ptr(), kt.data_ptr(), vp.data_ptr(), out.data_ptr(), kv_heads,
-                                         heads // kv_heads * length, length, context, padded, dim, scale)
-    return None if failed else out
+    length, heads, dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != dim or out.stride(2) != 1 or out.stride(1) != dim:
+        return False
+    table = block_table.contiguous()
+    failed = library().prefill_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(),
+                                         out.data_ptr(), length, context, heads, k_cache.shape[1], dim,
+                                         k_cache.shape[2], q.stride(0), out.stride(0), scale)
+    return not failed

@@ -53,32 +53,34 @@ def _context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> tor
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch, scale: float, decode=None, prompt=None) -> torch.Tensor:
+                    v_cache: torch.Tensor, batch, scale: float, decode=None, chunk=None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole context, read through block tables.
 
     q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim): the new tokens, already stored in the cache,
     (num_blocks, kv_heads, block_size, head_dim). The batch puts its decode tokens (one per sequence) first,
-    then each prefill chunk. decode: another implementation of decode_attention, if given; prompt: one of causal
-    attention over a whole prompt (heads, L, d) x (kv_heads, L, d) -> (heads, L, d), or None to decline.
+    then each prefill chunk. decode: another implementation of decode_attention, if given; chunk: another for one
+    sequence's chunk, chunk(q (L, heads, d), k_cache, v_cache, block_table, context, scale, out (L, heads, d)),
+    which writes out and returns True, or returns False to decline.
     """
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     nd = batch.num_decode
     if nd:
         out[:nd] = (decode or decode_attention)(q[:nd], k_cache, v_cache, batch, scale)
     for start, length, context, block_table in batch.prefills:
-        qi = q[start:start + length].transpose(0, 1)  # (heads, length, head_dim)
+        span = slice(start, start + length)
+        if chunk is not None and chunk(q[span], k_cache, v_cache, block_table, context, scale, out[span]):
+            continue
+        qi = q[span].transpose(0, 1)  # (heads, length, head_dim)
         if context == length:  # no earlier tokens: attend to the chunk itself
-            ki, vi = k[start:start + length].transpose(0, 1), v[start:start + length].transpose(0, 1)
-            o = prompt(qi, ki, vi, scale) if prompt is not None else None
-            if o is None:
-                o = _sdpa(qi, ki, vi, is_causal=True, scale=scale)
+            ki, vi = k[span].transpose(0, 1), v[span].transpose(0, 1)
+            o = _sdpa(qi, ki, vi, is_causal=True, scale=scale)
         else:
             ki, vi = _context(k_cache, block_table, context), _context(v_cache, block_table, context)
             # query i sits at position context - length + i and sees keys 0..that position
             keys = torch.arange(context, device=q.device)
             mask = keys <= keys[context - length:, None]
             o = _sdpa(qi, ki, vi, attn_mask=mask, scale=scale)
-        out[start:start + length] = o.transpose(0, 1)
+        out[span] = o.transpose(0, 1)
     return out
 
 

@@ -150,26 +150,58 @@ def test_paged_attention_falls_back_when_the_native_kernel_refuses():
     torch.testing.assert_close(got, reference.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5))
 
 
-@pytest.mark.parametrize("length", [64, 100, 257])
-def test_native_prompt_attention_matches_naive_attention(length):
-    """Whole prompts at or over PREFILL_MIN_TOKENS take the native causal kernel (tails of 32 keys and of 4 rows
-    included); a chunk after a cached context still takes torch's path; both match naive attention."""
-    torch.manual_seed(length)
+@pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (4, 4, 32, 8), (16, 2, 64, 32)])
+@pytest.mark.parametrize("length,context", [(1, 1), (2, 2), (64, 64), (100, 100), (257, 257), (40, 1100), (5, 37),
+                                            (70, 100), (33, 300)])
+def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, length, context):
+    """One sequence's chunk of new tokens (a whole prompt, or the last `length` of `context` positions) read from
+    the paged cache in place: tails of 32 keys and of 16 rows, query rows with a stride (a view of the fused qkv),
+    and NaN in the cache slots past the context, which must not leak in."""
+    torch.manual_seed(length * 7 + context + d)
+    nb = -(-context // bs)
+    k_cache = torch.full((nb + 4, kv_heads, bs, d), float("nan"), dtype=torch.bfloat16)
+    v_cache = torch.full((nb + 4, kv_heads, bs, d), float("nan"), dtype=torch.bfloat16)
+    table = torch.randperm(nb + 4)[:nb]
+    ks, vs = torch.randn(context, kv_heads, d, dtype=torch.bfloat16), torch.randn(context, kv_heads, d, dtype=torch.bfloat16)
+    slots = table[torch.arange(context) // bs] * bs + torch.arange(context) % bs
+    reference.store_kv(ks, vs, k_cache, v_cache, slots, bs)
+    qkv = torch.randn(length, heads + 2 * kv_heads, d, dtype=torch.bfloat16) * 2
+    q = qkv[:, :heads]
+    out = torch.full((length, heads, d), float("nan"), dtype=torch.bfloat16)
+    assert native.prefill_attention(q, k_cache, v_cache, table, context, d ** -0.5, out)
+    expected = naive_attention(q, ks, vs, torch.arange(context - length, context))
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=1e-2)
+
+
+def test_native_chunk_attention_declines_other_head_sizes():
+    """head_dim not a multiple of 32: the kernel declines and the dispatcher's PyTorch path answers."""
+    torch.manual_seed(1)
+    bs, kv_heads, heads, d = 16, 2, 4, 48
+    k_cache = torch.randn(8, kv_heads, bs, d, dtype=torch.bfloat16)
+    v_cache = torch.randn(8, kv_heads, bs, d, dtype=torch.bfloat16)
+    q = torch.randn(20, heads, d, dtype=torch.bfloat16)
+    out = torch.empty(20, heads, d, dtype=torch.bfloat16)
+    assert not native.prefill_attention(q, k_cache, v_cache, torch.tensor([3, 1]), 20, d ** -0.5, out)
+
+
+def test_paged_attention_takes_the_native_chunk_kernel(monkeypatch):
+    """A batch of decodes, a fresh prompt and a chunk after a cached context: in bfloat16 every chunk goes through
+    the native kernel (counted), and the whole batch matches naive attention."""
+    torch.manual_seed(5)
     bs, kv_heads, heads, d = 64, 3, 9, 64
-    num_blocks = 16
-    k_cache = torch.zeros(num_blocks, kv_heads, bs, d, dtype=torch.bfloat16)
-    v_cache = torch.zeros(num_blocks, kv_heads, bs, d, dtype=torch.bfloat16)
-    fresh = [1, 2, 3, 4, 5][:-(-length // bs)]
-    items = [([1] * length, 0, fresh, True), ([1] * 70, 30, [9, 10], True)]
+    k_cache = torch.randn(16, kv_heads, bs, d, dtype=torch.bfloat16)
+    v_cache = torch.randn(16, kv_heads, bs, d, dtype=torch.bfloat16)
+    items = [([1], 80, [11, 12], True), ([1] * 100, 0, [1, 2], True), ([1] * 70, 30, [9, 10], True)]
+    calls = []
+    real = native.prefill_attention
+    monkeypatch.setattr(native, "prefill_attention", lambda *a: calls.append(a[4]) or real(*a))
     batch, _ = build_batch(items, bs)
     t = batch.input_ids.shape[0]
     q = torch.randn(t, heads, d, dtype=torch.bfloat16)
     k, v = torch.randn(t, kv_heads, d, dtype=torch.bfloat16), torch.randn(t, kv_heads, d, dtype=torch.bfloat16)
     reference.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, bs)
-    assert length >= kernels.PREFILL_MIN_TOKENS
-    assert native.prefill_attention(q[:length].transpose(0, 1), k[:length].transpose(0, 1),
-                                    v[:length].transpose(0, 1), d ** -0.5) is not None
     out = kernels.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5)
+    assert calls == [100, 100]  # the contexts of the two chunks
     start = 0
     for new, c, table, _ in items:
         n = len(new)

@@ -1,101 +1,147 @@
-/* Causal attention of a prompt's tokens over themselves, bfloat16, for one kv head at a time (a sequence's first
-   prefill chunk; torch's CPU flash kernel stays in use for chunks after a cached context, where it was faster).
+/* Causal attention of one sequence's chunk of new tokens over its whole context, read in place from the paged
+   KV cache (a first prompt, a later chunk of it, or an interactive turn after a long history), bfloat16.
 
-   The L queries sit at the last L of S context positions and each sees keys up to its own position. K comes as
-   dpbf16 pairs along head_dim, kt (dim/2, S_pad, 2); V as pairs along the keys, vp (S_pad/2, dim, 2); S_pad a
-   multiple of 32. Tiles of 4 query rows x 32 keys: scores by dpbf16 products with each K tile read once for 4
-   rows, online softmax in float32, P rounded to bfloat16 for the P.V products (as GPU flash attention does).
-   Built by lmcli/kernels/native.py. */
+   The L new tokens sit at the last L of S context positions and each sees the keys up to its own position. For
+   each kv head, the rows are its query heads of each token, token-major (row = token * group + head): tiles of
+   16 rows, one row per vector lane, so the softmax needs no horizontal sums. Per 32 keys: scores by dpbf16
+   products (q pairs of 16 rows against a broadcast k pair), online softmax in float32 with a vector exp2, P
+   rounded to bfloat16 and paired along the keys, V rows interleaved in pairs, P.V by dpbf16 (as GPU flash
+   attention, P in the input precision). Built by lmcli/kernels/native.py. */
 #include <float.h>
 #include <immintrin.h>
-#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
 #define MAX_DIM 256
 
-/* q (kv_heads, rows, dim) with rows = group * L, row g * L + i being query i of head g; kt (kv_heads, dim/2,
-   s_pad, 2); vp (kv_heads, s_pad/2, dim, 2); out (kv_heads, rows, dim) float32. 0 on success, -1 when the shape
-   is beyond this kernel (the caller then uses another path). */
-int prefill_attention(const uint16_t *q, const uint16_t *kt, const uint16_t *vp, float *out, int64_t kv_heads,
-                      int64_t rows, int64_t L, int64_t S, int64_t s_pad, int64_t dim, float scale) {
 #if defined(__AVX512BF16__)
-    if (dim % 32 || dim > MAX_DIM || s_pad % 32 || s_pad < S || L > S) return -1;
-    const int64_t tiles = (rows + 3) / 4, dp_n = dim / 2, dv = dim / 16;
+static inline __m512 exp2v(__m512 x) {  /* 2^x for x <= 0: a degree-5 polynomial on the fraction, scaled */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3333558e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline uint32_t pair_at(const uint16_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+#endif
+
+/* q (L tokens, q_stride elements apart, heads * dim each); caches (blocks, kv_heads, block_size, dim); table:
+   the sequence's blocks; out (L tokens, out_stride apart) bfloat16. 0 on success, -1 where the kernel does not
+   apply (no AVX512-BF16, head_dim not a multiple of 32 or over 256): the caller then uses another path. */
+int prefill_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table,
+                      uint16_t *out, int64_t L, int64_t S, int64_t heads, int64_t kv_heads, int64_t dim,
+                      int64_t block_size, int64_t q_stride, int64_t out_stride, float scale) {
+#if defined(__AVX512BF16__)
+    if (dim % 32 || dim > MAX_DIM || L > S || L < 1 || heads % kv_heads) return -1;
+    const int64_t group = heads / kv_heads, rows = L * group, tiles = (rows + 15) / 16, dp_n = dim / 2,
+                  dv = dim / 16;
+    const float c = scale * 1.44269504f;  /* scores in base 2 */
+    __m512i lo_idx, hi_idx, pair_idx;
+    {
+        int16_t lo[32], hi[32], pr[32];
+        for (int i = 0; i < 16; i++) {
+            lo[2 * i] = (int16_t)i, lo[2 * i + 1] = (int16_t)(32 + i);
+            hi[2 * i] = (int16_t)(16 + i), hi[2 * i + 1] = (int16_t)(48 + i);
+            pr[2 * i] = (int16_t)i, pr[2 * i + 1] = (int16_t)(16 + i);
+        }
+        lo_idx = _mm512_loadu_si512(lo), hi_idx = _mm512_loadu_si512(hi), pair_idx = _mm512_loadu_si512(pr);
+    }
     #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < kv_heads * tiles; task++) {
-        const int64_t h = task / tiles, r0 = task % tiles * 4;
-        const uint16_t *kh = kt + h * dp_n * s_pad * 2, *vh = vp + h * (s_pad / 2) * dim * 2;
-        int64_t row[4], limit[4], top = 0;
-        float m[4], l[4];
-        __m512 acc[4][MAX_DIM / 16];
-        for (int i = 0; i < 4; i++) {
-            row[i] = r0 + i < rows ? r0 + i : rows - 1;  /* a short last tile repeats its last row */
-            limit[i] = S - L + row[i] % L;  /* the last key this row sees */
-            top = limit[i] > top ? limit[i] : top;
-            m[i] = -FLT_MAX, l[i] = 0.f;
-            for (int64_t j = 0; j < dv; j++) acc[i][j] = _mm512_setzero_ps();
+        const int64_t h = task % kv_heads, r0 = (tiles - 1 - task / kv_heads) * 16;  /* the longest tiles first */
+        const int64_t nr = rows - r0 < 16 ? rows - r0 : 16;
+        uint32_t qt[MAX_DIM / 2][16], pt[16][16];
+        int32_t lim[16];
+        float corr[16];
+        __m512 acc[16][MAX_DIM / 16], vt[16][MAX_DIM / 16];
+        for (int lane = 0; lane < 16; lane++) {  /* a short tile repeats its last row in the spare lanes */
+            const int64_t r = r0 + (lane < nr ? lane : nr - 1), i = r / group, g = r % group;
+            const uint16_t *qr = q + i * q_stride + (h * group + g) * dim;
+            lim[lane] = (int32_t)(S - L + i);
+            for (int64_t dp = 0; dp < dp_n; dp++) qt[dp][lane] = pair_at(qr + 2 * dp);
+            for (int64_t j = 0; j < dv; j++) acc[lane][j] = _mm512_setzero_ps();
         }
-        const uint16_t *qh = q + h * rows * dim;
-        const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+        const __m512i limit = _mm512_loadu_si512(lim);
+        const int64_t top = lim[nr - 1];
+        __m512 m = _mm512_set1_ps(-FLT_MAX), l = _mm512_setzero_ps();
         for (int64_t s0 = 0; s0 <= top; s0 += 32) {
-            __m512 sc[4][2];
-            for (int i = 0; i < 4; i++) sc[i][0] = sc[i][1] = _mm512_setzero_ps();
-            for (int64_t dp = 0; dp < dp_n; dp++) {
-                const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kh + (dp * s_pad + s0) * 2);
-                const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kh + (dp * s_pad + s0 + 16) * 2);
-                for (int i = 0; i < 4; i++) {
-                    uint32_t pair;
-                    memcpy(&pair, qh + row[i] * dim + 2 * dp, 4);
-                    const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)pair);
-                    sc[i][0] = _mm512_dpbf16_ps(sc[i][0], qb, k0);
-                    sc[i][1] = _mm512_dpbf16_ps(sc[i][1], qb, k1);
+            const int64_t n = S - s0 < 32 ? S - s0 : 32;
+            const uint16_t *kr[32], *vr[32];
+            for (int64_t j = 0; j < 32; j++) {
+                const int64_t s = s0 + (j < n ? j : 0);
+                const int64_t at = ((table[s / block_size] * kv_heads + h) * block_size + s % block_size) * dim;
+                kr[j] = k_cache + at, vr[j] = v_cache + at;
+            }
+            __m512 sc[32];
+            __mmask16 ok[32];
+            for (int64_t j = 0; j < 32; j += 4) {
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                for (int64_t dp = 0; dp < dp_n; dp++) {
+                    const __m512bh qv = (__m512bh)_mm512_loadu_si512(qt[dp]);
+                    a0 = _mm512_dpbf16_ps(a0, qv, (__m512bh)_mm512_set1_epi32((int)pair_at(kr[j] + 2 * dp)));
+                    a1 = _mm512_dpbf16_ps(a1, qv, (__m512bh)_mm512_set1_epi32((int)pair_at(kr[j + 1] + 2 * dp)));
+                    a2 = _mm512_dpbf16_ps(a2, qv, (__m512bh)_mm512_set1_epi32((int)pair_at(kr[j + 2] + 2 * dp)));
+                    a3 = _mm512_dpbf16_ps(a3, qv, (__m512bh)_mm512_set1_epi32((int)pair_at(kr[j + 3] + 2 * dp)));
+                }
+                sc[j] = a0, sc[j + 1] = a1, sc[j + 2] = a2, sc[j + 3] = a3;
+            }
+            __m512 mn = m;
+            for (int64_t j = 0; j < 32; j++) {  /* keys after a row's position (or past the context) are out */
+                ok[j] = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(s0 + j)), limit);
+                sc[j] = _mm512_mask_mul_ps(_mm512_set1_ps(-FLT_MAX), ok[j], sc[j], _mm512_set1_ps(c));
+                mn = _mm512_max_ps(mn, sc[j]);
+            }
+            const __m512 r = exp2v(_mm512_sub_ps(m, mn));
+            _mm512_storeu_ps(corr, r);
+            m = mn, l = _mm512_mul_ps(l, r);
+            for (int64_t j = 0; j < 32; j += 2) {
+                const __m512 p0 = _mm512_maskz_mov_ps(ok[j], exp2v(_mm512_sub_ps(sc[j], m)));
+                const __m512 p1 = _mm512_maskz_mov_ps(ok[j + 1], exp2v(_mm512_sub_ps(sc[j + 1], m)));
+                l = _mm512_add_ps(l, _mm512_add_ps(p0, p1));
+                const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(p1, p0);  /* p0 in the low half */
+                _mm512_storeu_si512(pt[j / 2], _mm512_permutexvar_epi16(pair_idx, both));
+                for (int64_t x = 0; x < dim / 32; x++) {  /* v rows j and j + 1 interleaved: dpbf16 pairs */
+                    const __m512i a = j < n ? _mm512_loadu_si512(vr[j] + 32 * x) : _mm512_setzero_si512();
+                    const __m512i b = j + 1 < n ? _mm512_loadu_si512(vr[j + 1] + 32 * x) : _mm512_setzero_si512();
+                    vt[j / 2][2 * x] = (__m512)_mm512_permutex2var_epi16(a, lo_idx, b);
+                    vt[j / 2][2 * x + 1] = (__m512)_mm512_permutex2var_epi16(a, hi_idx, b);
                 }
             }
-            const __m512i k0i = _mm512_add_epi32(lane, _mm512_set1_epi32((int)s0));
-            const __m512i k1i = _mm512_add_epi32(k0i, _mm512_set1_epi32(16));
-            for (int i = 0; i < 4; i++) {  /* keys after this row's position count for nothing */
-                const __m512i lim = _mm512_set1_epi32((int)limit[i]);
-                const __mmask16 ok0 = _mm512_cmple_epi32_mask(k0i, lim), ok1 = _mm512_cmple_epi32_mask(k1i, lim);
-                const __m512 lowest = _mm512_set1_ps(-FLT_MAX);
-                const __m512 a = _mm512_mask_mul_ps(lowest, ok0, sc[i][0], _mm512_set1_ps(scale));
-                const __m512 b = _mm512_mask_mul_ps(lowest, ok1, sc[i][1], _mm512_set1_ps(scale));
-                const float nm = fmaxf(m[i], fmaxf(_mm512_reduce_max_ps(a), _mm512_reduce_max_ps(b)));
-                const float r = expf(m[i] - nm);
-                m[i] = nm;
-                float e[32];
-                _mm512_storeu_ps(e, _mm512_sub_ps(a, _mm512_set1_ps(nm)));
-                _mm512_storeu_ps(e + 16, _mm512_sub_ps(b, _mm512_set1_ps(nm)));
-                float sum = 0.f;
-                for (int t = 0; t < 32; t++) {
-                    e[t] = e[t] < -80.f ? 0.f : expf(e[t]);
-                    sum += e[t];
+            for (int64_t lane = 0; lane < nr; lane++) {
+                const __m512 cr = _mm512_set1_ps(corr[lane]);
+                __m512 a[MAX_DIM / 16];
+                for (int64_t x = 0; x < dv; x++) a[x] = _mm512_mul_ps(acc[lane][x], cr);
+                for (int64_t jp = 0; jp < 16; jp++) {
+                    const __m512bh pb = (__m512bh)_mm512_set1_epi32((int)pt[jp][lane]);
+                    for (int64_t x = 0; x < dv; x++) a[x] = _mm512_dpbf16_ps(a[x], pb, (__m512bh)vt[jp][x]);
                 }
-                const __m512bh p = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(e + 16), _mm512_loadu_ps(e));
-                uint32_t pairs[16];
-                _mm512_storeu_si512(pairs, (__m512i)p);
-                l[i] = l[i] * r + sum;
-                const __m512 rv = _mm512_set1_ps(r);
-                for (int64_t j = 0; j < dv; j++) acc[i][j] = _mm512_mul_ps(acc[i][j], rv);
-                for (int kp = 0; kp < 16; kp++) {
-                    if (!pairs[kp]) continue;  /* both keys masked or negligible */
-                    const __m512bh pv = (__m512bh)_mm512_set1_epi32((int)pairs[kp]);
-                    const uint16_t *vrow = vh + (s0 / 2 + kp) * dim * 2;
-                    for (int64_t j = 0; j < dv; j++)
-                        acc[i][j] = _mm512_dpbf16_ps(acc[i][j], pv, (__m512bh)_mm512_loadu_si512(vrow + j * 32));
-                }
+                for (int64_t x = 0; x < dv; x++) acc[lane][x] = a[x];
             }
         }
-        for (int i = 0; i < 4 && r0 + i < rows; i++) {
-            float *o = out + (h * rows + r0 + i) * dim;
-            const __m512 inv = _mm512_set1_ps(1.f / l[i]);
-            for (int64_t j = 0; j < dv; j++) _mm512_storeu_ps(o + 16 * j, _mm512_mul_ps(acc[i][j], inv));
+        float sums[16];
+        _mm512_storeu_ps(sums, l);
+        for (int64_t lane = 0; lane < nr; lane++) {
+            const int64_t r = r0 + lane, i = r / group, g = r % group;
+            uint16_t *o = out + i * out_stride + (h * group + g) * dim;
+            const __m512 inv = _mm512_set1_ps(1.f / sums[lane]);
+            for (int64_t x = 0; x < dv; x++)
+                _mm256_storeu_si256((__m256i *)(o + 16 * x), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[lane][x], inv)));
         }
     }
     return 0;
 #else
-    (void)q, (void)kt, (void)vp, (void)out, (void)kv_heads, (void)rows, (void)L, (void)S, (void)s_pad, (void)dim,
-        (void)scale;
+    (void)q, (void)k_cache, (void)v_cache, (void)table, (void)out, (void)L, (void)S, (void)heads, (void)kv_heads,
+        (void)dim, (void)block_size, (void)q_stride, (void)out_stride, (void)scale;
     return -1;
 #endif
 }
