@@ -12,7 +12,6 @@ class Batch:
     slot_mapping: torch.Tensor  # (tokens,): where each token's K/V go, block_id * block_size + offset
     num_decode: int  # sequences computing one token; they come first
     decode_block_tables: torch.Tensor  # (num_decode, max_blocks), padded with block 0
-    decode_bias: torch.Tensor  # (num_decode, 1, 1, max_blocks * block_size) float32: 0 in the context, -inf after
     decode_lens: torch.Tensor  # (num_decode,): each decode's context length, its new token included
     prefills: list  # [(start, length, context, block_table)] for sequences computing several tokens
     sample_idx: torch.Tensor  # (samples,): the tokens whose logits are needed, in sampling order
@@ -44,15 +43,12 @@ def build_batch(items: list[tuple], block_size: int, device="cpu") -> tuple[Batc
             sampled.append(i)
     decodes = [items[i] for i in order[:nd]]
     width = max((len(table) for _, _, table, _ in decodes), default=0)
-    tables = torch.zeros(nd, width, dtype=torch.long)
-    bias = torch.full((nd, 1, 1, width * block_size), float("-inf"))
-    for j, (_, c, table, _) in enumerate(decodes):
-        tables[j, :len(table)] = torch.tensor(table)
-        bias[j, ..., :c + 1] = 0.0
+    tables = torch.tensor([table + [0] * (width - len(table)) for _, _, table, _ in decodes],
+                          dtype=torch.long).view(nd, width)
     as_long = dict(dtype=torch.long, device=device)
     batch = Batch(input_ids=torch.tensor(ids, **as_long), positions=torch.tensor(positions, **as_long),
                   slot_mapping=torch.tensor(slots, **as_long), num_decode=nd, decode_block_tables=tables.to(device),
-                  decode_bias=bias.to(device), prefills=chunks,
+                  prefills=chunks,
                   decode_lens=torch.tensor([c + 1 for _, c, _, _ in decodes], **as_long),
                   sample_idx=torch.tensor(sample_idx, **as_long))
     return batch, sampled

@@ -4,11 +4,6 @@ test oracle); where a faster kernel exists for the device, it is picked here."""
 import torch
 
 from lmcli.kernels import native, reference
-from lmcli.kernels.reference import (  # noqa: F401
-    rotary,
-    silu_and_mul,
-    store_kv,
-)
 
 # Up to this many tokens the native kernel beats torch's GEMM when the weights come from memory, as they do in a
 # step (all 120 projections of SmolLM2: 9.3 vs 17.8 ms at 4 rows, 16.3-17.2 vs 21.0-22.4 ms at 8, 27.9-29.5 vs
@@ -26,22 +21,44 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out
     return reference.linear(x, weight, bias, out_dtype)
 
 
-def _native_norm(*tensors) -> bool:
-    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-            and tensors[0].dim() == 2 and native.library() is not None)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    if _native_norm(x, weight):
+    if _native_bf16(x, weight) and x.dim() == 2:
         return native.add_rms_norm_bf16(x, None, weight, eps)[0]
     return reference.rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
     """(rms_norm(x + residual), x + residual); bfloat16 on CPU in one native pass."""
-    if _native_norm(x, residual, weight):
+    if _native_bf16(x, residual, weight) and x.dim() == 2:
         return native.add_rms_norm_bf16(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
+
+
+def _native_bf16(*tensors) -> bool:
+    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and native.library() is not None)
+
+
+def rotary_store(qkv: torch.Tensor, heads: int, kv_heads: int, cos, sin, k_cache, v_cache, slot_mapping):
+    """qkv (tokens, heads + 2 * kv_heads, head_dim): rotary embedding on q and k, then k and v stored in the paged
+    caches at slot_mapping. Returns q, k, v (tokens, heads or kv_heads, head_dim). bfloat16 on CPU: one native
+    pass, in place."""
+    dim = qkv.shape[-1]
+    if _native_bf16(qkv, cos, sin, k_cache, v_cache) and dim % 2 == 0 and dim <= 512:
+        native.rotary_store_bf16(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, slot_mapping.contiguous())
+        qk = qkv
+    else:
+        qk = reference.rotary(qkv[:, :heads + kv_heads], cos, sin)  # q and k in one pass
+        reference.store_kv(qk[:, heads:], qkv[:, heads + kv_heads:], k_cache, v_cache, slot_mapping,
+                           k_cache.shape[2])
+    return qk[:, :heads], qk[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (tokens, 2 * intermediate): silu(gate) * up."""
+    if _native_bf16(x) and x.dim() == 2:
+        return native.silu_mul_bf16(x)
+    return reference.silu_and_mul(x)
 
 
 def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 SOURCES = Path(__file__).parent / "cpu"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
-FILES = ("gemv.c", "attention.c", "norm.c", "prefill.c")
+FILES = ("gemv.c", "attention.c", "norm.c", "prefill.c", "fused.c")
 HEADERS = ("bf16.h",)
 
 
@@ -51,6 +51,10 @@ def library() -> Optional[ctypes.CDLL]:
     lib.add_rms_norm_bf16.restype = None
     lib.prefill_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float]
     lib.prefill_attention.restype = ctypes.c_int
+    lib.rotary_store_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
+    lib.rotary_store_bf16.restype = None
+    lib.silu_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+    lib.silu_mul_bf16.restype = None
     return lib
 
 
@@ -107,3 +111,19 @@ def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
                                          out.data_ptr(), length, context, heads, k_cache.shape[1], dim,
                                          k_cache.shape[2], q.stride(0), out.stride(0), scale)
     return not failed
+
+
+def rotary_store_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+                      k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """qkv (tokens, heads + 2 * kv_heads, dim) bfloat16, contiguous: q and k rotated in place, then k and v
+    written to the caches (blocks, kv_heads, block_size, dim) at slot_mapping (int64); cos, sin (tokens, dim)."""
+    library().rotary_store_bf16(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
+                                k_cache.data_ptr(), v_cache.data_ptr(), qkv.shape[0], heads, kv_heads,
+                                qkv.shape[2], k_cache.shape[2])
+
+
+def silu_mul_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, 2n) bfloat16, contiguous -> silu(x[:, :n]) * x[:, n:] (rows, n)."""
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
+    library().silu_mul_bf16(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1] // 2)
+    return out

@@ -93,11 +93,13 @@ def _sdpa(q, k, v, **kwargs) -> torch.Tensor:
 def decode_attention(q, k_cache, v_cache, batch, scale):
     """One query per sequence, block by block, with no copy of the context into one piece.
 
-    q (seqs, heads, head_dim); batch.decode_block_tables (seqs, max_blocks); batch.decode_bias (seqs, 1, 1,
-    max_blocks * block_size): 0 for keys in the context, -inf after it."""
-    block_tables, bias = batch.decode_block_tables, batch.decode_bias
+    q (seqs, heads, head_dim); batch.decode_block_tables (seqs, max_blocks); batch.decode_lens (seqs,)."""
+    block_tables = batch.decode_block_tables
     b, nb = block_tables.shape
     kv_heads, bs, d = k_cache.shape[1:]
+    keys = torch.arange(nb * bs, device=q.device)
+    bias = torch.zeros((), device=q.device).masked_fill(keys >= batch.decode_lens[:, None], float("-inf"))
+    bias = bias.view(b, 1, 1, nb * bs)  # 0 for keys in the context, -inf after it
     group = q.shape[1] // kv_heads
     # tiny batched products are faster in float32 on CPUs; many sequences' worth are faster in bfloat16
     work = torch.float32 if b <= 4 and q.device.type == "cpu" else q.dtype

@@ -211,3 +211,39 @@ def test_paged_attention_takes_the_native_chunk_kernel(monkeypatch):
         expected = naive_attention(q[start:start + n], ks, vs, torch.arange(c, c + n))
         torch.testing.assert_close(out[start:start + n].float(), expected, rtol=3e-2, atol=3e-2)
         start += n
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 64])
+def test_native_rotary_store_matches_the_reference(tokens):
+    """q and k rotated in place and k, v written to their cache slots: bit for bit the PyTorch reference."""
+    torch.manual_seed(tokens)
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, d, dtype=torch.bfloat16) * 3
+    angles = torch.rand(tokens, d // 2) * 40
+    cos, sin = torch.cat((angles, angles), -1).cos().bfloat16(), torch.cat((angles, angles), -1).sin().bfloat16()
+    slots = torch.randperm(8 * bs)[:tokens]
+    caches = [torch.zeros(8, kv_heads, bs, d, dtype=torch.bfloat16) for _ in range(4)]
+    expected_qk = reference.rotary(qkv[:, :heads + kv_heads], cos, sin)
+    reference.store_kv(expected_qk[:, heads:], qkv[:, heads + kv_heads:], caches[0], caches[1], slots, bs)
+    got = qkv.clone()
+    q, k, v = kernels.rotary_store(got, heads, kv_heads, cos, sin, caches[2], caches[3], slots)
+    assert q.data_ptr() == got.data_ptr()  # the native path: in place
+    assert torch.equal(q, expected_qk[:, :heads]) and torch.equal(k, expected_qk[:, heads:])
+    assert torch.equal(v, qkv[:, heads + kv_heads:])
+    assert torch.equal(caches[2], caches[0]) and torch.equal(caches[3], caches[1])
+    # float32 takes the reference path and gives the same numbers up to bfloat16 rounding
+    q32, k32, _ = kernels.rotary_store(qkv.float(), heads, kv_heads, cos.float(), sin.float(),
+                                       caches[0].float(), caches[1].float(), slots)
+    torch.testing.assert_close(q32, q.float(), rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 64, 300])
+def test_native_silu_and_mul_matches_the_reference(rows):
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 2 * 1536, dtype=torch.bfloat16) * 4
+    got, expected = kernels.silu_and_mul(x), reference.silu_and_mul(x)
+    assert got.shape == (rows, 1536) and got.dtype == torch.bfloat16
+    # expf against torch's vector exp differ in the last float bit: a silu right at a bfloat16 rounding tie can
+    # land one step away (here only gate 5.9375), then times up
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2 ** -6, atol=1e-6)
+    assert (got != expected).float().mean() < 1e-2

@@ -23,10 +23,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch) -> torch.Tensor:
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv = self.qkv_proj(x)  # (tokens, (heads + 2 * kv_heads) * head_dim)
-        qk = kernels.rotary(qkv[:, :(h + hk) * d].view(-1, h + hk, d), cos, sin)  # q and k in one pass
-        q, k = qk[:, :h], qk[:, h:]
-        v = qkv[:, (h + hk) * d:].view(-1, hk, d)
-        kernels.store_kv(k, v, self.k_cache, self.v_cache, batch.slot_mapping, self.k_cache.shape[2])
+        qkv = self.qkv_proj(x).view(-1, h + 2 * hk, d)
+        q, k, v = kernels.rotary_store(qkv, h, hk, cos, sin, self.k_cache, self.v_cache, batch.slot_mapping)
         o = kernels.paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
         return self.o_proj(o.flatten(1))
