@@ -71,5 +71,5 @@ def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Ten
 
         def decode(qd, kc, vc, b, s):
             out = native.paged_decode_attention(qd, kc, vc, b.decode_block_tables, b.decode_lens, s)
-            return reference.decode_attention(qd, kc, vc, b, s) if out is None else out.to(qd.dtype)
+            return reference.decode_attention(qd, kc, vc, b, s) if out is None else out
     return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode, chunk)

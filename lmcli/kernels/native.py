@@ -45,7 +45,7 @@ def library() -> Optional[ctypes.CDLL]:
         return None
     lib.gemv_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
     lib.gemv_bf16.restype = None
-    lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 6 + [ctypes.c_float]
+    lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float]
     lib.paged_decode_attention.restype = ctypes.c_int
     lib.add_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
     lib.add_rms_norm_bf16.restype = None
@@ -74,15 +74,17 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float) -> Optional[torch.Tensor]:
-    """q (seqs, heads, dim) bfloat16; caches (blocks, kv_heads, block_size, dim) bfloat16; block_tables (seqs,
-    max_blocks) int64; lens (seqs,) int64 -> (seqs, heads, dim) float32; None for shapes beyond the kernel
-    (more than 16 query heads per kv head, head_dim over 256, blocks over 256 tokens)."""
-    q = q.contiguous()
-    out = torch.empty(q.shape, dtype=torch.float32)
+    """q (seqs, heads, dim) bfloat16 (rows may be strided); caches (blocks, kv_heads, block_size, dim) bfloat16;
+    block_tables (seqs, max_blocks) int64; lens (seqs,) int64 -> (seqs, heads, dim) bfloat16; None for shapes
+    beyond the kernel (more than 16 query heads per kv head, head_dim over 256, blocks over 256 tokens)."""
     seqs, heads, dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=torch.bfloat16)
     failed = library().paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
-                                              block_tables.data_ptr(), lens.data_ptr(), out.data_ptr(), seqs, heads,
-                                              k_cache.shape[1], dim, k_cache.shape[2], block_tables.shape[1], scale)
+                                              block_tables.data_ptr(), lens.data_ptr(), out.data_ptr(), q.stride(0),
+                                              seqs, heads, k_cache.shape[1], dim, k_cache.shape[2],
+                                              block_tables.shape[1], scale)
     return None if failed else out
 
 

@@ -1,8 +1,8 @@
 /* Decode attention over the paged KV cache, reading K and V in place (no gathered copy of each context).
 
-   One query token per sequence. q (seqs, heads, dim) bfloat16; caches (blocks, kv_heads, block_size, dim)
-   bfloat16; block_tables (seqs, max_blocks); lens (seqs,): keys 0..len-1 are attended; out (seqs, heads, dim)
-   float32. OpenMP over (sequence, kv head): each task serves the kv head's group of query heads in one pass over
+   One query token per sequence. q (seqs, heads, dim) bfloat16, q_stride elements from one sequence's row to the
+   next; caches (blocks, kv_heads, block_size, dim) bfloat16; block_tables (seqs, max_blocks); lens (seqs,): keys
+   0..len-1 are attended; out (seqs, heads, dim) bfloat16. OpenMP over (sequence, kv head): each task serves the kv head's group of query heads in one pass over
    its keys and values, block by block with an online softmax (each K and V row is read once, while it is in
    L1, for the whole group). Scores and sums in float32. Built by lmcli/kernels/native.py. */
 #include <immintrin.h>
@@ -67,7 +67,7 @@ static inline void dots16(const float *qf, const uint16_t *qb, const uint16_t *k
    of one kv head; out[g] = softmax(q[g] . K) V. */
 static void attend(const float *qf, const uint16_t *qb, const uint16_t *k_cache, const uint16_t *v_cache,
                    const int64_t *table, int64_t len, int64_t h, int64_t group, int64_t kv_heads, int64_t dim,
-                   int64_t block_size, float scale, float **out) {
+                   int64_t block_size, float scale, uint16_t **out) {
     float acc[MAX_GROUP * MAX_DIM], sc[MAX_GROUP * (MAX_BLOCK + 16)], mx[MAX_GROUP], sum[MAX_GROUP];
     const int fast = dim % 32 == 0;
     for (int64_t g = 0; g < group; g++) mx[g] = -FLT_MAX, sum[g] = 0.f;  /* finite: built with -ffast-math */
@@ -127,12 +127,12 @@ static void attend(const float *qf, const uint16_t *qb, const uint16_t *k_cache,
         }
     }
     for (int64_t g = 0; g < group; g++)
-        for (int64_t d = 0; d < dim; d++) out[g][d] = sum[g] > 0.f ? acc[g * dim + d] / sum[g] : 0.f;
+        for (int64_t d = 0; d < dim; d++) out[g][d] = f2bf16(sum[g] > 0.f ? acc[g * dim + d] / sum[g] : 0.f);
 }
 
 /* 0 on success; -1 if a size is beyond this kernel's limits (the caller then uses another path) */
 int paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
-                           const int64_t *block_tables, const int64_t *lens, float *out,
+                           const int64_t *block_tables, const int64_t *lens, uint16_t *out, int64_t q_stride,
                            int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                            int64_t max_blocks, float scale) {
     const int64_t group = heads / kv_heads;
@@ -140,8 +140,9 @@ int paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uin
     #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < seqs * kv_heads; task++) {
         const int64_t s = task / kv_heads, h = task % kv_heads;
-        float qf[MAX_GROUP * MAX_DIM], *o[MAX_GROUP];
-        const uint16_t *qb = q + (s * heads + h * group) * dim;
+        float qf[MAX_GROUP * MAX_DIM];
+        uint16_t *o[MAX_GROUP];
+        const uint16_t *qb = q + s * q_stride + h * group * dim;
         for (int64_t g = 0; g < group; g++) {
             for (int64_t d = 0; d < dim; d++) qf[g * dim + d] = scale * bf16f(qb[g * dim + d]);
             o[g] = out + (s * heads + h * group + g) * dim;
