@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmcli.commands.options import ChatTemplateOption, DType, DTypeOption, ModelNameOption, fail
+from lmcli.commands.options import (ChatTemplateOption, DType, DTypeOption, ModelNameOption, QuantizationOption,
+                                   fail)
 
 NAME = "serve api_server"
 
@@ -39,6 +40,7 @@ def api_server(
         "--enable-prefix-caching/--disable-prefix-caching", help="Reuse the KV cache of prompts' shared "
         "beginnings.")] = True,
     dtype: DTypeOption = DType.auto,
+    quantization: QuantizationOption = None,
     device: Annotated[str, typer.Option(help="cpu, or cuda on a machine with an NVIDIA GPU.")] = "cpu",
     model_name: ModelNameOption = None,
     chat_template: ChatTemplateOption = None,
@@ -115,6 +117,7 @@ def api_server(
     def load() -> AsyncEngine:
         return AsyncEngine.from_workspace(
             ws.path, dtype=dtype.value, device=device, tp=tp, session_len=session_len,
+            quantization=quantization.value if quantization else None,
             cache_block_seq_len=cache_block_seq_len, cache_max_entry_count=cache_max_entry_count,
             max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num,
             enable_prefix_caching=enable_prefix_caching)

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmcli.commands.options import DType, DTypeOption, fail
+from lmcli.commands.options import DType, DTypeOption, QuantizationOption, fail
 from lmcli.errors import UserError
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or exit, Ctrl-D) quits."
@@ -21,6 +21,7 @@ def chat(
     session_len: Annotated[Optional[int], typer.Option(help="Most tokens the conversation may hold. "
                                                                  "Default: the model's context.")] = None,
     dtype: DTypeOption = DType.auto,
+    quantization: QuantizationOption = None,
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks.")] = 1,
 ) -> None:
     """Chat with a model in the terminal, on the local engine (no server)."""
@@ -29,7 +30,8 @@ def chat(
     from lmcli.engine.sampling_params import SamplingParams
 
     try:
-        engine = Engine(workspace, dtype=dtype.value, tp=tp, session_len=session_len)
+        engine = Engine(workspace, dtype=dtype.value, tp=tp, session_len=session_len,
+                        quantization=quantization.value if quantization else None)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens)
     except UserError as e:
         raise fail("chat", str(e))

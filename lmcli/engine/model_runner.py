@@ -13,6 +13,7 @@ from lmcli.engine.layers.parallel import TP
 from lmcli.engine.memory import advise_huge_pages, pack_parameters
 from lmcli.engine.models import model_class
 from lmcli.errors import UserError
+from lmcli.kernels import int8
 from lmcli.workspace import Workspace
 
 
@@ -69,6 +70,11 @@ class ModelRunner:
         missing = set(params) - loaded
         if missing:
             raise UserError(f"workspace {workspace.path} lacks {', '.join(sorted(missing)[:3])}")
+        if self.config.quantization == "int8":
+            int8.check()
+            for module in self.model.modules():
+                if hasattr(module, "quantize"):
+                    module.quantize()
         if self.device.type == "cpu":
             pack_parameters(self.model)
 

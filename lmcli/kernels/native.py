@@ -55,6 +55,10 @@ def library() -> Optional[ctypes.CDLL]:
     lib.rotary_store_bf16.restype = None
     lib.silu_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.silu_mul_bf16.restype = None
+    lib.rows_to_unit.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    lib.rows_to_unit.restype = None
+    lib.scale_rows_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    lib.scale_rows_bf16.restype = None
     return lib
 
 
@@ -128,4 +132,20 @@ def silu_mul_bf16(x: torch.Tensor) -> torch.Tensor:
     """x (rows, 2n) bfloat16, contiguous -> silu(x[:, :n]) * x[:, n:] (rows, n)."""
     out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
     library().silu_mul_bf16(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1] // 2)
+    return out
+
+
+def rows_to_unit(x: torch.Tensor):
+    """x (rows, n) bfloat16, contiguous -> (x / scale in float32, scale (rows, 1)): scale is each row's largest
+    magnitude, so every row spans [-1, 1]."""
+    out = torch.empty(x.shape, dtype=torch.float32)
+    scale = torch.empty(x.shape[0], 1, dtype=torch.float32)
+    library().rows_to_unit(x.data_ptr(), out.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1])
+    return out, scale
+
+
+def scale_rows_bf16(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """y (rows, n) float32, contiguous, times scale (rows, 1) float32 -> bfloat16."""
+    out = torch.empty(y.shape, dtype=torch.bfloat16)
+    library().scale_rows_bf16(y.data_ptr(), scale.data_ptr(), out.data_ptr(), y.shape[0], y.shape[1])
     return out

@@ -249,3 +249,24 @@ def test_native_silu_and_mul_matches_the_reference(rows):
     # land one step away (here only gate 5.9375), then times up
     torch.testing.assert_close(got.float(), expected.float(), rtol=2 ** -6, atol=1e-6)
     assert (got != expected).float().mean() < 1e-2
+
+
+@pytest.mark.parametrize("rows", [1, 9, 64])
+def test_int8_linear_is_close_to_the_float_product(rows):
+    """Weights per output channel, activations per row (a row of tiny values next to a row of huge ones keeps its
+    own precision); the native bfloat16 path and the plain float32 path agree."""
+    from lmcli.kernels import int8
+
+    torch.manual_seed(rows)
+    w, b = torch.randn(300, 576), torch.randn(300)
+    x = torch.randn(rows, 576)
+    x[0] *= 1e-3
+    x[-1] *= 1e3
+    packed = int8.pack(w.bfloat16())
+    expected = F.linear(x, w.bfloat16().float(), b.bfloat16().float())
+    for got in (int8.linear(x.bfloat16(), packed, b.bfloat16()).float(), int8.linear(x, packed, b.bfloat16().float())):
+        err = (got - expected).norm(dim=1) / expected.norm(dim=1)
+        assert err.max() < 0.03, err  # relative error of each row
+    unit, scale = native.rows_to_unit(x.bfloat16())
+    torch.testing.assert_close(scale[:, 0], x.bfloat16().float().abs().amax(1))
+    torch.testing.assert_close(unit.abs().amax(1), torch.ones(rows))

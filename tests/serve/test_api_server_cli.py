@@ -8,7 +8,8 @@ from conftest import assert_one_line_error, run_lm
 from lmcli.cli import build_app
 
 OPTIONS = ("--server-name", "--server-port", "--tp", "--session-len", "--max-batch-size", "--cache-max-entry-count",
-           "--cache-block-seq-len", "--max-prefill-token-num", "--enable-prefix-caching", "--dtype", "--device",
+           "--cache-block-seq-len", "--max-prefill-token-num", "--enable-prefix-caching", "--dtype", "--quantization",
+           "--device",
            "--model-name", "--chat-template", "--meta-instruction", "--api-keys", "--allow-origins",
            "--allow-credentials", "--allow-methods", "--allow-headers", "--ssl", "--max-concurrent-requests",
            "--log-level", "--proxy-url")
@@ -29,6 +30,8 @@ def test_user_errors_are_one_line(tmp_path, smollm2_workspace):
                           "SSL_KEYFILE")
     assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--chat-template", "{% if %}"),
                           "template")
+    bad = run_lm("serve", "api_server", smollm2_workspace, "--quantization", "int4")  # typer's usage error
+    assert bad.returncode == 2 and "--quantization" in bad.stderr and "int8" in bad.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()

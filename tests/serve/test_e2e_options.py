@@ -120,3 +120,15 @@ def test_the_readme_command_serves_the_default_model(smollm2_gguf, tmp_path):
         assert "Paris" in r.json()["choices"][0]["message"]["content"]
     finally:
         server.stop()
+
+
+def test_int8_server_answers_with_the_openai_sdk(smollm2_workspace, tmp_path):
+    server = LmServer(smollm2_workspace, "--quantization", "int8", "--dtype", "bfloat16", log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        answer = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=16)
+        assert "Paris" in answer.choices[0].message.content
+    finally:
+        assert server.stop() in (0, 130) and "Traceback" not in server.stderr()  # 130: stopped by Ctrl-C

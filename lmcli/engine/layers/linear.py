@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from lmcli import kernels
+from lmcli.kernels import int8
 
 from lmcli.engine.layers.parallel import TP, shard
 
@@ -22,12 +23,18 @@ class RowParallelLinear(nn.Module):
         self.tp, self.in_shards = tp, in_shards
         self.weight = _param(out_features, sum(e - s for s, e in in_shards))
         self.weight.weight_loader = self.load
+        self.int8 = None
 
     def load(self, param: nn.Parameter, full: torch.Tensor) -> None:
         param.data = torch.cat([full[:, s:e] for s, e in self.in_shards], dim=1).contiguous()
 
+    def quantize(self) -> None:
+        """From now on in int8 (kernels/int8.py); the weight in the model's dtype is dropped."""
+        self.int8, self.weight = int8.pack(self.weight), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_reduce(kernels.linear(x, self.weight))
+        y = int8.linear(x, self.int8) if self.int8 is not None else kernels.linear(x, self.weight)
+        return self.tp.all_reduce(y)
 
 
 class FusedColumnLinear(nn.Module):
@@ -43,12 +50,19 @@ class FusedColumnLinear(nn.Module):
         self.bias = _param(out) if bias else None
         if bias:
             self.bias.weight_loader = self.load
+        self.int8 = None
 
     def load(self, param: nn.Parameter, full: torch.Tensor) -> None:
         parts = full.split(self.part_sizes, dim=0)
         param.data = torch.cat([p[s:e] for p, (s, e) in zip(parts, self.rank_ranges)], dim=0).contiguous()
 
+    def quantize(self) -> None:
+        """From now on in int8 (kernels/int8.py); the weight in the model's dtype is dropped."""
+        self.int8, self.weight = int8.pack(self.weight), None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.int8 is not None:
+            return int8.linear(x, self.int8, self.bias)
         return kernels.linear(x, self.weight, self.bias)
 
 
