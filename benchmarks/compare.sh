@@ -6,6 +6,7 @@
 #   benchmarks/compare.sh                                   # ShareGPT, 128 prompts, 64 at once
 #   benchmarks/compare.sh --dataset random --random-input-len 64 --random-output-len 256 --ignore-eos
 #   SERVERS="lm llama-server" THREADS=2 PARALLEL=64 benchmarks/compare.sh
+#   LM_ARGS="--quantization int8" SERVERS=lm benchmarks/compare.sh   # extra `lm serve api_server` options
 #
 # Arguments go to `lm bench serve` (after --num-prompts $NUM_PROMPTS --concurrency $PARALLEL
 # --max-output-len $MAX_OUTPUT_LEN). The first run
@@ -20,6 +21,7 @@ NUM_PROMPTS=${NUM_PROMPTS:-128}
 MAX_OUTPUT_LEN=${MAX_OUTPUT_LEN:-256}  # ShareGPT answers longer than this are cut
 SERVERS=${SERVERS:-"lm transformers llama-server"}
 DTYPE=${DTYPE:-bfloat16}            # lm's and transformers' weights (llama-server runs the Q4_1 GGUF itself)
+LM_ARGS=${LM_ARGS:-}                # more options for lm serve api_server, e.g. --quantization int8
 PORT=${PORT:-23390}
 WORK=${WORK:-$HOME/.cache/lmcli/compare}
 OUT=${OUT:-benchmarks/results/$(date +%Y%m%d-%H%M%S)}
@@ -73,7 +75,8 @@ start() {  # start NAME: run the server in the background; its log goes to $OUT/
     if curl -s --max-time 5 "$URL" > /dev/null; then log "port $PORT is taken"; return 1; fi
     case $1 in  # exec: $PID is the server itself, so that stop() stops it
     lm)
-        exec lm serve api_server "$WORKSPACE" --server-port "$PORT" --max-batch-size "$PARALLEL" ;;
+        # shellcheck disable=SC2086  # LM_ARGS: words on purpose
+        exec lm serve api_server "$WORKSPACE" --server-port "$PORT" --max-batch-size "$PARALLEL" $LM_ARGS ;;
     transformers)
         exec transformers serve "$HF_DIR" --continuous-batching --device cpu --dtype "$DTYPE" --port "$PORT" ;;
     llama-server)
