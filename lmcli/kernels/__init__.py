@@ -10,6 +10,7 @@ from lmcli.kernels import native, reference
 # 26.8-30.2 ms at 12, 34.0 vs 30.6 ms at 16).
 GEMV_MAX_ROWS = 8
 
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out_dtype=None) -> torch.Tensor:
     """x (tokens, in) . weight (out, in)^T (+ bias), in out_dtype (default: x's dtype)."""
     if (x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16

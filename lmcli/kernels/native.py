@@ -55,6 +55,10 @@ def library() -> Optional[ctypes.CDLL]:
     lib.rotary_store_bf16.restype = None
     lib.silu_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
     lib.silu_mul_bf16.restype = None
+    lib.gemv_s8.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
+    lib.gemv_s8.restype = None
+    lib.quantize_rows_u8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
+    lib.quantize_rows_u8.restype = None
     lib.rows_to_unit.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
     lib.rows_to_unit.restype = None
     lib.scale_rows_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
@@ -149,3 +153,16 @@ def scale_rows_bf16(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     out = torch.empty(y.shape, dtype=torch.bfloat16)
     library().scale_rows_bf16(y.data_ptr(), scale.data_ptr(), out.data_ptr(), y.shape[0], y.shape[1])
     return out
+
+
+def gemv_s8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_sum: torch.Tensor) -> torch.Tensor:
+    """x (m, k) bfloat16, contiguous; w (n, k) int8 with per-row scales w_scale (n,) float32 and row sums w_sum (n,)
+    int32 -> x . (w * w_scale)^T (m, n) bfloat16, x quantized per row to int8 on the way."""
+    m, k = x.shape
+    xq = torch.empty(m, k, dtype=torch.uint8)
+    xs = torch.empty(m, dtype=torch.float32)
+    library().quantize_rows_u8(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), m, k)
+    y = torch.empty(m, w.shape[0], dtype=torch.bfloat16)
+    library().gemv_s8(xq.data_ptr(), xs.data_ptr(), w.data_ptr(), w_scale.data_ptr(), w_sum.data_ptr(),
+                      y.data_ptr(), m, w.shape[0], k)
+    return y

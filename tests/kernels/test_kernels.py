@@ -11,6 +11,10 @@ from lmcli import kernels
 from lmcli.kernels import native, reference
 from lmcli.engine.batch import build_batch
 
+# The chunk attention kernel needs AVX512-BF16 (elsewhere it declines and torch's path runs: tested below).
+needs_avx512_bf16 = pytest.mark.skipif("avx512_bf16" not in native._cpu_flags().split(),
+                                       reason="this CPU lacks AVX512-BF16")
+
 
 @pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 10, 576), (4, 7, 100), (2, 576, 1536)])
 def test_native_gemv_matches_float32_products(m, n, k):
@@ -155,6 +159,7 @@ def test_paged_attention_falls_back_when_the_native_kernel_refuses():
 @pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (4, 4, 32, 8), (16, 2, 64, 32)])
 @pytest.mark.parametrize("length,context", [(1, 1), (2, 2), (64, 64), (100, 100), (257, 257), (40, 1100), (5, 37),
                                             (70, 100), (33, 300)])
+@needs_avx512_bf16
 def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, length, context):
     """One sequence's chunk of new tokens (a whole prompt, or the last `length` of `context` positions) read from
     the paged cache in place: tails of 32 keys and of 16 rows, query rows with a stride (a view of the fused qkv),
@@ -164,7 +169,8 @@ def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, 
     k_cache = torch.full((nb + 4, kv_heads, bs, d), float("nan"), dtype=torch.bfloat16)
     v_cache = torch.full((nb + 4, kv_heads, bs, d), float("nan"), dtype=torch.bfloat16)
     table = torch.randperm(nb + 4)[:nb]
-    ks, vs = torch.randn(context, kv_heads, d, dtype=torch.bfloat16), torch.randn(context, kv_heads, d, dtype=torch.bfloat16)
+    ks = torch.randn(context, kv_heads, d, dtype=torch.bfloat16)
+    vs = torch.randn(context, kv_heads, d, dtype=torch.bfloat16)
     slots = table[torch.arange(context) // bs] * bs + torch.arange(context) % bs
     reference.store_kv(ks, vs, k_cache, v_cache, slots, bs)
     qkv = torch.randn(length, heads + 2 * kv_heads, d, dtype=torch.bfloat16) * 2
@@ -184,8 +190,15 @@ def test_native_chunk_attention_declines_other_head_sizes():
     q = torch.randn(20, heads, d, dtype=torch.bfloat16)
     out = torch.empty(20, heads, d, dtype=torch.bfloat16)
     assert not native.prefill_attention(q, k_cache, v_cache, torch.tensor([3, 1]), 20, d ** -0.5, out)
+    batch, _ = build_batch([([1] * 20, 0, [3, 1], True)], bs)
+    k, v = torch.randn(20, kv_heads, d, dtype=torch.bfloat16), torch.randn(20, kv_heads, d, dtype=torch.bfloat16)
+    reference.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, bs)
+    got = kernels.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5)
+    expected = naive_attention(q, k, v, torch.arange(20))
+    torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)
 
 
+@needs_avx512_bf16
 def test_paged_attention_takes_the_native_chunk_kernel(monkeypatch):
     """A batch of decodes, a fresh prompt and a chunk after a cached context: in bfloat16 every chunk goes through
     the native kernel (counted), and the whole batch matches naive attention."""
@@ -196,14 +209,19 @@ def test_paged_attention_takes_the_native_chunk_kernel(monkeypatch):
     items = [([1], 80, [11, 12], True), ([1] * 100, 0, [1, 2], True), ([1] * 70, 30, [9, 10], True)]
     calls = []
     real = native.prefill_attention
-    monkeypatch.setattr(native, "prefill_attention", lambda *a: calls.append(a[4]) or real(*a))
+    def counted(*args):
+        done = real(*args)
+        calls.append((args[4], done))
+        return done
+
+    monkeypatch.setattr(native, "prefill_attention", counted)
     batch, _ = build_batch(items, bs)
     t = batch.input_ids.shape[0]
     q = torch.randn(t, heads, d, dtype=torch.bfloat16)
     k, v = torch.randn(t, kv_heads, d, dtype=torch.bfloat16), torch.randn(t, kv_heads, d, dtype=torch.bfloat16)
     reference.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, bs)
     out = kernels.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5)
-    assert calls == [100, 100]  # the contexts of the two chunks
+    assert calls == [(100, True), (100, True)]  # the contexts of the two chunks, each computed natively
     start = 0
     for new, c, table, _ in items:
         n = len(new)
@@ -251,22 +269,25 @@ def test_native_silu_and_mul_matches_the_reference(rows):
     assert (got != expected).float().mean() < 1e-2
 
 
-@pytest.mark.parametrize("rows", [1, 9, 64])
-def test_int8_linear_is_close_to_the_float_product(rows):
+@pytest.mark.parametrize("rows,k", [(1, 576), (8, 100), (9, 576), (64, 1536)])
+def test_int8_linear_is_close_to_the_float_product(rows, k):
     """Weights per output channel, activations per row (a row of tiny values next to a row of huge ones keeps its
-    own precision); the native bfloat16 path and the plain float32 path agree."""
+    own precision), the bias added after: the native kernel (up to int8.GEMV_MAX_ROWS rows, tails of 64 bytes),
+    fbgemm from bfloat16 (more rows) and fbgemm from float32 each stay within 3% of the float product."""
     from lmcli.kernels import int8
 
     torch.manual_seed(rows)
-    w, b = torch.randn(300, 576), torch.randn(300)
-    x = torch.randn(rows, 576)
+    w, b = torch.randn(300, k), torch.randn(300)
+    x = torch.randn(rows, k)
     x[0] *= 1e-3
-    x[-1] *= 1e3
-    packed = int8.pack(w.bfloat16())
-    expected = F.linear(x, w.bfloat16().float(), b.bfloat16().float())
-    for got in (int8.linear(x.bfloat16(), packed, b.bfloat16()).float(), int8.linear(x, packed, b.bfloat16().float())):
+    if rows > 1:
+        x[-1] *= 1e3
+    weight = int8.pack(w.bfloat16())
+    expected = F.linear(x.bfloat16().float(), w.bfloat16().float(), b.bfloat16().float())
+    for got in (int8.linear(x.bfloat16(), weight, b.bfloat16()).float(), int8.linear(x, weight, b.bfloat16().float())):
         err = (got - expected).norm(dim=1) / expected.norm(dim=1)
         assert err.max() < 0.03, err  # relative error of each row
     unit, scale = native.rows_to_unit(x.bfloat16())
     torch.testing.assert_close(scale[:, 0], x.bfloat16().float().abs().amax(1))
     torch.testing.assert_close(unit.abs().amax(1), torch.ones(rows))
+    assert (rows <= int8.GEMV_MAX_ROWS) == (rows in (1, 8))

@@ -2,9 +2,9 @@
 
    One query token per sequence. q (seqs, heads, dim) bfloat16, q_stride elements from one sequence's row to the
    next; caches (blocks, kv_heads, block_size, dim) bfloat16; block_tables (seqs, max_blocks); lens (seqs,): keys
-   0..len-1 are attended; out (seqs, heads, dim) bfloat16. OpenMP over (sequence, kv head): each task serves the kv head's group of query heads in one pass over
-   its keys and values, block by block with an online softmax (each K and V row is read once, while it is in
-   L1, for the whole group). Scores and sums in float32. Built by lmcli/kernels/native.py. */
+   0..len-1 are attended; out (seqs, heads, dim) bfloat16. OpenMP over (sequence, kv head): each task serves the
+   kv head's group of query heads in one pass over its keys and values, block by block with an online softmax
+   (each K and V row is read once, while it is in L1, for the whole group). Scores and sums in float32. Built by lmcli/kernels/native.py. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>

@@ -5,6 +5,7 @@
    task, OpenMP over tasks; torch's own libgomp is the one loaded). Built at first use by lmcli/kernels/native.py
    with -march=native; without AVX512-BF16 the plain loop below does the work. */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -35,5 +36,48 @@ void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t m, int64_
                 y[r * n + j] = s;
             }
         }
+    }
+}
+
+/* The int8 layers' few-row product (kernels/int8.py): y (m, n) bfloat16 = (x . W^T) * xs[r] * ws[j], x (m, k) as
+   unsigned bytes x + 128 (quantize_rows_u8), W (n, k) signed bytes with wsum[j] its row sums. With AVX512-VNNI
+   64 byte products a step; the 128 * wsum[j] that the offset adds is taken back. */
+void gemv_s8(const uint8_t *x, const float *xs, const int8_t *w, const float *ws, const int32_t *wsum,
+             uint16_t *y, int64_t m, int64_t n, int64_t k) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t j0 = 0; j0 < n; j0 += 4) {
+        int64_t jn = n - j0 < 4 ? n - j0 : 4;
+        for (int64_t r = 0; r < m; r++) {
+            const uint8_t *xr = x + r * k;
+            for (int64_t j = j0; j < j0 + jn; j++) {
+                const int8_t *wr = w + j * k;
+                int64_t i = 0;
+                int32_t s = 0;
+#ifdef __AVX512VNNI__
+                __m512i acc = _mm512_setzero_si512();
+                for (; i + 64 <= k; i += 64)
+                    acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512((const void *)(xr + i)),
+                                              _mm512_loadu_si512((const void *)(wr + i)));
+                s = _mm512_reduce_add_epi32(acc);
+#endif
+                for (; i < k; i++) s += (int32_t)xr[i] * (int32_t)wr[i];
+                y[r * n + j] = f2bf16((float)(s - 128 * wsum[j]) * xs[r] * ws[j]);
+            }
+        }
+    }
+}
+
+/* x (rows, k) bfloat16 -> out = round(x / scale) + 128 as unsigned bytes, scale = the row's largest magnitude / 127
+   (symmetric, per row: values -127..127 before the offset). */
+void quantize_rows_u8(const uint16_t *x, uint8_t *out, float *scale, int64_t rows, int64_t k) {
+    for (int64_t r = 0; r < rows; r++) {
+        float m = 1e-12f;
+        for (int64_t i = 0; i < k; i++) {
+            const float v = bf16f(x[r * k + i]);
+            m = v > m ? v : (-v > m ? -v : m);
+        }
+        scale[r] = m / 127.f;
+        const float inv = 127.f / m;
+        for (int64_t i = 0; i < k; i++) out[r * k + i] = (uint8_t)(lrintf(bf16f(x[r * k + i]) * inv) + 128);
     }
 }

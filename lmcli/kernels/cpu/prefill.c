@@ -135,7 +135,8 @@ int prefill_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t
             uint16_t *o = out + i * out_stride + (h * group + g) * dim;
             const __m512 inv = _mm512_set1_ps(1.f / sums[lane]);
             for (int64_t x = 0; x < dv; x++)
-                _mm256_storeu_si256((__m256i *)(o + 16 * x), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[lane][x], inv)));
+                _mm256_storeu_si256((__m256i *)(o + 16 * x),
+                                    (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[lane][x], inv)));
         }
     }
     return 0;
