@@ -11,10 +11,14 @@ from lmcli.kernels import native, reference
 GEMV_MAX_ROWS = 8
 
 
+def _native_bf16(*tensors) -> bool:
+    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and native.library() is not None)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out_dtype=None) -> torch.Tensor:
     """x (tokens, in) . weight (out, in)^T (+ bias), in out_dtype (default: x's dtype)."""
-    if (x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
-            and x.device.type == "cpu" and weight.is_contiguous() and native.library() is not None):
+    if x.shape[0] <= GEMV_MAX_ROWS and x.dtype == torch.bfloat16 and _native_bf16(weight):
         y = native.gemv_bf16(x.contiguous(), weight)
         if bias is not None:
             y += bias
@@ -33,11 +37,6 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     if _native_bf16(x, residual, weight) and x.dim() == 2:
         return native.add_rms_norm_bf16(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
-
-
-def _native_bf16(*tensors) -> bool:
-    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-            and native.library() is not None)
 
 
 def rotary_store(qkv: torch.Tensor, heads: int, kv_heads: int, cos, sin, k_cache, v_cache, slot_mapping):

@@ -17,6 +17,19 @@ SOURCES = Path(__file__).parent / "cpu"
 FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 FILES = ("gemv.c", "attention.c", "norm.c", "prefill.c", "fused.c")
 HEADERS = ("bf16.h",)
+# each C entry point: (pointer arguments, then int64 arguments, then one more argument type or None, result type)
+SIGNATURES = {
+    "gemv_bf16": (3, 3, None, None),
+    "paged_decode_attention": (6, 7, ctypes.c_float, ctypes.c_int),
+    "add_rms_norm_bf16": (5, 2, ctypes.c_float, None),
+    "prefill_attention": (5, 8, ctypes.c_float, ctypes.c_int),
+    "rotary_store_bf16": (6, 5, None, None),
+    "silu_mul_bf16": (2, 2, None, None),
+    "gemv_s8": (6, 3, None, None),
+    "quantize_rows_u8": (3, 2, None, None),
+    "rows_to_unit": (3, 2, None, None),
+    "scale_rows_bf16": (3, 2, None, None),
+}
 
 
 @lru_cache(maxsize=None)
@@ -43,26 +56,10 @@ def library() -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(path))
     except OSError:
         return None
-    lib.gemv_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3
-    lib.gemv_bf16.restype = None
-    lib.paged_decode_attention.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 7 + [ctypes.c_float]
-    lib.paged_decode_attention.restype = ctypes.c_int
-    lib.add_rms_norm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float]
-    lib.add_rms_norm_bf16.restype = None
-    lib.prefill_attention.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 8 + [ctypes.c_float]
-    lib.prefill_attention.restype = ctypes.c_int
-    lib.rotary_store_bf16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 5
-    lib.rotary_store_bf16.restype = None
-    lib.silu_mul_bf16.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-    lib.silu_mul_bf16.restype = None
-    lib.gemv_s8.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3
-    lib.gemv_s8.restype = None
-    lib.quantize_rows_u8.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-    lib.quantize_rows_u8.restype = None
-    lib.rows_to_unit.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-    lib.rows_to_unit.restype = None
-    lib.scale_rows_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2
-    lib.scale_rows_bf16.restype = None
+    for name, (pointers, ints, last, result) in SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * ints + ([last] if last else [])
+        fn.restype = result
     return lib
 
 
