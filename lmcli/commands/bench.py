@@ -209,6 +209,9 @@ def sessions(
     seed: Annotated[int, typer.Option(help="Seed for picking the conversations.")] = 0,
     dataset_path: Annotated[Optional[Path], typer.Option(help="A local ShareGPT JSON file instead of the download.",
                                                          show_default=False)] = None,
+    message: Annotated[Optional[str], typer.Option(
+        help="Send this same user message every turn instead of ShareGPT's, so that turns differ only in the "
+             "history before them.", show_default=False)] = None,
     api_key: Annotated[Optional[str], typer.Option(help="The server's API key.", envvar="LM_API_KEY",
                                                    show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option(help="Write every turn's TTFT as JSON.", show_default=False)]
@@ -229,8 +232,11 @@ def sessions(
     name = "bench sessions"
     try:
         model = APIClient(url, api_key=api_key).available_models[0]
-        conversations = datasets.load_conversations(dataset_path or datasets.sharegpt_path())
-        chats = bench.user_messages(conversations, num_sessions, turns, seed)
+        if message is not None:
+            chats = [[message] * turns for _ in range(num_sessions)]
+        else:
+            conversations = datasets.load_conversations(dataset_path or datasets.sharegpt_path())
+            chats = bench.user_messages(conversations, num_sessions, turns, seed)
     except (UserError, APIClientError, OSError, ValueError) as e:
         raise fail(name, getattr(e, "message", None) or str(e))
     console = Console(stderr=True)

@@ -130,5 +130,11 @@ def test_bench_sessions_against_a_server(tmp_path):
         assert any("message 0" in "".join(map(chr, a[1])) and "message 2" in "".join(map(chr, a[1]))
                    for a in stateless)  # the stateless third turn resends the first
         assert not engine.sessions  # every session ended
+        engine.added.clear()
+        done = run_lm("bench", "sessions", url, "--message", "Same words.", "--num-sessions", "1", "--turns", "3",
+                      "--output-len", "5", "--dataset-path", tmp_path / "missing.json")  # no ShareGPT needed
+        assert done.returncode == 0, done.stderr
+        sessions = [a for a in engine.added if a[3] is not None]
+        assert len(sessions) == 3 and all("".join(map(chr, a[1])).count("Same words.") == 1 for a in sessions)
     done = run_lm("bench", "sessions", "http://127.0.0.1:9")
     assert_one_line_error(done, "cannot reach")
