@@ -1,5 +1,10 @@
 """C kernels for the CPU, compiled at first use with the machine's C compiler into the user's cache, and called
-through ctypes. Anything missing (no compiler, not Linux, LMCLI_NATIVE_KERNELS=0) leaves the PyTorch path."""
+through ctypes. Anything missing (no compiler, not Linux, LMCLI_NATIVE_KERNELS=0) leaves the PyTorch path.
+
+The same sources are built once per instruction-set level (LEVELS): each C function has an AVX-512 body, an
+AVX2 + FMA body and a plain one that any compiler vectorizes (ARM too), picked by the compiler flags of the level.
+The best level this CPU has is the one loaded; LMCLI_CPU_ISA=avx2 or =portable forces a lower one (so that the
+lower paths are tested on a machine that has the higher ones too)."""
 
 import ctypes
 import hashlib
@@ -14,7 +19,14 @@ from typing import Optional
 import torch
 
 SOURCES = Path(__file__).parent / "cpu"
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
+# The dispatch table, best first: a level's name, the CPU features it needs (/proc/cpuinfo flags), its compiler
+# flags. "avx512" takes everything the CPU has (-march=native: AVX512-BF16 and VNNI where present).
+LEVELS = (
+    ("avx512", ("avx512f", "avx512bw", "avx512vl"), ["-march=native"]),
+    ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
+    ("portable", (), []),
+)
 FILES = ("gemv.c", "attention.c", "norm.c", "prefill.c", "fused.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then one more argument type or None, result type)
@@ -32,22 +44,54 @@ SIGNATURES = {
 }
 
 
+def missing_features(level: str) -> list:
+    """The CPU features that this machine lacks for a level (empty: it can run it)."""
+    have = set(_cpu_flags().split())
+    return [f for f in dict((n, need) for n, need, _ in LEVELS)[level] if f not in have]
+
+
+def available_levels() -> list:
+    """The levels this CPU can run, best first (portable always)."""
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+    return [n for n, need, _ in LEVELS if not need or (x86 and not missing_features(n))]
+
+
 @lru_cache(maxsize=None)
+def level() -> str:
+    """The level the kernels are built for here: LMCLI_CPU_ISA if set (a level this CPU can run), else the best."""
+    forced = os.environ.get("LMCLI_CPU_ISA", "").strip().lower()
+    if not forced:
+        return available_levels()[0]
+    names = [n for n, _, _ in LEVELS]
+    if forced not in names:
+        raise ValueError(f"LMCLI_CPU_ISA={forced}: not a kernel level (one of {', '.join(names)})")
+    if forced not in available_levels():
+        raise ValueError(f"LMCLI_CPU_ISA={forced}: this CPU lacks {', '.join(missing_features(forced))}")
+    return forced
+
+
 def library() -> Optional[ctypes.CDLL]:
+    """The kernels of the level in force (see level()), or None where native kernels are off or cannot be built."""
+    return build(level())
+
+
+@lru_cache(maxsize=None)
+def build(name: str) -> Optional[ctypes.CDLL]:
     if os.environ.get("LMCLI_NATIVE_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
         return None
     from lmcli.known_models import cache_dir
 
-    source = b"".join((SOURCES / name).read_bytes() for name in (*FILES, *HEADERS))
-    key = hashlib.sha256(source + " ".join(FLAGS).encode() + platform.processor().encode()
+    flags = [*FLAGS, *dict((n, f) for n, _, f in LEVELS)[name]]
+    source = b"".join((SOURCES / f).read_bytes() for f in (*FILES, *HEADERS))
+    key = hashlib.sha256(source + " ".join(flags).encode() + platform.processor().encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"lmcli-{key}.so"
+    path = cache_dir() / "kernels" / f"lmcli-{name}-{key}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         cc = os.environ.get("CC", "cc")
         try:
-            subprocess.run([cc, *FLAGS, *(str(SOURCES / name) for name in FILES), "-o", str(tmp), "-lm"],
+            subprocess.run([cc, *flags, *(str(SOURCES / f) for f in FILES), "-o", str(tmp), "-lm"],
                            check=True, capture_output=True, timeout=120)
         except (OSError, subprocess.SubprocessError):
             return None
@@ -63,10 +107,13 @@ def library() -> Optional[ctypes.CDLL]:
     return lib
 
 
+@lru_cache(maxsize=None)
 def _cpu_flags() -> str:
+    """The CPU's feature names (x86's "flags" line of /proc/cpuinfo, ARM's "Features")."""
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith(("flags", "Features"))), "")
+            return line.partition(":")[2]
     except OSError:
         return ""
 

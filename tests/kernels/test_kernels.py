@@ -11,9 +11,25 @@ from lmcli import kernels
 from lmcli.kernels import native, reference
 from lmcli.engine.batch import build_batch
 
-# The chunk attention kernel needs AVX512-BF16 (elsewhere it declines and torch's path runs: tested below).
-needs_avx512_bf16 = pytest.mark.skipif("avx512_bf16" not in native._cpu_flags().split(),
-                                       reason="this CPU lacks AVX512-BF16")
+
+
+@pytest.fixture(autouse=True, params=[name for name, _, _ in native.LEVELS])
+def isa(request, monkeypatch):
+    """Every test here runs once per kernel level this CPU can run (the lower ones forced, as LMCLI_CPU_ISA does);
+    a level the CPU lacks is skipped, naming the missing features."""
+    name = request.param
+    if name not in native.available_levels():
+        pytest.skip(f"the {name} kernels: this CPU lacks {', '.join(native.missing_features(name)) or 'x86'}")
+    monkeypatch.setattr(native, "level", lambda: name)
+    return name
+
+
+@pytest.fixture
+def bf16_products(isa):
+    """The chunk attention kernel needs AVX512-BF16 (elsewhere it declines and torch's path runs: tested below)."""
+    if isa != "avx512" or "avx512_bf16" not in native._cpu_flags().split():
+        pytest.skip(f"the chunk attention kernel needs AVX512-BF16 ({isa} kernels"
+                    + ("" if isa != "avx512" else ", this CPU lacks avx512_bf16") + ")")
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 10, 576), (4, 7, 100), (2, 576, 1536)])
@@ -43,6 +59,23 @@ def test_native_kernels_can_be_turned_off():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={"LMCLI_NATIVE_KERNELS": "0", "PATH": "/usr/bin:/bin"})
     assert done.stdout.strip() == "None", done.stderr
+
+
+def test_the_cpu_isa_can_be_forced_and_is_checked(isa):
+    """LMCLI_CPU_ISA picks the level (one per .so in the cache); a level the CPU lacks, or a wrong name, is an
+    error that names what is wrong."""
+    code = "from lmcli.kernels import native; print(native.level(), native.library()._name)"
+    run = lambda value: subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                       env={"LMCLI_CPU_ISA": value, "PATH": "/usr/bin:/bin"})
+    done = run(isa)
+    assert done.returncode == 0, done.stderr
+    name, path = done.stdout.split()
+    assert name == isa and f"lmcli-{isa}-" in path
+    wrong = run("sse9")
+    assert wrong.returncode != 0 and "LMCLI_CPU_ISA=sse9: not a kernel level" in wrong.stderr
+    for lacking in (n for n, _, _ in native.LEVELS if n not in native.available_levels()):
+        done = run(lacking)
+        assert done.returncode != 0 and "this CPU lacks" in done.stderr
 
 
 def naive_attention(q, ks, vs, positions):
@@ -159,8 +192,7 @@ def test_paged_attention_falls_back_when_the_native_kernel_refuses():
 @pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (4, 4, 32, 8), (16, 2, 64, 32)])
 @pytest.mark.parametrize("length,context", [(1, 1), (2, 2), (64, 64), (100, 100), (257, 257), (40, 1100), (5, 37),
                                             (70, 100), (33, 300)])
-@needs_avx512_bf16
-def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, length, context):
+def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, length, context, bf16_products):
     """One sequence's chunk of new tokens (a whole prompt, or the last `length` of `context` positions) read from
     the paged cache in place: tails of 32 keys and of 16 rows, query rows with a stride (a view of the fused qkv),
     and NaN in the cache slots past the context, which must not leak in."""
@@ -181,6 +213,15 @@ def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, 
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=1e-2)
 
 
+def test_native_chunk_attention_declines_without_bf16_products(isa):
+    """Below AVX512-BF16 the chunk kernel says no (and the dispatcher's PyTorch path answers, as below)."""
+    if isa == "avx512" and "avx512_bf16" in native._cpu_flags().split():
+        pytest.skip("this CPU has AVX512-BF16: the kernel runs here (tested above)")
+    k_cache = v_cache = torch.randn(4, 1, 16, 64, dtype=torch.bfloat16)
+    q, out = torch.randn(8, 2, 64, dtype=torch.bfloat16), torch.empty(8, 2, 64, dtype=torch.bfloat16)
+    assert not native.prefill_attention(q, k_cache, v_cache, torch.tensor([0]), 8, 0.125, out)
+
+
 def test_native_chunk_attention_declines_other_head_sizes():
     """head_dim not a multiple of 32: the kernel declines and the dispatcher's PyTorch path answers."""
     torch.manual_seed(1)
@@ -198,8 +239,7 @@ def test_native_chunk_attention_declines_other_head_sizes():
     torch.testing.assert_close(got.float(), expected, rtol=3e-2, atol=3e-2)
 
 
-@needs_avx512_bf16
-def test_paged_attention_takes_the_native_chunk_kernel(monkeypatch):
+def test_paged_attention_takes_the_native_chunk_kernel(monkeypatch, bf16_products):
     """A batch of decodes, a fresh prompt and a chunk after a cached context: in bfloat16 every chunk goes through
     the native kernel (counted), and the whole batch matches naive attention."""
     torch.manual_seed(5)

@@ -3,7 +3,8 @@
    A one-row product streams the weights once; torch's bfloat16 path reads them at about 10-14 GB/s on the
    2-core machine we measure on, this loop at the memory's 30 GB/s (AVX512-BF16 dot products, 4 output rows a
    task, OpenMP over tasks; torch's own libgomp is the one loaded). Built at first use by lmcli/kernels/native.py
-   with -march=native; without AVX512-BF16 the plain loop below does the work. */
+   once per instruction-set level: AVX512-BF16 dot products, else AVX2 + FMA on bfloat16 widened to float32 in
+   registers (still half the bytes of float32 weights), else the plain loop below, which the compiler vectorizes. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -31,6 +32,13 @@ void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t m, int64_
                     acc = _mm512_dpbf16_ps(acc, a, b);
                 }
                 s = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+                for (; i + 16 <= k; i += 16) {
+                    a0 = _mm256_fmadd_ps(load8_bf16(wr + i), load8_bf16(xr + i), a0);
+                    a1 = _mm256_fmadd_ps(load8_bf16(wr + i + 8), load8_bf16(xr + i + 8), a1);
+                }
+                s = hsum8(_mm256_add_ps(a0, a1));
 #endif
                 for (; i < k; i++) s += bf16f(wr[i]) * bf16f(xr[i]);
                 y[r * n + j] = s;
@@ -41,7 +49,9 @@ void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t m, int64_
 
 /* The int8 layers' few-row product (kernels/int8.py): y (m, n) bfloat16 = (x . W^T) * xs[r] * ws[j], x (m, k) as
    unsigned bytes x + 128 (quantize_rows_u8), W (n, k) signed bytes with wsum[j] its row sums. With AVX512-VNNI
-   64 byte products a step; the 128 * wsum[j] that the offset adds is taken back. */
+   64 byte products a step; the 128 * wsum[j] that the offset adds is taken back. With AVX2 but no VNNI, 32 a step
+   as signed bytes: |x - 128| times w with x's sign (vpsignb), pairs summed in 16 bits (vpmaddubsw: at most
+   2 * 127 * 127, no saturation), then in 32 (vpmaddwd). */
 void gemv_s8(const uint8_t *x, const float *xs, const int8_t *w, const float *ws, const int32_t *wsum,
              uint16_t *y, int64_t m, int64_t n, int64_t k) {
     #pragma omp parallel for schedule(static)
@@ -52,16 +62,28 @@ void gemv_s8(const uint8_t *x, const float *xs, const int8_t *w, const float *ws
             for (int64_t j = j0; j < j0 + jn; j++) {
                 const int8_t *wr = w + j * k;
                 int64_t i = 0;
-                int32_t s = 0;
+                int32_t s = 0, offset = 128 * wsum[j];  /* s - offset: the signed product */
 #ifdef __AVX512VNNI__
                 __m512i acc = _mm512_setzero_si512();
                 for (; i + 64 <= k; i += 64)
                     acc = _mm512_dpbusd_epi32(acc, _mm512_loadu_si512((const void *)(xr + i)),
                                               _mm512_loadu_si512((const void *)(wr + i)));
                 s = _mm512_reduce_add_epi32(acc);
+#elif defined(__AVX2__)
+                const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
+                __m256i acc = _mm256_setzero_si256();
+                for (; i + 32 <= k; i += 32) {
+                    const __m256i xv = _mm256_xor_si256(_mm256_loadu_si256((const void *)(xr + i)), flip);
+                    const __m256i wv = _mm256_loadu_si256((const void *)(wr + i));
+                    const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+                    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+                }
+                s = hsum8_epi32(acc);
+                for (; i < k; i++) s += ((int32_t)xr[i] - 128) * (int32_t)wr[i];
+                offset = 0;
 #endif
                 for (; i < k; i++) s += (int32_t)xr[i] * (int32_t)wr[i];
-                y[r * n + j] = f2bf16((float)(s - 128 * wsum[j]) * xs[r] * ws[j]);
+                y[r * n + j] = f2bf16((float)(s - offset) * xs[r] * ws[j]);
             }
         }
     }
