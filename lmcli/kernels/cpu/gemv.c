@@ -8,13 +8,57 @@
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
 
 
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512BF16__)
+/* AVX2: x widened to float32 once (xf), then each weight row widened once and multiplied into up to 8 rows. */
+static void gemv_bf16_avx2(const float *xf, const uint16_t *w, float *y, int64_t m, int64_t n, int64_t k) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t j = 0; j < n; j++) {
+        const uint16_t *wr = w + j * k;
+        for (int64_t r0 = 0; r0 < m; r0 += 8) {
+            const int64_t rn = m - r0 < 8 ? m - r0 : 8;
+            __m256 acc[8];
+            for (int64_t r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+            int64_t i = 0;
+            if (rn <= 4)  /* two FMA chains a row, so that few rows do not wait on the FMA's latency */
+                for (; i + 16 <= k; i += 16) {
+                    const __m256 w0 = load8_bf16(wr + i), w1 = load8_bf16(wr + i + 8);
+                    for (int64_t r = 0; r < rn; r++) {
+                        acc[r] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xf + (r0 + r) * k + i), acc[r]);
+                        acc[r + 4] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xf + (r0 + r) * k + i + 8), acc[r + 4]);
+                    }
+                }
+            for (; i + 8 <= k; i += 8) {
+                const __m256 wv = load8_bf16(wr + i);
+                for (int64_t r = 0; r < rn; r++)
+                    acc[r] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xf + (r0 + r) * k + i), acc[r]);
+            }
+            for (int64_t r = 0; r < rn; r++) {
+                float s = hsum8(rn <= 4 ? _mm256_add_ps(acc[r], acc[r + 4]) : acc[r]);
+                for (int64_t t = i; t < k; t++) s += bf16f(wr[t]) * xf[(r0 + r) * k + t];
+                y[(r0 + r) * n + j] = s;
+            }
+        }
+    }
+}
+#endif
+
 /* y (m, n) fp32 = x (m, k) bf16 . W (n, k)^T bf16, for small m. */
 void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t m, int64_t n, int64_t k) {
+#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512BF16__)
+    float *xf = malloc(sizeof(float) * m * k);
+    if (xf) {
+        for (int64_t i = 0; i < m * k; i++) xf[i] = bf16f(x[i]);
+        gemv_bf16_avx2(xf, w, y, m, n, k);
+        free(xf);
+        return;
+    }
+#endif
     #pragma omp parallel for schedule(static)
     for (int64_t j0 = 0; j0 < n; j0 += 4) {
         int64_t jn = n - j0 < 4 ? n - j0 : 4;
@@ -32,13 +76,6 @@ void gemv_bf16(const uint16_t *x, const uint16_t *w, float *y, int64_t m, int64_
                     acc = _mm512_dpbf16_ps(acc, a, b);
                 }
                 s = _mm512_reduce_add_ps(acc);
-#elif defined(__AVX2__) && defined(__FMA__)
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0;
-                for (; i + 16 <= k; i += 16) {
-                    a0 = _mm256_fmadd_ps(load8_bf16(wr + i), load8_bf16(xr + i), a0);
-                    a1 = _mm256_fmadd_ps(load8_bf16(wr + i + 8), load8_bf16(xr + i + 8), a1);
-                }
-                s = hsum8(_mm256_add_ps(a0, a1));
 #endif
                 for (; i < k; i++) s += bf16f(wr[i]) * bf16f(xr[i]);
                 y[r * n + j] = s;

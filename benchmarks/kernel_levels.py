@@ -1,0 +1,70 @@
+"""The decode products at every kernel level this CPU can run, beside torch on the same weights, in one run.
+
+The 120 projections of one SmolLM2-135M decode step (30 layers: qkv 960x576, o 576x576, gate+up 3072x576,
+down 576x1536), each weight read from memory once a pass as in a real step (the set is larger than the caches).
+Prints ms for one pass at 1 and 8 rows: torch bfloat16 (F.linear), torch float32 on float32 copies of the
+weights, and our bfloat16 and int8 GEMVs at each level.
+
+    python benchmarks/kernel_levels.py [--repeat 5]
+"""
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmcli.kernels import int8, native
+
+SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30
+
+
+def best_ms(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times) * 1e3
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=5)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    weights = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in SHAPES]
+    floats = [w.float() for w in weights]
+    packed = [int8.pack(w) for w in weights]
+    model = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
+    print(f"CPU: {model}; levels here: {', '.join(native.available_levels())}; "
+          f"torch threads: {torch.get_num_threads()}")
+    print(f"{'rows':>4} {'what':<28} {'ms a pass':>10}")
+    for rows in (1, 8):
+        xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in (576, 1536)}
+        xf = {k: x.float() for k, x in xs.items()}
+        rows_out = [("torch bfloat16", lambda: [F.linear(xs[w.shape[1]], w) for w in weights]),
+                    ("torch float32", lambda: [F.linear(xf[w.shape[1]], w) for w in floats])]
+        for level in native.available_levels():
+            lib = native.build(level)
+            if lib is None:
+                continue
+            original = native.library
+            native.library = lambda lib=lib: lib
+            try:
+                rows_out.append((f"{level} bfloat16 GEMV",
+                                 best_ms(lambda: [native.gemv_bf16(xs[w.shape[1]], w) for w in weights],
+                                         args.repeat)))
+                rows_out.append((f"{level} int8 GEMV",
+                                 best_ms(lambda: [native.gemv_s8(xs[p.q.shape[1]], p.q, p.scale, p.sum)
+                                                  for p in packed], args.repeat)))
+            finally:
+                native.library = original
+        for what, fn in rows_out:
+            ms = fn if isinstance(fn, float) else best_ms(fn, args.repeat)
+            print(f"{rows:>4} {what:<28} {ms:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
