@@ -134,6 +134,10 @@ def api_server(
 
     app = create_app(load, options, on_ready, on_error)
     print(f"lm api_server: loading {ws.model_name} from {ws.path}; serving at {url}", file=sys.stderr, flush=True)
+    if device == "cpu" and log_level in (LogLevel.info, LogLevel.debug):
+        from lmcli.kernels import native
+
+        print(f"lm api_server: {native.describe()}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=server_name, port=server_port, log_level=log_level.value,
                             access_log=log_level in (LogLevel.info, LogLevel.debug), timeout_graceful_shutdown=5,
                             **ssl_files)

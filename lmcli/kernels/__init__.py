@@ -23,6 +23,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out
         if bias is not None:
             y += bias
         return y.to(out_dtype or x.dtype)
+    if x.dtype == weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not native.bf16_products():
+        # torch's bfloat16 GEMM would be emulated on this CPU: the weight is widened for this product only
+        return reference.linear(x.float(), weight.float(), None if bias is None else bias.float(),
+                                out_dtype or x.dtype)
     return reference.linear(x, weight, bias, out_dtype)
 
 
@@ -64,12 +68,27 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
     """See reference.paged_attention; in bfloat16 on CPU, the native kernels read K/V in place: one for the
     decodes, one for each chunk of several tokens (faster than torch's CPU flash kernel at every size measured:
-    64 tokens 0.054 vs 0.172 ms, 1024 tokens 6.7 vs 19.5 ms, 40 tokens after 1060 cached ones 0.57 vs 1.48 ms)."""
+    64 tokens 0.054 vs 0.172 ms, 1024 tokens 6.7 vs 19.5 ms, 40 tokens after 1060 cached ones 0.57 vs 1.48 ms).
+    Without native bfloat16 products (AVX2 CPUs, or a lower LMCLI_CPU_ISA) the chunks run in float32."""
     decode = chunk = None
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and native.library() is not None:
-        chunk = native.prefill_attention
+    lib = q.dtype == torch.bfloat16 and q.device.type == "cpu" and native.library() is not None
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        chunk = native.prefill_attention if lib and native.bf16_products() else float32_chunk_attention
+    if lib:
 
         def decode(qd, kc, vc, b, s):
             out = native.paged_decode_attention(qd, kc, vc, b.decode_block_tables, b.decode_lens, s)
             return reference.decode_attention(qd, kc, vc, b, s) if out is None else out
     return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode, chunk)
+
+
+def float32_chunk_attention(q, k_cache, v_cache, block_table, context: int, scale: float, out) -> bool:
+    """One sequence's chunk (see reference.paged_attention) in float32, for CPUs without native bfloat16 products,
+    where torch's bfloat16 attention would be emulated."""
+    length = q.shape[0]
+    ki = reference.gather_context(k_cache, block_table, context).float()
+    vi = reference.gather_context(v_cache, block_table, context).float()
+    keys = torch.arange(context, device=q.device)
+    mask = keys <= keys[context - length:, None]  # query i sits at position context - length + i
+    out.copy_(reference.sdpa(q.float().transpose(0, 1), ki, vi, attn_mask=mask, scale=scale).transpose(0, 1))
+    return True

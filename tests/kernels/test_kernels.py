@@ -54,6 +54,39 @@ def test_linear_dispatch_and_bias():
         assert kernels.linear(x, w, out_dtype=torch.float32).dtype == torch.float32
 
 
+def test_large_bfloat16_products_run_in_float32_without_native_bfloat16(isa, monkeypatch):
+    """More rows than the GEMV takes: torch's bfloat16 GEMM where the CPU has bfloat16 products, else a float32
+    product on the widened weight (torch would emulate bfloat16 there), rounded back to bfloat16."""
+    seen = []
+    real = reference.linear
+    monkeypatch.setattr(reference, "linear", lambda x, w, *a: seen.append((x.dtype, w.dtype)) or real(x, w, *a))
+    torch.manual_seed(3)
+    x, w, b = torch.randn(32, 96, dtype=torch.bfloat16), torch.randn(64, 96, dtype=torch.bfloat16), torch.randn(64)
+    got = kernels.linear(x, w, b.bfloat16())
+    native_bf16 = isa == "avx512" and "avx512_bf16" in native._cpu_flags().split()
+    assert native.bf16_products() == native_bf16
+    assert seen == [(torch.bfloat16,) * 2] if native_bf16 else [(torch.float32,) * 2]
+    assert got.dtype == torch.bfloat16
+    if not native_bf16:
+        assert torch.equal(got, F.linear(x.float(), w.float(), b.bfloat16().float()).bfloat16())
+    assert native.describe().startswith(f"CPU kernels: {isa} ")
+    assert ("products of many rows in float32" in native.describe()) != native_bf16
+
+
+def test_float32_chunk_attention_matches_naive_attention():
+    torch.manual_seed(4)
+    bs, kv_heads, heads, d, context, length = 16, 2, 6, 64, 40, 9
+    k_cache = torch.randn(4, kv_heads, bs, d, dtype=torch.bfloat16)
+    v_cache = torch.randn(4, kv_heads, bs, d, dtype=torch.bfloat16)
+    table = torch.tensor([2, 0, 3])
+    q, out = torch.randn(length, heads, d, dtype=torch.bfloat16), torch.empty(length, heads, d, dtype=torch.bfloat16)
+    assert kernels.float32_chunk_attention(q, k_cache, v_cache, table, context, d ** -0.5, out)
+    ks = reference.gather_context(k_cache, table, context).transpose(0, 1)
+    vs = reference.gather_context(v_cache, table, context).transpose(0, 1)
+    expected = naive_attention(q, ks, vs, torch.arange(context - length, context))
+    torch.testing.assert_close(out.float(), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_native_kernels_can_be_turned_off():
     code = "from lmcli.kernels import native; print(native.library())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
