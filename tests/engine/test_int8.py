@@ -25,7 +25,8 @@ def test_int8_engine_packs_every_projection_and_still_answers(smollm2_workspace)
     finally:
         pipe.engine.close()
     assert "Paris" in france.text
-    assert "Red" in colors.text and "Blue" in colors.text
+    # capitalised with VNNI, lower case on AVX2 (fbgemm's 7-bit activations there): the same answer
+    assert "red" in colors.text.lower() and "blue" in colors.text.lower()
 
 
 def test_int8_is_refused_where_it_cannot_run(smollm2_workspace):
