@@ -15,6 +15,9 @@ from lmcli.engine.engine import Engine, Output
 from lmcli.engine.sampling_params import SamplingParams
 
 
+CLOSE_TIMEOUT = 600.0  # seconds close() waits for the step in flight (a hung tensor-parallel peer: not for ever)
+
+
 class EngineDead(RuntimeError):
     """The engine loop stopped on an error; nothing more will be generated."""
 
@@ -215,7 +218,15 @@ class AsyncEngine:
     def close(self) -> None:
         self._stop = True
         self._inbox.put(("wake",))  # the loop may be waiting for work
-        self._thread.join(timeout=5)
+        # The loop ends after the step in flight, which takes seconds on a slow CPU (a 2048-token prefill: about
+        # 15 s on a 2-core AVX2 machine). Waited for, not cut short: a thread still inside torch when the
+        # interpreter exits aborts the process ("terminate called without an active exception").
+        waited = 0.0
+        while self._thread.is_alive() and waited < CLOSE_TIMEOUT:
+            self._thread.join(timeout=10)
+            waited += 10
+            if self._thread.is_alive():
+                logging.getLogger("lmcli.engine").warning("waiting for the engine's step in flight to end")
         self.engine.close()
 
 

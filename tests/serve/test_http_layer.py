@@ -1,5 +1,6 @@
 """The HTTP layer against the fake engine (fast): formats, errors, keys, CORS, sessions, health, metrics."""
 
+import asyncio
 import json
 import threading
 import time
@@ -429,3 +430,41 @@ def test_control_requests_pass_the_limit_and_busy_sessions_refuse_the_rest():
         assert not engine.engine.requests and len(engine.engine.aborted) == 2 and engine.engine.steps < 190
         assert httpx.post(url + "/v1/chat/interactive", json={"prompt": "", "session_id": 12,
                                                                "request_output_len": 0}).status_code == 200
+
+
+class SlowStepEngine(FakeEngine):
+    """A step that lasts until the test releases it (a long prefill on a slow CPU); records the order of events."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.release, self.events = threading.Event(), threading.Event(), []
+
+    def step(self):
+        self.entered.set()
+        self.release.wait(60)
+        self.events.append("step ended")
+        return super().step()
+
+    def close(self):
+        self.events.append("closed")
+
+
+def test_close_waits_for_the_step_in_flight():
+    # A step still running in torch when the interpreter exits aborts the process ("terminate called without an
+    # active exception", exit -6): close() gave up after 5 s, then the engine was closed under a running step.
+    engine = SlowStepEngine()
+    async_engine = AsyncEngine(engine)
+
+    async def ask():
+        async for _ in async_engine.generate([ord("H"), ord("i")]):
+            pass
+
+    threading.Thread(target=lambda: asyncio.run(ask()), daemon=True).start()  # never answered: the loop stops
+    assert engine.entered.wait(30)
+    closer = threading.Thread(target=async_engine.close)
+    closer.start()
+    closer.join(6)  # longer than the old 5 s limit
+    assert closer.is_alive() and engine.events == []  # still waiting, nothing closed under the step
+    engine.release.set()
+    closer.join(60)
+    assert not closer.is_alive() and engine.events == ["step ended", "closed"]
