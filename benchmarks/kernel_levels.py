@@ -3,9 +3,12 @@
 The 120 projections of one SmolLM2-135M decode step (30 layers: qkv 960x576, o 576x576, gate+up 3072x576,
 down 576x1536), each weight read from memory once a pass as in a real step (the set is larger than the caches).
 Prints ms for one pass at 1 and 8 rows: torch bfloat16 (F.linear), torch float32 on float32 copies of the
-weights, and our bfloat16 and int8 GEMVs at each level.
+weights, and our bfloat16 and int8 GEMVs at each level; at 16 and 64 rows (batched decodes, prefill chunks):
+torch bfloat16, torch float32 on float32 copies, torch float32 on each weight widened for the product (what runs
+without native bfloat16 products and without the native kernel), and the native float32 x bfloat16 GEMM at each
+level that has one.
 
-    python benchmarks/kernel_levels.py [--repeat 5]
+    python benchmarks/kernel_levels.py [--repeat 5] [--rows 1 8 16 64]
 """
 
 import argparse
@@ -32,6 +35,7 @@ def best_ms(fn, repeat: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 16, 64])
     args = parser.parse_args()
     torch.manual_seed(0)
     weights = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in SHAPES]
@@ -41,11 +45,14 @@ def main() -> None:
     print(f"CPU: {model}; levels here: {', '.join(native.available_levels())}; "
           f"torch threads: {torch.get_num_threads()}")
     print(f"{'rows':>4} {'what':<28} {'ms a pass':>10}")
-    for rows in (1, 8):
+    for rows in args.rows:
         xs = {k: torch.randn(rows, k, dtype=torch.bfloat16) for k in (576, 1536)}
         xf = {k: x.float() for k, x in xs.items()}
         rows_out = [("torch bfloat16", lambda: [F.linear(xs[w.shape[1]], w) for w in weights]),
                     ("torch float32", lambda: [F.linear(xf[w.shape[1]], w) for w in floats])]
+        if rows > 8:
+            rows_out.append(("torch float32, weight widened", lambda: [F.linear(xf[w.shape[1]], w.float())
+                                                                       for w in weights]))
         for level in native.available_levels():
             lib = native.build(level)
             if lib is None:
@@ -53,12 +60,17 @@ def main() -> None:
             original = native.library
             native.library = lambda lib=lib: lib
             try:
-                rows_out.append((f"{level} bfloat16 GEMV",
-                                 best_ms(lambda: [native.gemv_bf16(xs[w.shape[1]], w) for w in weights],
-                                         args.repeat)))
-                rows_out.append((f"{level} int8 GEMV",
-                                 best_ms(lambda: [native.gemv_s8(xs[p.q.shape[1]], p.q, p.scale, p.sum)
-                                                  for p in packed], args.repeat)))
+                if rows <= 8:
+                    rows_out.append((f"{level} bfloat16 GEMV",
+                                     best_ms(lambda: [native.gemv_bf16(xs[w.shape[1]], w) for w in weights],
+                                             args.repeat)))
+                    rows_out.append((f"{level} int8 GEMV",
+                                     best_ms(lambda: [native.gemv_s8(xs[p.q.shape[1]], p.q, p.scale, p.sum)
+                                                      for p in packed], args.repeat)))
+                elif native.gemm_f32_bf16(xf[576], weights[0]) is not None:
+                    rows_out.append((f"{level} float32 x bfloat16 GEMM",
+                                     best_ms(lambda: [native.gemm_f32_bf16(xf[w.shape[1]], w) for w in weights],
+                                             args.repeat)))
             finally:
                 native.library = original
         for what, fn in rows_out:

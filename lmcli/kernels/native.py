@@ -27,11 +27,12 @@ LEVELS = (
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     ("portable", (), []),
 )
-FILES = ("gemv.c", "attention.c", "norm.c", "prefill.c", "fused.c")
+FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then one more argument type or None, result type)
 SIGNATURES = {
     "gemv_bf16": (3, 3, None, None),
+    "gemm_f32_bf16": (3, 3, None, ctypes.c_int),
     "paged_decode_attention": (6, 7, ctypes.c_float, ctypes.c_int),
     "add_rms_norm_bf16": (5, 2, ctypes.c_float, None),
     "prefill_attention": (5, 8, ctypes.c_float, ctypes.c_int),
@@ -140,6 +141,14 @@ def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
     library().gemv_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], w.shape[0], w.shape[1])
     return y
+
+
+def gemm_f32_bf16(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
+    """x (m, k) float32 contiguous, w (n, k) bfloat16 contiguous -> (m, n) float32, the weight widened in registers
+    (AVX2 + FMA); None where this level has no such kernel (portable)."""
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    failed = library().gemm_f32_bf16(x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], w.shape[0], w.shape[1])
+    return None if failed else y
 
 
 def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float) -> Optional[torch.Tensor]:

@@ -43,6 +43,19 @@ def test_native_gemv_matches_float32_products(m, n, k):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("m,n,k", [(9, 10, 576), (13, 7, 100), (64, 576, 1536), (5, 3, 8), (130, 49, 1536),
+                                   (4, 1, 3)])
+def test_native_gemm_widening_bfloat16_matches_float32_products(isa, m, n, k):
+    torch.manual_seed(m + n + k)
+    x, w = torch.randn(m, k), torch.randn(n, k, dtype=torch.bfloat16)
+    got = native.gemm_f32_bf16(x, w)
+    if isa == "portable":
+        assert got is None  # declined: the caller widens the weight and calls torch
+        return
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    torch.testing.assert_close(got, F.linear(x, w.float()), rtol=1e-5, atol=1e-4)
+
+
 def test_linear_dispatch_and_bias():
     torch.manual_seed(0)
     w, b = torch.randn(64, 96, dtype=torch.bfloat16), torch.randn(64, dtype=torch.bfloat16)
@@ -56,19 +69,23 @@ def test_linear_dispatch_and_bias():
 
 def test_large_bfloat16_products_run_in_float32_without_native_bfloat16(isa, monkeypatch):
     """More rows than the GEMV takes: torch's bfloat16 GEMM where the CPU has bfloat16 products, else a float32
-    product on the widened weight (torch would emulate bfloat16 there), rounded back to bfloat16."""
-    seen = []
+    product (torch would emulate bfloat16 there): the native kernel widening the weight in registers (AVX2 and up),
+    or torch on the widened weight (portable); rounded back to bfloat16."""
     real = reference.linear
-    monkeypatch.setattr(reference, "linear", lambda x, w, *a: seen.append((x.dtype, w.dtype)) or real(x, w, *a))
-    torch.manual_seed(3)
-    x, w, b = torch.randn(32, 96, dtype=torch.bfloat16), torch.randn(64, 96, dtype=torch.bfloat16), torch.randn(64)
-    got = kernels.linear(x, w, b.bfloat16())
     native_bf16 = isa == "avx512" and "avx512_bf16" in native._cpu_flags().split()
     assert native.bf16_products() == native_bf16
-    assert seen == [(torch.bfloat16,) * 2] if native_bf16 else [(torch.float32,) * 2]
-    assert got.dtype == torch.bfloat16
-    if not native_bf16:
-        assert torch.equal(got, F.linear(x.float(), w.float(), b.bfloat16().float()).bfloat16())
+    torch.manual_seed(3)
+    w, b = torch.randn(64, 96, dtype=torch.bfloat16), torch.randn(64).bfloat16()
+    for rows in (32, kernels.GEMM_MAX_ROWS + 1):  # beyond GEMM_MAX_ROWS torch on the widened weight
+        seen = []
+        monkeypatch.setattr(reference, "linear", lambda x, w, *a: seen.append((x.dtype, w.dtype)) or real(x, w, *a))
+        x = torch.randn(rows, 96, dtype=torch.bfloat16)
+        got = kernels.linear(x, w, b)
+        in_kernel = not native_bf16 and isa != "portable" and rows <= kernels.GEMM_MAX_ROWS
+        assert seen == ([(torch.bfloat16,) * 2] if native_bf16 else [] if in_kernel else [(torch.float32,) * 2])
+        assert got.dtype == torch.bfloat16
+        if not native_bf16:  # float32 sums, maybe in another order: at most one bfloat16 step apart
+            torch.testing.assert_close(got.float(), F.linear(x.float(), w.float(), b.float()), rtol=8e-3, atol=1e-5)
     assert native.describe().startswith(f"CPU kernels: {isa} ")
     assert ("products of many rows in float32" in native.describe()) != native_bf16
 
@@ -156,10 +173,10 @@ def test_paged_attention_matches_naive_attention(dtype, num_decode, impl):
 
 
 @pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (12, 1, 32, 32), (4, 2, 48, 8),
-                                                 (24, 1, 64, 16)])
+                                                 (24, 1, 64, 16), (4, 4, 40, 8), (14, 2, 64, 16)])
 def test_native_decode_attention_matches_naive_attention(heads, kv_heads, d, bs):
-    """The native kernel's vector path (head_dim a multiple of 32, up to 8 query heads a kv head), its plain
-    loops (other shapes), and its refusal (more than 16 query heads a kv head: None, the caller falls back).
+    """The native kernel's vector paths (AVX-512: head_dim a multiple of 32; AVX2: of 8; up to 8 query heads a kv
+    head), its plain loops (other shapes), and its refusal (more than 16 query heads a kv head: None, the caller falls back).
     The queries are a strided view (of a fused qkv, as in the model); the output is bfloat16."""
     torch.manual_seed(d + heads)
     lens = [1, 5, bs, bs + 1, 3 * bs + 7, 200]
