@@ -63,6 +63,42 @@ static inline void dots16(const float *qf, const uint16_t *qb, const uint16_t *k
 }
 #endif
 
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define AVX2_BODY 1
+/* AVX2: s[g][l] = qf[g] . k_l for the n key rows at k, each row widened once for the whole group of G query heads
+   (G a constant in each call below, so that the accumulators stay in registers); dim a multiple of 8. */
+static inline __attribute__((always_inline)) void dots_avx2(const float *qf, const uint16_t *k, int64_t n,
+                                                             int64_t dim, const int G, float *sc) {
+    for (int64_t l = 0; l < n; l++) {
+        __m256 a[8];
+        for (int g = 0; g < G; g++) a[g] = _mm256_setzero_ps();
+        for (int64_t j = 0; j < dim; j += 8) {
+            const __m256 kv = load8_bf16(k + l * dim + j);
+            for (int g = 0; g < G; g++) a[g] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + g * dim + j), kv, a[g]);
+        }
+        for (int g = 0; g < G; g++) sc[g * (MAX_BLOCK + 16) + l] = hsum8(a[g]);
+    }
+}
+
+/* acc[g][j:j+8] += p[g][l] * v[l][j:j+8] over the n value rows at v, each read once for the group */
+static inline __attribute__((always_inline)) void pv_avx2(const float *sc, const uint16_t *v, int64_t n,
+                                                           int64_t dim, const int G, float *acc) {
+    for (int64_t j = 0; j < dim; j += 8) {
+        __m256 a[8];
+        for (int g = 0; g < G; g++) a[g] = _mm256_loadu_ps(acc + g * dim + j);
+        for (int64_t l = 0; l < n; l++) {
+            const __m256 vv = load8_bf16(v + l * dim + j);
+            for (int g = 0; g < G; g++) a[g] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g * (MAX_BLOCK + 16) + l]), vv, a[g]);
+        }
+        for (int g = 0; g < G; g++) _mm256_storeu_ps(acc + g * dim + j, a[g]);
+    }
+}
+
+#define BY_GROUP(call) switch (group) { case 1: call(1); break; case 2: call(2); break; case 3: call(3); break; \
+    case 4: call(4); break; case 5: call(5); break; case 6: call(6); break; case 7: call(7); break; \
+    default: call(8); break; }
+#endif
+
 /* One task: the group of query heads q[g] (scaled float32 qf, raw bfloat16 qb) over one sequence's keys 0..len-1
    of one kv head; out[g] = softmax(q[g] . K) V. */
 static void attend(const float *qf, const uint16_t *qb, const uint16_t *k_cache, const uint16_t *v_cache,
@@ -70,14 +106,26 @@ static void attend(const float *qf, const uint16_t *qb, const uint16_t *k_cache,
                    int64_t block_size, float scale, uint16_t **out) {
     float acc[MAX_GROUP * MAX_DIM], sc[MAX_GROUP * (MAX_BLOCK + 16)], mx[MAX_GROUP], sum[MAX_GROUP];
     const int fast = dim % 32 == 0;
+    (void)fast;  /* AVX-512 only */
     for (int64_t g = 0; g < group; g++) mx[g] = -FLT_MAX, sum[g] = 0.f;  /* finite: built with -ffast-math */
     memset(acc, 0, sizeof(float) * group * dim);
     for (int64_t start = 0; start < len; start += block_size) {
         const int64_t n = len - start < block_size ? len - start : block_size;
         const int64_t base = (table[start / block_size] * kv_heads + h) * block_size * dim;
         const uint16_t *kb = k_cache + base, *vb = v_cache + base;
+#ifdef AVX2_BODY
+        const int avx2 = dim % 8 == 0 && group <= 8;
+        if (avx2) {
+#define DOTS(G) dots_avx2(qf, kb, n, dim, G, sc)
+            BY_GROUP(DOTS)
+        }
+#else
+        const int avx2 = 0;
+#endif
         for (int64_t g = 0; g < group; g++) {
             float *s = sc + g * (MAX_BLOCK + 16);
+            if (avx2) {
+            } else
 #ifdef __AVX512F__
             if (fast) {
                 for (int64_t l = 0; l < n; l += 16) dots16(qf + g * dim, qb + g * dim, kb + l * dim, n - l, dim, s + l);
@@ -106,6 +154,13 @@ static void attend(const float *qf, const uint16_t *qb, const uint16_t *k_cache,
             }
             sum[g] += total;
         }
+#ifdef AVX2_BODY
+        if (avx2) {
+#define PV(G) pv_avx2(sc, vb, n, dim, G, acc)
+            BY_GROUP(PV)
+            continue;
+        }
+#endif
         for (int64_t j = 0; j < dim; j += 16) {  /* acc[g][j:j+16] += p[g][l] * v[l][j:j+16], each v read once */
 #ifdef __AVX512F__
             if (fast && group <= 8) {
