@@ -125,6 +125,7 @@ static void attend(const float *qf, const uint16_t *qb, const uint16_t *k_cache,
         for (int64_t g = 0; g < group; g++) {
             float *s = sc + g * (MAX_BLOCK + 16);
             if (avx2) {
+                /* the whole group's scores were computed above */
             } else
 #ifdef __AVX512F__
             if (fast) {
