@@ -6,7 +6,8 @@ Prints ms for one pass at 1 and 8 rows: torch bfloat16 (F.linear), torch float32
 weights, and our bfloat16 and int8 GEMVs at each level; at 16 and 64 rows (batched decodes, prefill chunks):
 torch bfloat16, torch float32 on float32 copies, torch float32 on each weight widened for the product (what runs
 without native bfloat16 products and without the native kernel), and the native float32 x bfloat16 GEMM at each
-level that has one.
+level that has one; at every row count, the 4-bit kernel (kernels/int4.py) at each level and the int8 layer as
+the engine runs it (--quantization int8: our GEMV up to 8 rows, fbgemm beyond, whatever the level).
 
     python benchmarks/kernel_levels.py [--repeat 5] [--rows 1 8 16 64]
 """
@@ -17,7 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lmcli.kernels import int8, native
+from lmcli.kernels import int4, int8, native
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30
 
@@ -41,6 +42,7 @@ def main() -> None:
     weights = [torch.randn(n, k, dtype=torch.bfloat16) for n, k in SHAPES]
     floats = [w.float() for w in weights]
     packed = [int8.pack(w) for w in weights]
+    nibbles = [int4.quantize(w) for w in weights]
     model = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
     print(f"CPU: {model}; levels here: {', '.join(native.available_levels())}; "
           f"torch threads: {torch.get_num_threads()}")
@@ -50,6 +52,7 @@ def main() -> None:
         xf = {k: x.float() for k, x in xs.items()}
         rows_out = [("torch bfloat16", lambda: [F.linear(xs[w.shape[1]], w) for w in weights]),
                     ("torch float32", lambda: [F.linear(xf[w.shape[1]], w) for w in floats])]
+        rows_out.append(("int8 layer (engine)", lambda: [int8.linear(xs[p.q.shape[1]], p) for p in packed]))
         if rows > 8:
             rows_out.append(("torch float32, weight widened", lambda: [F.linear(xf[w.shape[1]], w.float())
                                                                        for w in weights]))
@@ -60,6 +63,8 @@ def main() -> None:
             original = native.library
             native.library = lambda lib=lib: lib
             try:
+                rows_out.append((f"{level} int4 kernel", best_ms(lambda: [int4.linear(xs[q.shape[1]], q)
+                                                                          for q in nibbles], args.repeat)))
                 if rows <= 8:
                     rows_out.append((f"{level} bfloat16 GEMV",
                                      best_ms(lambda: [native.gemv_bf16(xs[w.shape[1]], w) for w in weights],

@@ -7,7 +7,7 @@ from lmcli.errors import UserError
 from lmcli.workspace import ModelConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: the workspace's dtype (float16 becomes float32 on CPU)
     device: str = "cpu"
     session_len: Optional[int] = None  # most tokens one sequence or session may hold; default: the model's
-    quantization: Optional[str] = None  # int8: the linear layers in int8 (W8A8, CPU); None: in dtype
+    quantization: Optional[str] = None  # the linear layers in int8 (W8A8) or int4 (4-bit blocks), CPU; None: dtype
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -65,8 +65,8 @@ class EngineConfig:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.quantization not in (None, *QUANTIZATIONS):
             raise UserError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
-        if self.quantization == "int8" and self.device != "cpu":
-            raise UserError("int8 quantization runs on CPUs only (torch's fbgemm kernels)")
+        if self.quantization and self.device != "cpu":
+            raise UserError(f"{self.quantization} quantization runs on CPUs only (its kernels are CPU kernels)")
         if self.session_len is not None and not 1 < self.session_len <= self.model.max_position_embeddings:
             raise UserError(f"session_len must be in 2..{self.model.max_position_embeddings}, not {self.session_len}")
         m, tp = self.model, self.parallel.tp

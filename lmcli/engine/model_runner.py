@@ -9,6 +9,7 @@ import torch
 
 from lmcli.engine.batch import build_batch, plan
 from lmcli.engine.config import EngineConfig
+from lmcli.engine.layers.linear import QuantizableLinear
 from lmcli.engine.layers.parallel import TP
 from lmcli.engine.memory import advise_huge_pages, pack_parameters
 from lmcli.engine.models import model_class
@@ -72,9 +73,10 @@ class ModelRunner:
             raise UserError(f"workspace {workspace.path} lacks {', '.join(sorted(missing)[:3])}")
         if self.config.quantization == "int8":
             int8.check()
+        if self.config.quantization:
             for module in self.model.modules():
-                if hasattr(module, "quantize"):
-                    module.quantize()
+                if isinstance(module, QuantizableLinear):
+                    module.quantize(self.config.quantization)
         if self.device.type == "cpu":
             pack_parameters(self.model)
 

@@ -27,7 +27,7 @@ LEVELS = (
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     ("portable", (), []),
 )
-FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c")
+FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "q4.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then one more argument type or None, result type)
 SIGNATURES = {
@@ -42,6 +42,7 @@ SIGNATURES = {
     "quantize_rows_u8": (3, 2, None, None),
     "rows_to_unit": (3, 2, None, None),
     "scale_rows_bf16": (3, 2, None, None),
+    "gemm_q4": (4, 5, None, ctypes.c_int),
 }
 
 
@@ -236,3 +237,13 @@ def gemv_s8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_sum: torc
     library().gemv_s8(xq.data_ptr(), xs.data_ptr(), w.data_ptr(), w_scale.data_ptr(), w_sum.data_ptr(),
                       y.data_ptr(), m, w.shape[0], k)
     return y
+
+
+def gemm_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """x (m, k) bfloat16 or float32, contiguous; a 4-bit weight (n, k) in kernels/int4.py's layout -> (m, n) in x's
+    dtype, x quantized to signed bytes per block of 32 on the way; None if the kernel could not allocate."""
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    failed = library().gemm_q4(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, bf16, bf16)
+    return None if failed else y

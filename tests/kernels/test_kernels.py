@@ -381,3 +381,56 @@ def test_int8_linear_is_close_to_the_float_product(rows, k):
     torch.testing.assert_close(scale[:, 0], x.bfloat16().float().abs().amax(1))
     torch.testing.assert_close(unit.abs().amax(1), torch.ones(rows))
     assert (rows <= int8.GEMV_MAX_ROWS) == (rows in (1, 8))
+
+
+def _blocks_to_int8(x: torch.Tensor) -> torch.Tensor:
+    """What the 4-bit kernel multiplies for x: each block of 32 rounded to signed bytes of its own scale."""
+    m, k = x.shape
+    b = x.float().view(m, k // 32, 32)
+    amax = b.abs().amax(2, keepdim=True)
+    return (torch.round(b * torch.where(amax > 0, 127 / amax, 0)) * (amax / 127)).view(m, k)
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (5, 576, 1536), (64, 33, 64)])
+def test_int4_kernel_is_the_dequantized_product(m, n, k):
+    """At every level the 4-bit kernel computes exactly (to float32 rounding) x's 8-bit blocks times the dequantized
+    weight: output rows that do not fill a tile of 8, row counts that do not fill 4, bfloat16 and float32 in and
+    out, a block of zeros in x."""
+    from lmcli.kernels import int4
+
+    torch.manual_seed(m * n)
+    w, x = torch.randn(n, k), torch.randn(m, k)
+    x[0, :32] = 0
+    weight = int4.quantize(w)
+    deq = weight.dequantize()
+    assert deq.shape == (n, k) and (deq - w).abs().max() <= 0.07 * w.abs().max()  # half a step of 15 over the block
+    for xin in (x, x.bfloat16()):
+        got = int4.linear(xin, weight)
+        expected = _blocks_to_int8(xin) @ deq.t()
+        assert got.dtype == xin.dtype and got.shape == (m, n)
+        tol = 1e-5 if xin.dtype == torch.float32 else 2 ** -8  # bfloat16 out: one rounding
+        torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+def test_int4_keeps_q4_blocks_exactly_and_refuses_what_it_cannot_hold():
+    """A weight already in 4-bit blocks (d * q + mn, d and mn in float16, as a Q4_1 GGUF dequantizes) comes back
+    bit for bit; in features not a multiple of 32, or values beyond float16, are not quantized."""
+    from lmcli.kernels import int4
+
+    torch.manual_seed(0)
+    q = torch.randint(0, 16, (16, 4, 32)).float()
+    q[:, :, 0], q[:, :, 1] = 0, 15  # every block spans its whole range, as a Q4_1 quantizer leaves it
+    d, mn = (torch.rand(16, 4, 1) / 10).half().float(), (torch.randn(16, 4, 1) / 10).half().float()
+    w = (q * d + mn).view(16, 128)
+    assert torch.equal(int4.quantize(w).dequantize(), w)
+    assert int4.quantize(torch.randn(8, 40)) is None
+    assert int4.quantize(torch.full((8, 32), 1e6)) is None
+
+
+def test_int4_without_native_kernels_widens_the_weight(monkeypatch):
+    from lmcli.kernels import int4
+
+    torch.manual_seed(1)
+    weight, x, bias = int4.quantize(torch.randn(9, 64)), torch.randn(2, 64), torch.randn(9)
+    monkeypatch.setattr(native, "library", lambda: None)
+    torch.testing.assert_close(int4.linear(x, weight, bias), x @ weight.dequantize().t() + bias)

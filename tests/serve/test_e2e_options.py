@@ -122,13 +122,17 @@ def test_the_readme_command_serves_the_default_model(smollm2_gguf, tmp_path):
         server.stop()
 
 
-def test_int8_server_answers_with_the_openai_sdk(smollm2_workspace, tmp_path):
-    server = LmServer(smollm2_workspace, "--quantization", "int8", "--dtype", "bfloat16", log_dir=tmp_path)
+COLORS = [{"role": "user", "content": "Name three primary colors."}]
+
+
+@pytest.mark.parametrize("quantization,messages,word", [("int8", FRANCE, "paris"), ("int4", COLORS, "blue")])
+def test_quantized_server_answers_with_the_openai_sdk(smollm2_workspace, tmp_path, quantization, messages, word):
+    server = LmServer(smollm2_workspace, "--quantization", quantization, "--dtype", "bfloat16", log_dir=tmp_path)
     try:
         server.wait_ready()
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
         model = client.models.list().data[0].id
-        answer = client.chat.completions.create(model=model, messages=FRANCE, temperature=0, max_tokens=16)
-        assert "Paris" in answer.choices[0].message.content
+        answer = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=24)
+        assert word in answer.choices[0].message.content.lower()
     finally:
         assert server.stop() in (0, 130) and "Traceback" not in server.stderr()  # 130: stopped by Ctrl-C

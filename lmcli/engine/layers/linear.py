@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lmcli import kernels
-from lmcli.kernels import int8
+from lmcli.kernels import int4, int8
 
 from lmcli.engine.layers.parallel import TP, shard
 
@@ -14,7 +14,30 @@ def _param(*shape) -> nn.Parameter:
     return nn.Parameter(torch.empty(*shape), requires_grad=False)
 
 
-class RowParallelLinear(nn.Module):
+class QuantizableLinear(nn.Module):
+    """A weight that --quantization may replace by int8 (kernels/int8.py) or 4-bit blocks (kernels/int4.py)."""
+
+    weight: nn.Parameter
+    packed = None
+
+    def quantize(self, kind: str) -> bool:
+        """From now on the products run in kind; the weight in the model's dtype is dropped. False (and nothing
+        changes) where the format cannot hold this weight (4-bit blocks need in features divisible by 32)."""
+        packed = int8.pack(self.weight) if kind == "int8" else int4.quantize(self.weight)
+        if packed is None:
+            return False
+        self.packed, self.weight = packed, None
+        return True
+
+    def product(self, x: torch.Tensor, bias=None) -> torch.Tensor:
+        if isinstance(self.packed, int8.Int8Weight):
+            return int8.linear(x, self.packed, bias)
+        if self.packed is not None:
+            return int4.linear(x, self.packed, bias)
+        return kernels.linear(x, self.weight, bias)
+
+
+class RowParallelLinear(QuantizableLinear):
     """y = x W^T with W's input columns split across ranks; one all-reduce sums the partial products."""
 
     def __init__(self, in_features: int, out_features: int, tp: TP, in_shards: list[tuple[int, int]]):
@@ -23,21 +46,15 @@ class RowParallelLinear(nn.Module):
         self.tp, self.in_shards = tp, in_shards
         self.weight = _param(out_features, sum(e - s for s, e in in_shards))
         self.weight.weight_loader = self.load
-        self.int8 = None
 
     def load(self, param: nn.Parameter, full: torch.Tensor) -> None:
         param.data = torch.cat([full[:, s:e] for s, e in self.in_shards], dim=1).contiguous()
 
-    def quantize(self) -> None:
-        """From now on in int8 (kernels/int8.py); the weight in the model's dtype is dropped."""
-        self.int8, self.weight = int8.pack(self.weight), None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = int8.linear(x, self.int8) if self.int8 is not None else kernels.linear(x, self.weight)
-        return self.tp.all_reduce(y)
+        return self.tp.all_reduce(self.product(x))
 
 
-class FusedColumnLinear(nn.Module):
+class FusedColumnLinear(QuantizableLinear):
     """Several column-parallel projections fused in one weight (qkv, or gate and up). The workspace stores them
     stacked: part i holds rows [offsets[i], offsets[i+1]); this rank keeps its row range of each part."""
 
@@ -50,20 +67,13 @@ class FusedColumnLinear(nn.Module):
         self.bias = _param(out) if bias else None
         if bias:
             self.bias.weight_loader = self.load
-        self.int8 = None
 
     def load(self, param: nn.Parameter, full: torch.Tensor) -> None:
         parts = full.split(self.part_sizes, dim=0)
         param.data = torch.cat([p[s:e] for p, (s, e) in zip(parts, self.rank_ranges)], dim=0).contiguous()
 
-    def quantize(self) -> None:
-        """From now on in int8 (kernels/int8.py); the weight in the model's dtype is dropped."""
-        self.int8, self.weight = int8.pack(self.weight), None
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.int8 is not None:
-            return int8.linear(x, self.int8, self.bias)
-        return kernels.linear(x, self.weight, self.bias)
+        return self.product(x, self.bias)
 
 
 def gate_up(hidden: int, intermediate: int, tp: TP) -> FusedColumnLinear:

@@ -1,0 +1,66 @@
+"""--quantization int8 and int4: the linear layers in 8-bit weights (torch's fbgemm kernels and ours) or 4-bit
+blocks (ours), on the real model (over HTTP: tests/serve/test_e2e_options.py)."""
+
+import pytest
+import torch
+
+from lmcli.engine.config import EngineConfig
+from lmcli.engine.engine import Engine
+from lmcli.engine.layers.linear import FusedColumnLinear, RowParallelLinear
+from lmcli.engine.pipeline import pipeline
+from lmcli.errors import UserError
+from lmcli.kernels import int4
+from lmcli.workspace import Workspace
+
+QUESTIONS = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Name three primary colors."}]]
+
+
+def test_int8_engine_packs_every_projection_and_still_answers(smollm2_workspace):
+    pipe = pipeline(smollm2_workspace, dtype="bfloat16", quantization="int8", num_blocks=64)
+    try:
+        linears = [m for m in pipe.engine.runner.model.modules() if isinstance(m, (FusedColumnLinear,
+                                                                                    RowParallelLinear))]
+        assert len(linears) == 4 * 30  # qkv, o, gate_up, down in each of SmolLM2's 30 layers
+        assert all(m.packed is not None and m.weight is None for m in linears)
+        france, colors = pipe(QUESTIONS, max_new_tokens=24, temperature=0)
+    finally:
+        pipe.engine.close()
+    assert "Paris" in france.text
+    # capitalised with VNNI, lower case on AVX2 (fbgemm's 7-bit activations there): the same answer
+    assert "red" in colors.text.lower() and "blue" in colors.text.lower()
+
+
+def test_int4_engine_packs_every_projection_and_still_answers(smollm2_workspace):
+    """4-bit blocks change the logits a little more than int8 (the first token of "What is the capital of France?"
+    is a near tie between "The" and "L'" even in bfloat16), so the check is a question with a wide margin."""
+    pipe = pipeline(smollm2_workspace, dtype="bfloat16", quantization="int4", num_blocks=64)
+    try:
+        linears = [m for m in pipe.engine.runner.model.modules() if isinstance(m, (FusedColumnLinear,
+                                                                                    RowParallelLinear))]
+        assert len(linears) == 4 * 30
+        assert all(isinstance(m.packed, int4.Int4Weight) and m.weight is None for m in linears)
+        colors = pipe(QUESTIONS[1], max_new_tokens=24, temperature=0)
+    finally:
+        pipe.engine.close()
+    assert "red" in colors.text.lower() and "blue" in colors.text.lower()
+
+
+def test_int4_leaves_a_layer_it_cannot_hold_in_its_dtype():
+    layer = FusedColumnLinear(40, [16, 16], [(0, 16), (0, 16)], bias=True)  # 40 in features: not blocks of 32
+    layer.weight.data, layer.bias.data = torch.randn(32, 40), torch.randn(32)
+    assert not layer.quantize("int4") and layer.weight is not None and layer.packed is None
+    x = torch.randn(3, 40)
+    torch.testing.assert_close(layer(x), x @ layer.weight.t() + layer.bias)
+
+
+def test_quantization_is_refused_where_it_cannot_run(smollm2_workspace):
+    config = Workspace.load(smollm2_workspace).config
+    with pytest.raises(UserError, match="quantization must be one of int8, int4"):
+        EngineConfig(workspace=str(smollm2_workspace), model=config, quantization="int2")
+    with pytest.raises(UserError, match="CPUs only"):
+        EngineConfig(workspace=str(smollm2_workspace), model=config, quantization="int4", device="cuda")
+    with pytest.raises(UserError, match="CPUs only"):
+        EngineConfig(workspace=str(smollm2_workspace), model=config, quantization="int8", device="cuda")
+    with pytest.raises(UserError, match="quantization must be"):
+        Engine(smollm2_workspace, quantization="fp8")
