@@ -297,3 +297,48 @@ def compare(
                       f"{s['request_throughput']:.2f}", f"{s['output_throughput']:.1f}", f"{ratio:.2f}x",
                       ms(s, "ttft"), ms(s, "tpot"), ms(s, "itl"), ms(s, "e2e"))
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+@app.command()
+def quality(
+    workspace: Annotated[Path, typer.Argument(help="The workspace made by `lm convert`.", show_default=False)],
+    formats: Annotated[str, typer.Option(help="Weight formats to measure, comma-separated, from float32, bfloat16, "
+                                              "int8, int4; float32 is always measured (the reference).")]
+    = "float32,bfloat16,int8,int4",
+    num_texts: Annotated[int, typer.Option(min=0, help="ShareGPT conversations for perplexity (the file's last).")]
+    = 16,
+    text_len: Annotated[int, typer.Option(min=2, help="Tokens of each conversation scored.")] = 512,
+    num_prompts: Annotated[int, typer.Option(min=0, help="Prompts for greedy agreement (the same slice's first "
+                                                         "user turns).")] = 32,
+    gen_len: Annotated[int, typer.Option(min=1, help="Greedy tokens per prompt.")] = 64,
+    dataset_path: Annotated[Optional[Path], typer.Option(help="A local ShareGPT JSON file instead of the download.",
+                                                         show_default=False)] = None,
+) -> None:
+    """Perplexity on a fixed ShareGPT slice and greedy agreement with float32, for each weight format."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from lmcli.bench import datasets
+    from lmcli.bench import quality as bench
+    from lmcli.errors import UserError
+
+    names = ["float32"] + [f for f in dict.fromkeys(s.strip() for s in formats.split(",")) if f and f != "float32"]
+    unknown = [f for f in names if f not in bench.FORMATS]
+    if unknown:
+        raise fail("bench quality", f"unknown format {unknown[0]!r}; choose from {', '.join(bench.FORMATS)}")
+    try:
+        texts, prompts = bench.held_out(datasets.load_conversations(dataset_path or datasets.sharegpt_path()),
+                                        num_texts, num_prompts)
+        results = [bench.measure(workspace, n, bench.FORMATS[n], texts, prompts, text_len, gen_len) for n in names]
+    except (UserError, OSError, ValueError) as e:
+        raise fail("bench quality", str(e))
+    reference = results[0]
+    table = Table(title=f"{workspace.name}: {len(texts)} ShareGPT texts x up to {text_len} tokens, {len(prompts)} "
+                        f"prompts x {gen_len} greedy tokens")
+    for column in ("format", "perplexity", "vs float32", "greedy agreement", "same tokens"):
+        table.add_column(column, justify="left" if column == "format" else "right")
+    for r in results:
+        share, whole = bench.agreement(r.tokens, reference.tokens)
+        table.add_row(r.name, f"{r.perplexity:.3f}", f"{(r.perplexity / reference.perplexity - 1) * 100:+.2f}%",
+                      f"{share * 100:.1f}%", f"{whole}/{len(prompts)}")
+    Console(width=120).print(table)
