@@ -24,6 +24,7 @@ FORMATS = {
     "bfloat16": {"dtype": "bfloat16"},
     "int8": {"dtype": "bfloat16", "quantization": "int8"},
     "int4": {"dtype": "bfloat16", "quantization": "int4"},
+    "kv8": {"dtype": "bfloat16", "quant_policy": 8},  # bfloat16 weights, the 8-bit KV cache
 }
 
 

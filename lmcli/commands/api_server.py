@@ -11,7 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from lmcli.commands.options import (ChatTemplateOption, DType, DTypeOption, ModelNameOption, QuantizationOption,
-                                   fail)
+                                    QuantPolicyOption, fail)
 
 NAME = "serve api_server"
 
@@ -41,6 +41,7 @@ def api_server(
         "beginnings.")] = True,
     dtype: DTypeOption = DType.auto,
     quantization: QuantizationOption = None,
+    quant_policy: QuantPolicyOption = 0,
     device: Annotated[str, typer.Option(help="cpu, or cuda on a machine with an NVIDIA GPU.")] = "cpu",
     model_name: ModelNameOption = None,
     chat_template: ChatTemplateOption = None,
@@ -117,7 +118,7 @@ def api_server(
     def load() -> AsyncEngine:
         return AsyncEngine.from_workspace(
             ws.path, dtype=dtype.value, device=device, tp=tp, session_len=session_len,
-            quantization=quantization.value if quantization else None,
+            quantization=quantization.value if quantization else None, quant_policy=quant_policy,
             cache_block_seq_len=cache_block_seq_len, cache_max_entry_count=cache_max_entry_count,
             max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num,
             enable_prefix_caching=enable_prefix_caching)

@@ -302,9 +302,10 @@ def compare(
 @app.command()
 def quality(
     workspace: Annotated[Path, typer.Argument(help="The workspace made by `lm convert`.", show_default=False)],
-    formats: Annotated[str, typer.Option(help="Weight formats to measure, comma-separated, from float32, bfloat16, "
-                                              "int8, int4; float32 is always measured (the reference).")]
-    = "float32,bfloat16,int8,int4",
+    formats: Annotated[str, typer.Option(help="Formats to measure, comma-separated, from float32, bfloat16, int8, "
+                                              "int4 (weights) and kv8 (bfloat16 weights, --quant-policy 8); float32 "
+                                              "is always measured (the reference).")]
+    = "float32,bfloat16,int8,int4,kv8",
     num_texts: Annotated[int, typer.Option(min=0, help="ShareGPT conversations for perplexity (the file's last).")]
     = 16,
     text_len: Annotated[int, typer.Option(min=2, help="Tokens of each conversation scored.")] = 512,
@@ -314,7 +315,7 @@ def quality(
     dataset_path: Annotated[Optional[Path], typer.Option(help="A local ShareGPT JSON file instead of the download.",
                                                          show_default=False)] = None,
 ) -> None:
-    """Perplexity on a fixed ShareGPT slice and greedy agreement with float32, for each weight format."""
+    """Perplexity on a fixed ShareGPT slice and greedy agreement with float32, for each weight and KV cache format."""
     from rich.console import Console
     from rich.table import Table
 

@@ -5,7 +5,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmcli.commands.options import DType, DTypeOption, QuantizationOption, fail
+from lmcli.commands.options import DType, DTypeOption, QuantizationOption, QuantPolicyOption, fail
 from lmcli.errors import UserError
 
 HELP = "Type a message and press Enter. /reset starts over, /exit (or exit, Ctrl-D) quits."
@@ -22,6 +22,7 @@ def chat(
                                                                  "Default: the model's context.")] = None,
     dtype: DTypeOption = DType.auto,
     quantization: QuantizationOption = None,
+    quant_policy: QuantPolicyOption = 0,
     tp: Annotated[int, typer.Option(help="Tensor-parallel ranks.")] = 1,
 ) -> None:
     """Chat with a model in the terminal, on the local engine (no server)."""
@@ -31,7 +32,7 @@ def chat(
 
     try:
         engine = Engine(workspace, dtype=dtype.value, tp=tp, session_len=session_len,
-                        quantization=quantization.value if quantization else None)
+                        quantization=quantization.value if quantization else None, quant_policy=quant_policy)
         params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_tokens=max_new_tokens)
     except UserError as e:
         raise fail("chat", str(e))

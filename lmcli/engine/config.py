@@ -8,6 +8,7 @@ from lmcli.workspace import ModelConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int8", "int4")
+QUANT_POLICIES = (0, 8)
 
 
 @dataclass(frozen=True)
@@ -17,8 +18,13 @@ class CacheConfig:
     cpu_cache_cap_bytes: int = 4 << 30  # on CPU the pool never takes more than this
     num_blocks: Optional[int] = None  # a fixed pool size; overrides cache_max_entry_count (tests, tuning)
     enable_prefix_caching: bool = True
+    quant_policy: int = 0  # 0: K/V in the model's dtype; 8: in signed bytes with a float16 scale a row (kernels/kv8.py)
 
     def __post_init__(self):
+        if self.quant_policy not in QUANT_POLICIES:
+            raise UserError(f"quant_policy must be 0 (K/V in the model's dtype) or 8 (8-bit K/V), not "
+                            f"{self.quant_policy}" + ("; the 4-bit KV cache is not built" if self.quant_policy == 4
+                                                       else ""))
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise UserError(f"cache_block_seq_len must be a power of two, not {self.block_size}")
         if not 0 < self.cache_max_entry_count <= 1:

@@ -15,6 +15,7 @@ from lmcli.engine.memory import advise_huge_pages, pack_parameters
 from lmcli.engine.models import model_class
 from lmcli.errors import UserError
 from lmcli.kernels import int8
+from lmcli.kernels.kv8 import Int8Cache
 from lmcli.workspace import Workspace
 
 
@@ -80,11 +81,19 @@ class ModelRunner:
         if self.device.type == "cpu":
             pack_parameters(self.model)
 
+    def block_bytes(self) -> int:
+        """Bytes of one KV block over all layers: K and V rows in the model's dtype, or with --quant-policy 8 in
+        signed bytes plus a float16 scale each."""
+        m = self.config.model
+        kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
+        row = m.head_dim + 2 if self.config.cache.quant_policy == 8 else m.head_dim * self.dtype.itemsize
+        return 2 * m.num_layers * kv_heads * self.block_size * row
+
     def _allocate_cache(self) -> int:
         m, cache = self.config.model, self.config.cache
         attn = self.model.model.layers[0].self_attn
         shape = (attn.num_kv_heads, self.block_size, m.head_dim)
-        block_bytes = 2 * m.num_layers * shape[0] * shape[1] * shape[2] * self.dtype.itemsize
+        block_bytes = self.block_bytes()
         if cache.num_blocks is not None:
             num_blocks = cache.num_blocks
         elif self.device.type == "cuda":
@@ -101,20 +110,30 @@ class ModelRunner:
             num_blocks = int(t)
         if num_blocks < 1:
             raise UserError("no memory is left for the KV cache; raise cache_max_entry_count or free memory")
-        # Unwritten slots must hold finite numbers: attention weighs padding by 0, and 0 * NaN is NaN. On CPU the
-        # cache is an anonymous mmap of its own: zero pages the OS fills as they are first touched, whatever the
-        # process freed before (torch.empty could hand back reused memory; zeroing 4 GiB takes 8 s here).
         size = (2, m.num_layers, num_blocks, *shape)
-        if self.device.type == "cpu":
-            nbytes = math.prod(size) * torch.empty((), dtype=self.dtype).element_size()
-            self._kv_memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)  # anonymous; kept: the tensor lives in it
-            self.kv_cache = torch.frombuffer(self._kv_memory, dtype=self.dtype).view(size)
+        if cache.quant_policy == 8:
+            self.kv_cache = self._zeros(size, torch.int8)
+            self.kv_scale = self._zeros(size[:-1], torch.float16)
+            caches = [(Int8Cache(self.kv_cache[0, i], self.kv_scale[0, i]),
+                       Int8Cache(self.kv_cache[1, i], self.kv_scale[1, i])) for i in range(m.num_layers)]
         else:
-            self.kv_cache = torch.zeros(size, dtype=self.dtype, device=self.device)
-        advise_huge_pages(self.kv_cache)
-        for i, layer in enumerate(self.model.model.layers):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            self.kv_cache = self._zeros(size, self.dtype)
+            caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(m.num_layers)]
+        for layer, (k, v) in zip(self.model.model.layers, caches):
+            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
         return num_blocks
+
+    def _zeros(self, size: tuple, dtype: torch.dtype) -> torch.Tensor:
+        """Unwritten slots must hold finite numbers: attention weighs padding by 0, and 0 * NaN is NaN. On CPU the
+        cache is an anonymous mmap of its own: zero pages the OS fills as they are first touched, whatever the
+        process freed before (torch.empty could hand back reused memory; zeroing 4 GiB takes 8 s here)."""
+        if self.device.type != "cpu":
+            return torch.zeros(size, dtype=dtype, device=self.device)
+        memory = mmap.mmap(-1, math.prod(size) * dtype.itemsize, flags=mmap.MAP_PRIVATE)  # anonymous
+        self._kv_memory = getattr(self, "_kv_memory", []) + [memory]  # kept: the tensors live in them
+        t = torch.frombuffer(memory, dtype=dtype).view(size)
+        advise_huge_pages(t)
+        return t
 
     def run(self, scheduled: list):
         """Compute one step: (the sequences to sample, their logits (rows, vocab) in float32)."""

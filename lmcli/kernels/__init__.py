@@ -4,6 +4,7 @@ test oracle); where a faster kernel exists for the device, it is picked here."""
 import torch
 
 from lmcli.kernels import native, reference
+from lmcli.kernels.kv8 import Int8Cache
 
 # Up to this many tokens the native kernel beats torch's GEMM when the weights come from memory, as they do in a
 # step (all 120 projections of SmolLM2: 9.3 vs 17.8 ms at 4 rows, 16.3-17.2 vs 21.0-22.4 ms at 8, 27.9-29.5 vs
@@ -79,9 +80,17 @@ def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Ten
     """See reference.paged_attention; in bfloat16 on CPU, the native kernels read K/V in place: one for the
     decodes, one for each chunk of several tokens (faster than torch's CPU flash kernel at every size measured:
     64 tokens 0.054 vs 0.172 ms, 1024 tokens 6.7 vs 19.5 ms, 40 tokens after 1060 cached ones 0.57 vs 1.48 ms).
-    Without native bfloat16 products (AVX2 CPUs, or a lower LMCLI_CPU_ISA) the chunks run in float32."""
+    Without native bfloat16 products (AVX2 CPUs, or a lower LMCLI_CPU_ISA) the chunks run in float32, as they do
+    over the 8-bit cache (kernels/kv8.py), whose decodes have a native kernel of their own."""
     decode = chunk = None
     lib = q.dtype == torch.bfloat16 and q.device.type == "cpu" and native.library() is not None
+    if isinstance(k_cache, Int8Cache):
+
+        def decode(qd, kc, vc, b, s):
+            out = native.paged_decode_attention_s8(qd, kc, vc, b.decode_block_tables, b.decode_lens, s) if lib \
+                else None
+            return reference.decode_attention(qd, kc, vc, b, s) if out is None else out
+        return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode, float32_chunk_attention)
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         chunk = native.prefill_attention if lib and native.bf16_products() else float32_chunk_attention
     if lib:

@@ -27,7 +27,7 @@ LEVELS = (
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     ("portable", (), []),
 )
-FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "q4.c")
+FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "q4.c", "attention_s8.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then one more argument type or None, result type)
 SIGNATURES = {
@@ -43,6 +43,7 @@ SIGNATURES = {
     "rows_to_unit": (3, 2, None, None),
     "scale_rows_bf16": (3, 2, None, None),
     "gemm_q4": (4, 5, None, ctypes.c_int),
+    "paged_decode_attention_s8": (8, 7, ctypes.c_float, ctypes.c_int),
 }
 
 
@@ -164,6 +165,20 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float
                                               block_tables.data_ptr(), lens.data_ptr(), out.data_ptr(), q.stride(0),
                                               seqs, heads, k_cache.shape[1], dim, k_cache.shape[2],
                                               block_tables.shape[1], scale)
+    return None if failed else out
+
+
+def paged_decode_attention_s8(q, k_cache, v_cache, block_tables, lens, scale: float) -> Optional[torch.Tensor]:
+    """As paged_decode_attention, over 8-bit caches (kernels/kv8.Int8Cache: codes and float16 scales read in
+    place); None for shapes beyond the kernel (more than 8 query heads per kv head, head_dim or blocks over 256)."""
+    seqs, heads, dim = q.shape
+    if q.stride(2) != 1 or q.stride(1) != dim:
+        q = q.contiguous()
+    out = torch.empty(q.shape, dtype=torch.bfloat16)
+    failed = library().paged_decode_attention_s8(
+        q.data_ptr(), k_cache.data.data_ptr(), k_cache.scale.data_ptr(), v_cache.data.data_ptr(),
+        v_cache.scale.data_ptr(), block_tables.data_ptr(), lens.data_ptr(), out.data_ptr(), q.stride(0), seqs, heads,
+        k_cache.shape[1], dim, k_cache.shape[2], block_tables.shape[1], scale)
     return None if failed else out
 
 

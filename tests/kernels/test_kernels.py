@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lmcli import kernels
 from lmcli.kernels import native, reference
-from lmcli.engine.batch import build_batch
+from lmcli.engine.batch import Batch, build_batch
 
 
 
@@ -434,3 +434,87 @@ def test_int4_without_native_kernels_widens_the_weight(monkeypatch):
     weight, x, bias = int4.quantize(torch.randn(9, 64)), torch.randn(2, 64), torch.randn(9)
     monkeypatch.setattr(native, "library", lambda: None)
     torch.testing.assert_close(int4.linear(x, weight, bias), x @ weight.dequantize().t() + bias)
+
+
+def _int8_caches(num_blocks, kv_heads, bs, d):
+    from lmcli.kernels.kv8 import Int8Cache
+
+    return tuple(Int8Cache(torch.zeros(num_blocks, kv_heads, bs, d, dtype=torch.int8),
+                           torch.zeros(num_blocks, kv_heads, bs, dtype=torch.float16)) for _ in range(2))
+
+
+def test_the_8bit_cache_keeps_each_row_within_half_a_step():
+    """Stored through the reference store (as the engine stores): each row's codes times its float16 scale are within
+    half a step (scale / 2, plus the scale's own float16 rounding) of the row; a zero row stays zero."""
+    torch.manual_seed(0)
+    k_cache, v_cache = _int8_caches(6, 3, 8, 64)
+    k, v = torch.randn(20, 3, 64) * 5, torch.randn(20, 3, 64).bfloat16()
+    k[4, 1] = 0
+    slots = torch.randperm(48)[:20]
+    reference.store_kv(k, v, k_cache, v_cache, slots, 8)
+    for cache, rows in ((k_cache, k.float()), (v_cache, v.float())):
+        back = cache.index_select(0, torch.arange(6))[slots // 8, :, slots % 8]
+        step = rows.abs().amax(-1, keepdim=True) / 127
+        assert ((back - rows).abs() <= step * (0.5 + 2 ** -9) + 1e-7).all()
+    assert (k_cache.data[slots[4] // 8, 1, slots[4] % 8] == 0).all() and k_cache.scale[slots[4] // 8, 1, slots[4] % 8] == 0
+
+
+@pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (4, 4, 40, 8), (16, 1, 64, 16)])
+def test_native_decode_attention_over_the_8bit_cache(heads, kv_heads, d, bs):
+    """At every level, the 8-bit decode kernel is exact attention over the dequantized rows (to float32 rounding and
+    the bfloat16 output), head_dim 40 through its tail loop; past 8 query heads a kv head it declines (None) and
+    kernels.paged_attention falls back to the reference over the same cache."""
+    torch.manual_seed(d + heads)
+    lens = [1, 5, bs, bs + 1, 3 * bs + 7, 200]
+    num_blocks = sum(-(-n // bs) for n in lens) + 3
+    k_cache, v_cache = _int8_caches(num_blocks, kv_heads, bs, d)
+    slots = torch.arange(num_blocks * bs)
+    reference.store_kv(torch.randn(len(slots), kv_heads, d), torch.randn(len(slots), kv_heads, d), k_cache, v_cache,
+                       slots, bs)
+    order = iter(torch.randperm(num_blocks).tolist())
+    tables = [[next(order) for _ in range(-(-n // bs))] for n in lens]
+    width = max(map(len, tables))
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    q = (torch.randn(len(lens), heads + 2 * kv_heads, d, dtype=torch.bfloat16) * 3)[:, :heads]
+    out = native.paged_decode_attention_s8(q, k_cache, v_cache, block_tables, torch.tensor(lens), d ** -0.5)
+    tol = dict(rtol=2 ** -7, atol=1e-4)
+    if heads // kv_heads > 8:
+        assert out is None
+        batch = Batch(None, None, None, len(lens), block_tables, torch.tensor(lens), [], None)
+        out = kernels.paged_attention(q, None, None, k_cache, v_cache, batch, d ** -0.5)
+        tol = dict(rtol=6e-2, atol=6e-2)  # the reference computes 6 sequences' products in bfloat16
+    keys, values = (c.index_select(0, torch.arange(num_blocks)) for c in (k_cache, v_cache))
+    for i, (n, table) in enumerate(zip(lens, tables)):
+        ks = keys[table].transpose(0, 1).flatten(1, 2)[:, :n].transpose(0, 1)
+        vs = values[table].transpose(0, 1).flatten(1, 2)[:, :n].transpose(0, 1)
+        expected = naive_attention(q[i:i + 1], ks, vs, torch.tensor([n - 1]))[0]
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out[i].float(), expected, **tol)
+
+
+def test_paged_attention_over_the_8bit_cache_mixes_decodes_and_chunks():
+    """Decodes, a chunk after a cached prefix and a fresh prompt in one batch, over the 8-bit cache, against naive
+    attention over what the cache holds (the chunks' own keys included: stored first, then read back)."""
+    torch.manual_seed(3)
+    bs, kv_heads, heads, d, num_blocks = 4, 2, 6, 8, 64
+    k_cache, v_cache = _int8_caches(num_blocks, kv_heads, bs, d)
+    blocks = iter(torch.randperm(num_blocks).tolist())
+    items = [([1], c, [next(blocks) for _ in range(-(-(c + 1) // bs))], True) for c in (3, 9)]
+    items += [([1] * 5, 6, [next(blocks) for _ in range(3)], True), ([1] * 7, 0, [next(blocks) for _ in range(2)], True)]
+    batch, _ = build_batch(items, bs)
+    t = batch.input_ids.shape[0]
+    q = torch.randn(t, heads, d, dtype=torch.bfloat16)
+    k, v = torch.randn(t, kv_heads, d, dtype=torch.bfloat16), torch.randn(t, kv_heads, d, dtype=torch.bfloat16)
+    reference.store_kv(torch.randn(num_blocks * bs, kv_heads, d), torch.randn(num_blocks * bs, kv_heads, d), k_cache,
+                       v_cache, torch.arange(num_blocks * bs), bs)  # earlier context everywhere
+    reference.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, bs)
+    out = kernels.paged_attention(q, k, v, k_cache, v_cache, batch, d ** -0.5)
+    keys, values = (c.index_select(0, torch.arange(num_blocks)) for c in (k_cache, v_cache))
+    start = 0
+    for new, c, table, _ in items:  # decodes come first in the batch, as listed here
+        n = len(new)
+        ks = keys[table].transpose(0, 1).flatten(1, 2)[:, :c + n].transpose(0, 1)
+        vs = values[table].transpose(0, 1).flatten(1, 2)[:, :c + n].transpose(0, 1)
+        expected = naive_attention(q[start:start + n], ks, vs, torch.arange(c, c + n))
+        torch.testing.assert_close(out[start:start + n].float(), expected, rtol=2 ** -7, atol=1e-4)
+        start += n

@@ -125,9 +125,11 @@ def test_the_readme_command_serves_the_default_model(smollm2_gguf, tmp_path):
 COLORS = [{"role": "user", "content": "Name three primary colors."}]
 
 
-@pytest.mark.parametrize("quantization,messages,word", [("int8", FRANCE, "paris"), ("int4", COLORS, "blue")])
-def test_quantized_server_answers_with_the_openai_sdk(smollm2_workspace, tmp_path, quantization, messages, word):
-    server = LmServer(smollm2_workspace, "--quantization", quantization, "--dtype", "bfloat16", log_dir=tmp_path)
+@pytest.mark.parametrize("option,messages,word", [(["--quantization", "int8"], FRANCE, "paris"),
+                                                  (["--quantization", "int4"], COLORS, "blue"),
+                                                  (["--quant-policy", "8"], COLORS, "blue")])
+def test_quantized_server_answers_with_the_openai_sdk(smollm2_workspace, tmp_path, option, messages, word):
+    server = LmServer(smollm2_workspace, *option, "--dtype", "bfloat16", log_dir=tmp_path)
     try:
         server.wait_ready()
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")

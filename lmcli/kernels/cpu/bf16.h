@@ -1,4 +1,4 @@
-/* bfloat16 <-> float32 for the CPU kernels (a bfloat16 is the top half of a float32). */
+/* bfloat16 <-> float32 for the CPU kernels (a bfloat16 is the top half of a float32), and float16 -> float32. */
 #ifndef LMCLI_BF16_H
 #define LMCLI_BF16_H
 #include <stdint.h>
@@ -12,6 +12,23 @@ static inline uint16_t f2bf16(float f) {  /* round to nearest even (finite value
     if ((u & 0x7F800000u) == 0x7F800000u) return (uint16_t)(u >> 16);  /* inf, nan */
     u += 0x7FFFu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
+}
+
+static inline float f16f(uint16_t h) {  /* IEEE half -> float, any compiler */
+    const uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
+    uint32_t u;
+    if (e == 0) {
+        float f = (float)m * (1.0f / 16777216.0f);  /* zero or subnormal: m * 2^-24 */
+        memcpy(&u, &f, 4);
+        u |= s;
+    } else if (e == 31) {
+        u = s | 0x7F800000u | (m << 13);
+    } else {
+        u = s | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
 }
 
 #ifdef __AVX2__

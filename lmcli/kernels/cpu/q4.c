@@ -26,23 +26,6 @@
 #define TILE 8
 #define ROWS 4
 
-static inline float f16f(uint16_t h) {  /* IEEE half -> float, any compiler */
-    const uint32_t s = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, m = h & 0x3FFu;
-    uint32_t u;
-    if (e == 0) {
-        float f = (float)m * (1.0f / 16777216.0f);  /* zero or subnormal: m * 2^-24 */
-        memcpy(&u, &f, 4);
-        u |= s;
-    } else if (e == 31) {
-        u = s | 0x7F800000u | (m << 13);
-    } else {
-        u = s | ((e + 112) << 23) | (m << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
 /* Row r of x (bfloat16 or float32) quantized per block: xq (k), xs and xsum (k / 32). */
 static void quantize_row(const void *x, int bf16, int8_t *xq, float *xs, float *xsum, int64_t k) {
     float v[QBLOCK];
