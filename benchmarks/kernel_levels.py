@@ -3,11 +3,11 @@
 The 120 projections of one SmolLM2-135M decode step (30 layers: qkv 960x576, o 576x576, gate+up 3072x576,
 down 576x1536), each weight read from memory once a pass as in a real step (the set is larger than the caches).
 Prints ms for one pass at 1 and 8 rows: torch bfloat16 (F.linear), torch float32 on float32 copies of the
-weights, and our bfloat16 and int8 GEMVs at each level; at 16 and 64 rows (batched decodes, prefill chunks):
+weights, and our bfloat16 GEMV at each level; at 16 and 64 rows (batched decodes, prefill chunks):
 torch bfloat16, torch float32 on float32 copies, torch float32 on each weight widened for the product (what runs
 without native bfloat16 products and without the native kernel), and the native float32 x bfloat16 GEMM at each
-level that has one; at every row count, the 4-bit kernel (kernels/int4.py) at each level and the int8 layer as
-the engine runs it (--quantization int8: our GEMV up to 8 rows, fbgemm beyond, whatever the level).
+level that has one; at every row count, the 8-bit and 4-bit kernels (kernels/int8.py, kernels/int4.py) at each
+level, and torch's int8 GEMM (fbgemm, activations per row: what --quantization int8 ran before) for comparison.
 
     python benchmarks/kernel_levels.py [--repeat 5] [--rows 1 8 16 64]
 """
@@ -33,6 +33,19 @@ def best_ms(fn, repeat: int) -> float:
     return min(times) * 1e3
 
 
+def _fbgemm_pack(w: torch.Tensor):
+    """torch's int8 linear weight: per output channel, packed for fbgemm."""
+    import warnings
+
+    wf = w.float()
+    scale = (wf.abs().amax(1) / 127).clamp_min(1e-12)
+    q = torch.round(wf / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qt = torch._make_per_channel_quantized_tensor(q, scale.double(), torch.zeros(len(scale), dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qt, None)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
@@ -43,6 +56,7 @@ def main() -> None:
     floats = [w.float() for w in weights]
     packed = [int8.pack(w) for w in weights]
     nibbles = [int4.quantize(w) for w in weights]
+    fbgemm = [_fbgemm_pack(w) for w in weights]
     model = open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": \t")
     print(f"CPU: {model}; levels here: {', '.join(native.available_levels())}; "
           f"torch threads: {torch.get_num_threads()}")
@@ -52,7 +66,8 @@ def main() -> None:
         xf = {k: x.float() for k, x in xs.items()}
         rows_out = [("torch bfloat16", lambda: [F.linear(xs[w.shape[1]], w) for w in weights]),
                     ("torch float32", lambda: [F.linear(xf[w.shape[1]], w) for w in floats])]
-        rows_out.append(("int8 layer (engine)", lambda: [int8.linear(xs[p.q.shape[1]], p) for p in packed]))
+        rows_out.append(("torch int8 (fbgemm)", lambda: [torch.ops.quantized.linear_dynamic(xf[w.shape[1]], p)
+                                                         for w, p in zip(weights, fbgemm)]))
         if rows > 8:
             rows_out.append(("torch float32, weight widened", lambda: [F.linear(xf[w.shape[1]], w.float())
                                                                        for w in weights]))
@@ -63,15 +78,14 @@ def main() -> None:
             original = native.library
             native.library = lambda lib=lib: lib
             try:
+                rows_out.append((f"{level} int8 kernel", best_ms(lambda: [int8.linear(xs[p.shape[1]], p)
+                                                                          for p in packed], args.repeat)))
                 rows_out.append((f"{level} int4 kernel", best_ms(lambda: [int4.linear(xs[q.shape[1]], q)
                                                                           for q in nibbles], args.repeat)))
                 if rows <= 8:
                     rows_out.append((f"{level} bfloat16 GEMV",
                                      best_ms(lambda: [native.gemv_bf16(xs[w.shape[1]], w) for w in weights],
                                              args.repeat)))
-                    rows_out.append((f"{level} int8 GEMV",
-                                     best_ms(lambda: [native.gemv_s8(xs[p.q.shape[1]], p.q, p.scale, p.sum)
-                                                      for p in packed], args.repeat)))
                 elif native.gemm_f32_bf16(xf[576], weights[0]) is not None:
                     rows_out.append((f"{level} float32 x bfloat16 GEMM",
                                      best_ms(lambda: [native.gemm_f32_bf16(xf[w.shape[1]], w) for w in weights],

@@ -14,7 +14,6 @@ from lmcli.engine.layers.parallel import TP
 from lmcli.engine.memory import advise_huge_pages, pack_parameters
 from lmcli.engine.models import model_class
 from lmcli.errors import UserError
-from lmcli.kernels import int8
 from lmcli.kernels.kv8 import Int8Cache
 from lmcli.workspace import Workspace
 
@@ -72,12 +71,11 @@ class ModelRunner:
         missing = set(params) - loaded
         if missing:
             raise UserError(f"workspace {workspace.path} lacks {', '.join(sorted(missing)[:3])}")
-        if self.config.quantization == "int8":
-            int8.check()
         if self.config.quantization:
             for module in self.model.modules():
                 if isinstance(module, QuantizableLinear):
                     module.quantize(self.config.quantization)
+            self.model.lm_head.quantize_head()
         if self.device.type == "cpu":
             pack_parameters(self.model)
 

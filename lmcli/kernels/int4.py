@@ -1,6 +1,6 @@
 """4-bit weights for the linear layers on CPUs: blocks of 32 along the input, each with a scale and a minimum in
 float16 (GGUF's Q4_1: w = d * q + mn, q in 0..15; 5 bits a weight in all), activations quantized on the fly to
-signed bytes per block of 32 (as llama.cpp's Q8 activations). The native kernel (cpu/q4.c) keeps the codes in
+signed bytes per block of 32 (as llama.cpp's Q8 activations). The native kernel (cpu/blocks.c) keeps the codes in
 tiles of 8 output rows and runs at every kernel level; without native kernels the weight is widened per product.
 
 Quantizing after the tensor-parallel split (as the engine does) puts every block inside one rank's shard."""
@@ -17,7 +17,7 @@ F16_MAX = 65504.0
 
 
 class Int4Weight:
-    """One weight (out, in) in the kernel's layout (cpu/q4.c): codes (tiles, blocks, 4, 8, 4) uint8 and scales
+    """One weight (out, in) in the kernel's layout (cpu/blocks.c): codes (tiles, blocks, 4, 8, 4) uint8 and scales
     (tiles, blocks, 2, 8) float16, out rounded up to tiles of 8 rows (zeros)."""
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, mn: torch.Tensor):

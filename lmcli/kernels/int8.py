@@ -1,68 +1,61 @@
-"""int8 weights and activations (W8A8) for the linear layers on CPUs: weights quantized once, per output channel;
-activations on the fly, per token. A few rows go through a native kernel (VNNI byte products, weights streamed
-once), more through torch's fbgemm kernels (each row scaled to [-1, 1] first, so that fbgemm's per-tensor scale
-acts per row). About twice the speed of bfloat16 products here (the 120 projections of SmolLM2 at 64 rows: 32
-against 68 ms; at 8 rows 15 against 16-22), at a small loss of accuracy.
-"""
+"""int8 weights for the linear layers on CPUs: each output row quantized once to -127..127 with its own scale;
+activations quantized on the fly to signed bytes per block of 32 (per row, as fbgemm needs, lost 3% perplexity
+on SmolLM2: one channel's outlier flattens a whole row; per block 0.5%). The native kernel (cpu/blocks.c, shared
+with 4-bit weights) keeps the weights in tiles of 8 output rows and runs at every kernel level and row count.
 
-import warnings
+Quantizing after the tensor-parallel split (as the engine does) keeps every row's scale on its own rank."""
+
+from typing import Optional
 
 import torch
 
-from lmcli.errors import UserError
 from lmcli.kernels import native
 
-# Up to this many rows the native kernel beats fbgemm (the 120 projections of SmolLM2 from memory: 7.4 vs 14.0 ms
-# at 1 row, 15.3 vs 17.4 at 8, 21.8 vs 20.2 at 12).
-GEMV_MAX_ROWS = 8
-
-
-def _vnni() -> bool:
-    flags = native._cpu_flags().split()
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
-# Without VNNI, fbgemm adds pairs of byte products in 16 bits, which can saturate; torch's own dynamic Linear then
-# quantizes activations to 7 bits (reduce_range), and so do we.
-REDUCE_RANGE = not _vnni()
-
-
-def check() -> None:
-    """Raise a UserError if this torch build cannot run int8 linear layers."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        raise UserError("int8 weights need torch's fbgemm kernels, which this torch build lacks")
+BLOCK = 32
+TILE = 8
 
 
 class Int8Weight:
-    """One weight (out, in) quantized per output channel: fbgemm's packed form for products of many rows, and the
-    plain int8 matrix (its scales, its row sums) for the native kernel of a few rows."""
+    """One weight (out, in): codes + 128 (tiles, blocks, 8, 8, 4) uint8 (see cpu/blocks.c) and each row's scale
+    (out rounded up to tiles of 8,) float32."""
 
-    def __init__(self, weight: torch.Tensor):
-        w = weight.detach().float()
-        scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
-        self.q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8).contiguous()
-        self.scale, self.sum = scale.contiguous(), self.q.sum(1, dtype=torch.int32).contiguous()
-        with warnings.catch_warnings():  # torch marks its quantized tensor constructors deprecated
-            warnings.simplefilter("ignore")
-            q = torch._make_per_channel_quantized_tensor(self.q, scale.double(), torch.zeros_like(self.sum,
-                                                         dtype=torch.long), 0)
-            self.packed = torch.ops.quantized.linear_prepack(q, None)  # no bias: rows are scaled after
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor):
+        """q (out, in) int8 in -127..127, scale (out,) float32."""
+        n, k = q.shape
+        pad = -n % TILE
+        u = (q.to(torch.int16) + 128).to(torch.uint8)
+        if pad:
+            u = torch.cat([u, torch.full((pad, k), 128, dtype=torch.uint8)])  # code 0: a zero weight
+            scale = torch.cat([scale, scale.new_zeros(pad)])
+        tiles, blocks = u.shape[0] // TILE, k // BLOCK
+        # element 32g + 4c + b of row 8T + i -> chunk c, lane i, byte b
+        self.codes = u.view(tiles, TILE, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
+        self.scale = scale.float().contiguous()
+        self.shape = (n, k)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight in float32 (out, in): exactly what the kernel multiplies by."""
+        n, k = self.shape
+        tiles = self.codes.shape[0]
+        q = self.codes.permute(0, 3, 1, 2, 4).reshape(tiles * TILE, k).float() - 128
+        return (q * self.scale[:, None])[:n]
 
 
-def pack(weight: torch.Tensor) -> Int8Weight:
-    return Int8Weight(weight)
+def pack(weight: torch.Tensor) -> Optional[Int8Weight]:
+    """Per output row: scale = its largest magnitude / 127, codes the nearest. None where in features are not a
+    multiple of 32 (the kernel's blocks)."""
+    if weight.dim() != 2 or weight.shape[1] % BLOCK:
+        return None
+    w = weight.detach().float()
+    scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
+    return Int8Weight(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale)
 
 
 def linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor = None) -> torch.Tensor:
-    """x (tokens, in) -> x . W^T (+ bias) in x's dtype."""
-    native_bf16 = x.dtype == torch.bfloat16 and x.is_contiguous() and native.library() is not None
-    if native_bf16 and x.shape[0] <= GEMV_MAX_ROWS:
-        y = native.gemv_s8(x, weight.q, weight.scale, weight.sum)
-    elif native_bf16:
-        unit, rows = native.rows_to_unit(x)  # one pass each way instead of six small torch calls
-        y = native.scale_rows_bf16(torch.ops.quantized.linear_dynamic(unit, weight.packed, REDUCE_RANGE), rows)
-    else:
-        xf = x.float()
-        rows = xf.abs().amax(1, keepdim=True).clamp_min_(1e-12)
-        y = torch.ops.quantized.linear_dynamic(xf / rows, weight.packed, REDUCE_RANGE).mul_(rows).to(x.dtype)
+    """x (tokens, in) -> x . W^T (+ bias) in x's dtype (bfloat16 or float32 through the kernel)."""
+    y = None
+    if native.library() is not None and x.dtype in (torch.bfloat16, torch.float32):
+        y = native.gemm_s8(x.contiguous(), weight.codes, weight.scale, weight.shape[0])
+    if y is None:
+        y = torch.nn.functional.linear(x.float(), weight.dequantize()).to(x.dtype)
     return y if bias is None else y.add_(bias)

@@ -27,7 +27,7 @@ LEVELS = (
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     ("portable", (), []),
 )
-FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "q4.c", "attention_s8.c")
+FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then one more argument type or None, result type)
 SIGNATURES = {
@@ -38,11 +38,8 @@ SIGNATURES = {
     "prefill_attention": (5, 8, ctypes.c_float, ctypes.c_int),
     "rotary_store_bf16": (6, 5, None, None),
     "silu_mul_bf16": (2, 2, None, None),
-    "gemv_s8": (6, 3, None, None),
-    "quantize_rows_u8": (3, 2, None, None),
-    "rows_to_unit": (3, 2, None, None),
-    "scale_rows_bf16": (3, 2, None, None),
     "gemm_q4": (4, 5, None, ctypes.c_int),
+    "gemm_s8": (4, 5, None, ctypes.c_int),
     "paged_decode_attention_s8": (8, 7, ctypes.c_float, ctypes.c_int),
 }
 
@@ -153,6 +150,7 @@ def gemm_f32_bf16(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
     return None if failed else y
 
 
+
 def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float) -> Optional[torch.Tensor]:
     """q (seqs, heads, dim) bfloat16 (rows may be strided); caches (blocks, kv_heads, block_size, dim) bfloat16;
     block_tables (seqs, max_blocks) int64; lens (seqs,) int64 -> (seqs, heads, dim) bfloat16; None for shapes
@@ -225,35 +223,6 @@ def silu_mul_bf16(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def rows_to_unit(x: torch.Tensor):
-    """x (rows, n) bfloat16, contiguous -> (x / scale in float32, scale (rows, 1)): scale is each row's largest
-    magnitude, so every row spans [-1, 1]."""
-    out = torch.empty(x.shape, dtype=torch.float32)
-    scale = torch.empty(x.shape[0], 1, dtype=torch.float32)
-    library().rows_to_unit(x.data_ptr(), out.data_ptr(), scale.data_ptr(), x.shape[0], x.shape[1])
-    return out, scale
-
-
-def scale_rows_bf16(y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """y (rows, n) float32, contiguous, times scale (rows, 1) float32 -> bfloat16."""
-    out = torch.empty(y.shape, dtype=torch.bfloat16)
-    library().scale_rows_bf16(y.data_ptr(), scale.data_ptr(), out.data_ptr(), y.shape[0], y.shape[1])
-    return out
-
-
-def gemv_s8(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, w_sum: torch.Tensor) -> torch.Tensor:
-    """x (m, k) bfloat16, contiguous; w (n, k) int8 with per-row scales w_scale (n,) float32 and row sums w_sum (n,)
-    int32 -> x . (w * w_scale)^T (m, n) bfloat16, x quantized per row to int8 on the way."""
-    m, k = x.shape
-    xq = torch.empty(m, k, dtype=torch.uint8)
-    xs = torch.empty(m, dtype=torch.float32)
-    library().quantize_rows_u8(x.data_ptr(), xq.data_ptr(), xs.data_ptr(), m, k)
-    y = torch.empty(m, w.shape[0], dtype=torch.bfloat16)
-    library().gemv_s8(xq.data_ptr(), xs.data_ptr(), w.data_ptr(), w_scale.data_ptr(), w_sum.data_ptr(),
-                      y.data_ptr(), m, w.shape[0], k)
-    return y
-
-
 def gemm_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int) -> Optional[torch.Tensor]:
     """x (m, k) bfloat16 or float32, contiguous; a 4-bit weight (n, k) in kernels/int4.py's layout -> (m, n) in x's
     dtype, x quantized to signed bytes per block of 32 on the way; None if the kernel could not allocate."""
@@ -261,4 +230,14 @@ def gemm_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int) 
     y = torch.empty(m, n, dtype=x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)
     failed = library().gemm_q4(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, bf16, bf16)
+    return None if failed else y
+
+
+def gemm_s8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, n: int) -> Optional[torch.Tensor]:
+    """x (m, k) bfloat16 or float32, contiguous; an 8-bit weight (n, k) in kernels/int8.py's layout with its row
+    scales (n,) float32 -> (m, n) in x's dtype, x quantized per block of 32 on the way; None if out of memory."""
+    m, k = x.shape
+    y = torch.empty(m, n, dtype=x.dtype)
+    bf16 = int(x.dtype == torch.bfloat16)
+    failed = library().gemm_s8(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, bf16, bf16)
     return None if failed else y

@@ -1,5 +1,5 @@
-"""--quantization int8 and int4: the linear layers in 8-bit weights (torch's fbgemm kernels and ours) or 4-bit
-blocks (ours), on the real model (over HTTP: tests/serve/test_e2e_options.py)."""
+"""--quantization int8 and int4: the linear layers in 8-bit weights or 4-bit blocks (the LM head in 8 bits for
+both), and --quant-policy 8, on the real model (over HTTP: tests/serve/test_e2e_options.py)."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from lmcli.engine.engine import Engine
 from lmcli.engine.layers.linear import FusedColumnLinear, RowParallelLinear
 from lmcli.engine.pipeline import pipeline
 from lmcli.errors import UserError
-from lmcli.kernels import int4
+from lmcli.kernels import int4, int8
 from lmcli.workspace import Workspace
 
 QUESTIONS = [[{"role": "user", "content": "What is the capital of France?"}],
@@ -22,7 +22,8 @@ def test_int8_engine_packs_every_projection_and_still_answers(smollm2_workspace)
         linears = [m for m in pipe.engine.runner.model.modules() if isinstance(m, (FusedColumnLinear,
                                                                                     RowParallelLinear))]
         assert len(linears) == 4 * 30  # qkv, o, gate_up, down in each of SmolLM2's 30 layers
-        assert all(m.packed is not None and m.weight is None for m in linears)
+        assert all(isinstance(m.packed, int8.Int8Weight) and m.weight is None for m in linears)
+        assert isinstance(pipe.engine.runner.model.lm_head.head, int8.Int8Weight)  # the logits from int8 too
         france, colors = pipe(QUESTIONS, max_new_tokens=24, temperature=0)
     finally:
         pipe.engine.close()
@@ -40,6 +41,7 @@ def test_int4_engine_packs_every_projection_and_still_answers(smollm2_workspace)
                                                                                     RowParallelLinear))]
         assert len(linears) == 4 * 30
         assert all(isinstance(m.packed, int4.Int4Weight) and m.weight is None for m in linears)
+        assert isinstance(pipe.engine.runner.model.lm_head.head, int8.Int8Weight)  # 4-bit would cost 5% perplexity
         colors = pipe(QUESTIONS[1], max_new_tokens=24, temperature=0)
     finally:
         pipe.engine.close()

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmcli import kernels
+from lmcli.kernels import int8
 
 from lmcli.engine.layers.parallel import TP, shard, split
 
@@ -16,6 +17,13 @@ class VocabParallelEmbedding(nn.Module):
         self.start, self.end = shard(vocab_size, tp.size, tp.rank)
         self.weight = nn.Parameter(torch.empty(self.end - self.start, hidden), requires_grad=False)
         self.weight.weight_loader = self.load
+        self.head = None  # the LM head's weight in int8 (quantize_head), beside the table for lookups
+
+    def quantize_head(self) -> bool:
+        """The logits from an int8 copy of the weight from now on (the lookups keep the table as it is). int8
+        whatever the layers' format: SmolLM2's perplexity rose 5.5% with a 4-bit LM head, 0.4% with int8."""
+        self.head = int8.pack(self.weight)
+        return self.head is not None
 
     def load(self, param: nn.Parameter, full: torch.Tensor) -> None:
         param.data = full[self.start:self.end].contiguous()
@@ -29,5 +37,8 @@ class VocabParallelEmbedding(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Used as the LM head: float32 logits over the full vocabulary, on every rank."""
-        local = kernels.linear(hidden, self.weight, out_dtype=torch.float32)
+        if self.head is not None:
+            local = int8.linear(hidden.float(), self.head)
+        else:
+            local = kernels.linear(hidden, self.weight, out_dtype=torch.float32)
         return self.tp.all_gather_last(local, split(self.vocab_size, self.tp.size))

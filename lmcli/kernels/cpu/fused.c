@@ -47,23 +47,3 @@ void silu_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n) {
         }
     }
 }
-
-/* The int8 layers' activations (kernels/int8.py): out = x / scale per row, in float32, with scale the row's
-   largest magnitude (1e-12 at least), so every row spans [-1, 1] before fbgemm quantizes it. */
-void rows_to_unit(const uint16_t *x, float *out, float *scale, int64_t rows, int64_t n) {
-    #pragma omp parallel for schedule(static) if (rows * n >= 65536)
-    for (int64_t r = 0; r < rows; r++) {
-        float m = 1e-12f;
-        for (int64_t i = 0; i < n; i++) m = fmaxf(m, fabsf(bf16f(x[r * n + i])));
-        scale[r] = m;
-        const float inv = 1.f / m;
-        for (int64_t i = 0; i < n; i++) out[r * n + i] = bf16f(x[r * n + i]) * inv;
-    }
-}
-
-/* out = y * scale per row, rounded to bfloat16 (the int8 layers' results back in the model's dtype). */
-void scale_rows_bf16(const float *y, const float *scale, uint16_t *out, int64_t rows, int64_t n) {
-    #pragma omp parallel for schedule(static) if (rows * n >= 65536)
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t i = 0; i < n; i++) out[r * n + i] = f2bf16(y[r * n + i] * scale[r]);
-}
