@@ -138,7 +138,13 @@ def api_server(
     if device == "cpu" and log_level in (LogLevel.info, LogLevel.debug):
         from lmcli.kernels import native
 
+        from lmcli.engine.config import describe_formats
+
         print(f"lm api_server: {native.describe()}", file=sys.stderr, flush=True)
+        compute = ws.dtype if dtype is DType.auto else dtype.value
+        compute = "float32" if compute == "float16" else compute  # float16 runs as float32 on CPUs
+        print(f"lm api_server: {describe_formats(compute, quantization and quantization.value, quant_policy)}",
+              file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=server_name, port=server_port, log_level=log_level.value,
                             access_log=log_level in (LogLevel.info, LogLevel.debug), timeout_graceful_shutdown=5,
                             **ssl_files)

@@ -11,6 +11,17 @@ QUANTIZATIONS = ("int8", "int4")
 QUANT_POLICIES = (0, 8)
 
 
+def describe_formats(dtype: str, quantization: Optional[str], quant_policy: int) -> str:
+    """One line for the server's start-up log: the weights' and the KV cache's formats and the options behind
+    them. dtype: the resolved compute dtype (e.g. bfloat16)."""
+    weights = {None: f"{dtype} (--dtype)",
+               "int8": "int8 per output row, activations in 8 bits per block of 32, LM head int8 (--quantization int8)",
+               "int4": "4-bit blocks of 32 with a float16 scale and minimum, activations in 8 bits per block, LM head "
+                       "int8 (--quantization int4)"}[quantization]
+    cache = "int8 with a float16 scale a row (--quant-policy 8)" if quant_policy == 8 else f"{dtype}"
+    return f"weights: {weights}; KV cache: {cache}"
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 64  # tokens per KV block (cache_block_seq_len)

@@ -96,3 +96,13 @@ def test_the_8bit_kv_cache_holds_more_tokens_and_still_answers(smollm2_workspace
 def test_quant_policy_other_than_0_and_8_is_refused(smollm2_workspace):
     with pytest.raises(UserError, match="quant_policy must be 0 .* or 8 .*, not 4; the 4-bit KV cache is not built"):
         Engine(smollm2_workspace, quant_policy=4)
+
+
+def test_the_start_up_line_names_the_formats_and_their_options():
+    from lmcli.engine.config import describe_formats
+
+    assert describe_formats("bfloat16", None, 0) == "weights: bfloat16 (--dtype); KV cache: bfloat16"
+    line = describe_formats("float32", "int4", 8)
+    assert line.startswith("weights: 4-bit blocks of 32") and "(--quantization int4)" in line
+    assert line.endswith("KV cache: int8 with a float16 scale a row (--quant-policy 8)")
+    assert "(--quantization int8)" in describe_formats("bfloat16", "int8", 0)

@@ -9,7 +9,7 @@ from lmcli.cli import build_app
 
 OPTIONS = ("--server-name", "--server-port", "--tp", "--session-len", "--max-batch-size", "--cache-max-entry-count",
            "--cache-block-seq-len", "--max-prefill-token-num", "--enable-prefix-caching", "--dtype", "--quantization",
-           "--device",
+           "--quant-policy", "--device",
            "--model-name", "--chat-template", "--meta-instruction", "--api-keys", "--allow-origins",
            "--allow-credentials", "--allow-methods", "--allow-headers", "--ssl", "--max-concurrent-requests",
            "--log-level", "--proxy-url")
@@ -30,8 +30,8 @@ def test_user_errors_are_one_line(tmp_path, smollm2_workspace):
                           "SSL_KEYFILE")
     assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--chat-template", "{% if %}"),
                           "template")
-    bad = run_lm("serve", "api_server", smollm2_workspace, "--quantization", "int4")  # typer's usage error
-    assert bad.returncode == 2 and "--quantization" in bad.stderr and "int8" in bad.stderr
+    bad = run_lm("serve", "api_server", smollm2_workspace, "--quantization", "int3")  # typer's usage error
+    assert bad.returncode == 2 and "--quantization" in bad.stderr and "int8" in bad.stderr and "int4" in bad.stderr
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
@@ -46,6 +46,10 @@ def test_user_errors_are_one_line(tmp_path, smollm2_workspace):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith("lm serve api_server: error: loading the model failed: "
                                                            "session_len must be in")
+    done = run_lm("serve", "api_server", smollm2_workspace, "--quant-policy", "4", "--server-port", free_port(),
+                  timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].endswith("not 4; the 4-bit KV cache is not built")
 
 
 def test_gradio_help_and_a_server_that_is_not_there():
