@@ -361,8 +361,8 @@ def test_native_silu_and_mul_matches_the_reference(rows):
 
 @pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (9, 576, 1536), (64, 33, 64)])
 def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
-    """At every level the 8-bit kernel computes exactly (to float32 rounding) x's 8-bit blocks (7-bit without VNNI,
-    where 16-bit pair sums must not saturate) times the dequantized weight, each row with its own scale: a row of
+    """At every level the 8-bit kernel computes exactly (to float32 rounding) x's 8-bit blocks (with VNNI, with the
+    sign trick of AVX2, in plain loops) times the dequantized weight, each row with its own scale: a row of
     tiny values beside a row of huge ones keeps its precision; bias added after; float32 and bfloat16."""
     from lmcli.kernels import int8
 
@@ -373,10 +373,8 @@ def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
     weight = int8.pack(w)
     deq = weight.dequantize()
     assert deq.shape == (n, k) and ((deq - w).abs() <= w.abs().amax(1, keepdim=True) / 254 + 1e-7).all()
-    flags = native._cpu_flags().split()
-    levels = 127 if isa == "avx512" and ("avx512_vnni" in flags or "avx_vnni" in flags) else 63
     got = int8.linear(x, weight, bias)
-    expected = _blocks_to_int8(x, levels) @ deq.t() + bias
+    expected = _blocks_to_int8(x) @ deq.t() + bias
     assert got.dtype == torch.float32 and got.shape == (m, n)
     err = (got - expected).abs() / expected.abs().amax(1, keepdim=True)  # each row on its own scale
     assert err.max() <= 1e-5, err.max()
@@ -387,13 +385,12 @@ def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
     assert int8.pack(torch.randn(4, 40)) is None
 
 
-def _blocks_to_int8(x: torch.Tensor, levels: int = 127) -> torch.Tensor:
-    """What the kernels of cpu/blocks.c multiply for x: each block of 32 rounded to -levels..levels of its own
-    scale."""
+def _blocks_to_int8(x: torch.Tensor) -> torch.Tensor:
+    """What the kernels of cpu/blocks.c multiply for x: each block of 32 rounded to -127..127 of its own scale."""
     m, k = x.shape
     b = x.float().view(m, k // 32, 32)
     amax = b.abs().amax(2, keepdim=True)
-    return (torch.round(b * torch.where(amax > 0, levels / amax, 0)) * (amax / levels)).view(m, k)
+    return (torch.round(b * torch.where(amax > 0, 127 / amax, 0)) * (amax / 127)).view(m, k)
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (5, 576, 1536), (64, 33, 64)])
