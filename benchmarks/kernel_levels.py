@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmcli import kernels
 from lmcli.kernels import int4, int8, native
 
 SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536)] * 30
@@ -78,9 +79,9 @@ def main() -> None:
             original = native.library
             native.library = lambda lib=lib: lib
             try:
-                rows_out.append((f"{level} int8 kernel", best_ms(lambda: [int8.linear(xs[p.shape[1]], p)
+                rows_out.append((f"{level} int8 kernel", best_ms(lambda: [kernels.quantized_linear(xs[p.shape[1]], p)
                                                                           for p in packed], args.repeat)))
-                rows_out.append((f"{level} int4 kernel", best_ms(lambda: [int4.linear(xs[q.shape[1]], q)
+                rows_out.append((f"{level} int4 kernel", best_ms(lambda: [kernels.quantized_linear(xs[q.shape[1]], q)
                                                                           for q in nibbles], args.repeat)))
                 if rows <= 8:
                     rows_out.append((f"{level} bfloat16 GEMV",

@@ -18,7 +18,7 @@ def describe_formats(dtype: str, quantization: Optional[str], quant_policy: int)
                "int8": "int8 per output row, activations in 8 bits per block of 32, LM head int8 (--quantization int8)",
                "int4": "4-bit blocks of 32 with a float16 scale and minimum, activations in 8 bits per block, LM head "
                        "int8 (--quantization int4)"}[quantization]
-    cache = "int8 with a float16 scale a row (--quant-policy 8)" if quant_policy == 8 else f"{dtype}"
+    cache = "int8 with a float16 scale a row (--quant-policy 8)" if quant_policy == 8 else dtype
     return f"weights: {weights}; KV cache: {cache}"
 
 

@@ -51,6 +51,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(torch.float32)
         self._load(workspace)
+        self._kv_memory = []  # the KV cache's mmaps on CPU (_zeros)
         self.num_blocks = self._allocate_cache()
 
     def _load(self, workspace: Workspace) -> None:
@@ -128,7 +129,7 @@ class ModelRunner:
         if self.device.type != "cpu":
             return torch.zeros(size, dtype=dtype, device=self.device)
         memory = mmap.mmap(-1, math.prod(size) * dtype.itemsize, flags=mmap.MAP_PRIVATE)  # anonymous
-        self._kv_memory = getattr(self, "_kv_memory", []) + [memory]  # kept: the tensors live in them
+        self._kv_memory.append(memory)  # kept: the tensors live in it
         t = torch.frombuffer(memory, dtype=dtype).view(size)
         advise_huge_pages(t)
         return t

@@ -41,6 +41,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out
     return reference.linear(x, weight, bias, out_dtype)
 
 
+def quantized_linear(x: torch.Tensor, weight, bias: torch.Tensor = None) -> torch.Tensor:
+    """x (tokens, in) . W^T (+ bias) in x's dtype, W an int8.Int8Weight or int4.Int4Weight: through its native kernel
+    (x bfloat16 or float32), else on the dequantized weight."""
+    y = None
+    if native.library() is not None and x.dtype in (torch.bfloat16, torch.float32):
+        y = native.gemm_blocks(weight.kernel, x.contiguous(), weight.codes, weight.scales, weight.shape[0])
+    if y is None:
+        y = reference.linear(x.float(), weight.dequantize(), out_dtype=x.dtype)
+    return y if bias is None else y.add_(bias)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _native_bf16(x, weight) and x.dim() == 2:
         return native.add_rms_norm_bf16(x, None, weight, eps)[0]
@@ -86,11 +97,11 @@ def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Ten
     lib = q.dtype == torch.bfloat16 and q.device.type == "cpu" and native.library() is not None
     if isinstance(k_cache, Int8Cache):
 
-        def decode(qd, kc, vc, b, s):
+        def decode_s8(qd, kc, vc, b, s):
             out = native.paged_decode_attention_s8(qd, kc, vc, b.decode_block_tables, b.decode_lens, s) if lib \
                 else None
             return reference.decode_attention(qd, kc, vc, b, s) if out is None else out
-        return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode, float32_chunk_attention)
+        return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode_s8, float32_chunk_attention)
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         chunk = native.prefill_attention if lib and native.bf16_products() else float32_chunk_attention
     if lib:

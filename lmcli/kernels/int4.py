@@ -9,8 +9,6 @@ from typing import Optional
 
 import torch
 
-from lmcli.kernels import native
-
 BLOCK = 32
 TILE = 8
 F16_MAX = 65504.0
@@ -18,7 +16,10 @@ F16_MAX = 65504.0
 
 class Int4Weight:
     """One weight (out, in) in the kernel's layout (cpu/blocks.c): codes (tiles, blocks, 4, 8, 4) uint8 and scales
-    (tiles, blocks, 2, 8) float16, out rounded up to tiles of 8 rows (zeros)."""
+    (tiles, blocks, 2, 8) float16, out rounded up to tiles of 8 rows (zeros). kernels.quantized_linear multiplies by
+    it."""
+
+    kernel = "gemm_q4"
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, mn: torch.Tensor):
         """q (out, in) codes 0..15 (uint8), d and mn (out, in / 32) float16."""
@@ -62,12 +63,3 @@ def quantize(weight: torch.Tensor) -> Optional[Int4Weight]:
     q = torch.where(d > 0, torch.round((w - mn) / torch.where(d > 0, d, 1)), 0).clamp_(0, 15).to(torch.uint8)
     return Int4Weight(q.view(n, k), d.view(n, -1).half(), mn.view(n, -1).half())
 
-
-def linear(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor = None) -> torch.Tensor:
-    """x (tokens, in) -> x . W^T (+ bias) in x's dtype (bfloat16 or float32 through the kernel)."""
-    y = None
-    if native.library() is not None and x.dtype in (torch.bfloat16, torch.float32):
-        y = native.gemm_q4(x.contiguous(), weight.codes, weight.scales, weight.shape[0])
-    if y is None:
-        y = torch.nn.functional.linear(x.float(), weight.dequantize()).to(x.dtype)
-    return y if bias is None else y.add_(bias)

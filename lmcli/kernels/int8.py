@@ -9,15 +9,15 @@ from typing import Optional
 
 import torch
 
-from lmcli.kernels import native
-
 BLOCK = 32
 TILE = 8
 
 
 class Int8Weight:
-    """One weight (out, in): codes + 128 (tiles, blocks, 8, 8, 4) uint8 (see cpu/blocks.c) and each row's scale
-    (out rounded up to tiles of 8,) float32."""
+    """One weight (out, in): codes + 128 (tiles, blocks, 8, 8, 4) uint8 (see cpu/blocks.c) and scales, each row's
+    (out rounded up to tiles of 8,) float32. kernels.quantized_linear multiplies by it."""
+
+    kernel = "gemm_s8"
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         """q (out, in) int8 in -127..127, scale (out,) float32."""
@@ -30,7 +30,7 @@ class Int8Weight:
         tiles, blocks = u.shape[0] // TILE, k // BLOCK
         # element 32g + 4c + b of row 8T + i -> chunk c, lane i, byte b
         self.codes = u.view(tiles, TILE, blocks, 8, 4).permute(0, 2, 3, 1, 4).contiguous()
-        self.scale = scale.float().contiguous()
+        self.scales = scale.float().contiguous()
         self.shape = (n, k)
 
     def dequantize(self) -> torch.Tensor:
@@ -38,7 +38,7 @@ class Int8Weight:
         n, k = self.shape
         tiles = self.codes.shape[0]
         q = self.codes.permute(0, 3, 1, 2, 4).reshape(tiles * TILE, k).float() - 128
-        return (q * self.scale[:, None])[:n]
+        return (q * self.scales[:, None])[:n]
 
 
 def pack(weight: torch.Tensor) -> Optional[Int8Weight]:
@@ -50,12 +50,3 @@ def pack(weight: torch.Tensor) -> Optional[Int8Weight]:
     scale = (w.abs().amax(1) / 127).clamp_min(1e-12)
     return Int8Weight(torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale)
 
-
-def linear(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor = None) -> torch.Tensor:
-    """x (tokens, in) -> x . W^T (+ bias) in x's dtype (bfloat16 or float32 through the kernel)."""
-    y = None
-    if native.library() is not None and x.dtype in (torch.bfloat16, torch.float32):
-        y = native.gemm_s8(x.contiguous(), weight.codes, weight.scale, weight.shape[0])
-    if y is None:
-        y = torch.nn.functional.linear(x.float(), weight.dequantize()).to(x.dtype)
-    return y if bias is None else y.add_(bias)

@@ -150,7 +150,6 @@ def gemm_f32_bf16(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
     return None if failed else y
 
 
-
 def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float) -> Optional[torch.Tensor]:
     """q (seqs, heads, dim) bfloat16 (rows may be strided); caches (blocks, kv_heads, block_size, dim) bfloat16;
     block_tables (seqs, max_blocks) int64; lens (seqs,) int64 -> (seqs, heads, dim) bfloat16; None for shapes
@@ -223,21 +222,14 @@ def silu_mul_bf16(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gemm_q4(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, n: int) -> Optional[torch.Tensor]:
-    """x (m, k) bfloat16 or float32, contiguous; a 4-bit weight (n, k) in kernels/int4.py's layout -> (m, n) in x's
-    dtype, x quantized to signed bytes per block of 32 on the way; None if the kernel could not allocate."""
+def gemm_blocks(kernel: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                n: int) -> Optional[torch.Tensor]:
+    """x (m, k) bfloat16 or float32, contiguous, times a weight (n, k) in cpu/blocks.c's tiles: kernel gemm_s8 (int8
+    weights, kernels/int8.py) or gemm_q4 (4-bit blocks, kernels/int4.py) -> (m, n) in x's dtype, x quantized per
+    block of 32 on the way; None if the kernel could not allocate."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)
-    failed = library().gemm_q4(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k, bf16, bf16)
-    return None if failed else y
-
-
-def gemm_s8(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, n: int) -> Optional[torch.Tensor]:
-    """x (m, k) bfloat16 or float32, contiguous; an 8-bit weight (n, k) in kernels/int8.py's layout with its row
-    scales (n,) float32 -> (m, n) in x's dtype, x quantized per block of 32 on the way; None if out of memory."""
-    m, k = x.shape
-    y = torch.empty(m, n, dtype=x.dtype)
-    bf16 = int(x.dtype == torch.bfloat16)
-    failed = library().gemm_s8(x.data_ptr(), codes.data_ptr(), scale.data_ptr(), y.data_ptr(), m, n, k, bf16, bf16)
+    failed = getattr(library(), kernel)(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k,
+                                        bf16, bf16)
     return None if failed else y

@@ -373,7 +373,7 @@ def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
     weight = int8.pack(w)
     deq = weight.dequantize()
     assert deq.shape == (n, k) and ((deq - w).abs() <= w.abs().amax(1, keepdim=True) / 254 + 1e-7).all()
-    got = int8.linear(x, weight, bias)
+    got = kernels.quantized_linear(x, weight, bias)
     expected = _blocks_to_int8(x) @ deq.t() + bias
     assert got.dtype == torch.float32 and got.shape == (m, n)
     err = (got - expected).abs() / expected.abs().amax(1, keepdim=True)  # each row on its own scale
@@ -381,7 +381,7 @@ def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
     # bfloat16 in and out: the same arithmetic, rounded once at the end (bfloat16 inputs tie often when quantized,
     # and the compiler may round a tie differently from torch: hence the float32 run on the same values)
     xb = x.bfloat16()
-    assert torch.equal(int8.linear(xb, weight), int8.linear(xb.float(), weight).bfloat16())
+    assert torch.equal(kernels.quantized_linear(xb, weight), kernels.quantized_linear(xb.float(), weight).bfloat16())
     assert int8.pack(torch.randn(4, 40)) is None
 
 
@@ -407,7 +407,7 @@ def test_int4_kernel_is_the_dequantized_product(m, n, k):
     deq = weight.dequantize()
     assert deq.shape == (n, k) and (deq - w).abs().max() <= 0.07 * w.abs().max()  # half a step of 15 over the block
     for xin in (x, x.bfloat16()):
-        got = int4.linear(xin, weight)
+        got = kernels.quantized_linear(xin, weight)
         expected = _blocks_to_int8(xin) @ deq.t()
         assert got.dtype == xin.dtype and got.shape == (m, n)
         tol = 1e-5 if xin.dtype == torch.float32 else 2 ** -8  # bfloat16 out: one rounding
@@ -435,7 +435,7 @@ def test_int4_without_native_kernels_widens_the_weight(monkeypatch):
     torch.manual_seed(1)
     weight, x, bias = int4.quantize(torch.randn(9, 64)), torch.randn(2, 64), torch.randn(9)
     monkeypatch.setattr(native, "library", lambda: None)
-    torch.testing.assert_close(int4.linear(x, weight, bias), x @ weight.dequantize().t() + bias)
+    torch.testing.assert_close(kernels.quantized_linear(x, weight, bias), x @ weight.dequantize().t() + bias)
 
 
 def _int8_caches(num_blocks, kv_heads, bs, d):
@@ -458,7 +458,8 @@ def test_the_8bit_cache_keeps_each_row_within_half_a_step():
         back = cache.index_select(0, torch.arange(6))[slots // 8, :, slots % 8]
         step = rows.abs().amax(-1, keepdim=True) / 127
         assert ((back - rows).abs() <= step * (0.5 + 2 ** -9) + 1e-7).all()
-    assert (k_cache.data[slots[4] // 8, 1, slots[4] % 8] == 0).all() and k_cache.scale[slots[4] // 8, 1, slots[4] % 8] == 0
+    zero = (slots[4] // 8, 1, slots[4] % 8)
+    assert (k_cache.data[zero] == 0).all() and k_cache.scale[zero] == 0
 
 
 @pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (4, 4, 40, 8), (16, 1, 64, 16)])
@@ -502,7 +503,8 @@ def test_paged_attention_over_the_8bit_cache_mixes_decodes_and_chunks():
     k_cache, v_cache = _int8_caches(num_blocks, kv_heads, bs, d)
     blocks = iter(torch.randperm(num_blocks).tolist())
     items = [([1], c, [next(blocks) for _ in range(-(-(c + 1) // bs))], True) for c in (3, 9)]
-    items += [([1] * 5, 6, [next(blocks) for _ in range(3)], True), ([1] * 7, 0, [next(blocks) for _ in range(2)], True)]
+    items += [([1] * 5, 6, [next(blocks) for _ in range(3)], True),
+              ([1] * 7, 0, [next(blocks) for _ in range(2)], True)]
     batch, _ = build_batch(items, bs)
     t = batch.input_ids.shape[0]
     q = torch.randn(t, heads, d, dtype=torch.bfloat16)

@@ -38,7 +38,7 @@ class VocabParallelEmbedding(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Used as the LM head: float32 logits over the full vocabulary, on every rank."""
         if self.head is not None:
-            local = int8.linear(hidden.float(), self.head)
+            local = kernels.quantized_linear(hidden.float(), self.head)
         else:
             local = kernels.linear(hidden, self.weight, out_dtype=torch.float32)
         return self.tp.all_gather_last(local, split(self.vocab_size, self.tp.size))

@@ -30,10 +30,8 @@ class QuantizableLinear(nn.Module):
         return True
 
     def product(self, x: torch.Tensor, bias=None) -> torch.Tensor:
-        if isinstance(self.packed, int8.Int8Weight):
-            return int8.linear(x, self.packed, bias)
         if self.packed is not None:
-            return int4.linear(x, self.packed, bias)
+            return kernels.quantized_linear(x, self.packed, bias)
         return kernels.linear(x, self.weight, bias)
 
 
