@@ -4,7 +4,9 @@ A workspace is a folder:
 
     lm_workspace.json       the manifest: format version, model config in engine terms, dtype, weight files,
                             generation defaults, where it came from (path and sha256)
-    model-00001.safetensors weights in the engine's layout (fused qkv and gate/up), shards of at most 2 GiB
+    model-00001.safetensors weights in the engine's layout (fused qkv and gate/up), shards of at most 2 GiB;
+                            with quantization int4 each linear layer's weight as NAME.q4 (codes two a byte),
+                            NAME.q4_scale and NAME.q4_min (float16 a block of 32; kernels/int4.py)
     tokenizer/              tokenizer files as transformers saves them, with the chat template
 
 docs/workspace.md describes it for users. Change FORMAT_VERSION when the layout changes incompatibly.
@@ -18,7 +20,8 @@ from typing import Callable, Iterator, Optional
 from lmcli.errors import UserError
 
 FORMAT = "lmcli-workspace"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the optional 4-bit weights (quantization int4); 1 is read as well
+READ_VERSIONS = (1, 2)
 MANIFEST = "lm_workspace.json"
 TOKENIZER_DIR = "tokenizer"
 SHARD_BYTES = 2 << 30
@@ -31,6 +34,9 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
 }
 DTYPES = ("float32", "bfloat16", "float16")
+QUANTIZATIONS = ("int4",)
+LINEAR_WEIGHTS = ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
+                  "mlp.down_proj.weight")  # what quantization int4 stores in 4-bit blocks where the shape allows
 
 
 @dataclass(frozen=True)
@@ -95,17 +101,24 @@ def unsupported_architecture(name) -> str:
 # The engine's parameter names. `hf` names the tensors a converter reads (Hugging Face names);
 # a layer's tensors are fused as the engine wants them.
 def layer_tensors(config: ModelConfig, i: int, hf: Callable[[str], "torch.Tensor"]) -> dict:
+    """hf may give a linear layer's weight as int4.Int4Blocks (lm convert --quantization int4)."""
     import torch
+
+    from lmcli.kernels.int4 import Int4Blocks
+
+    def cat(parts):
+        return Int4Blocks.cat(parts) if all(isinstance(t, Int4Blocks) for t in parts) else \
+            torch.cat([t.dequantize() if isinstance(t, Int4Blocks) else t for t in parts])
 
     p = f"model.layers.{i}."
     out = {
         p + "input_layernorm.weight": hf(p + "input_layernorm.weight"),
         # (q_size + 2 * kv_size, hidden): q, then k, then v
-        p + "self_attn.qkv_proj.weight": torch.cat([hf(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
+        p + "self_attn.qkv_proj.weight": cat([hf(p + f"self_attn.{x}_proj.weight") for x in "qkv"]),
         p + "self_attn.o_proj.weight": hf(p + "self_attn.o_proj.weight"),
         p + "post_attention_layernorm.weight": hf(p + "post_attention_layernorm.weight"),
         # (2 * intermediate, hidden): gate, then up
-        p + "mlp.gate_up_proj.weight": torch.cat([hf(p + "mlp.gate_proj.weight"), hf(p + "mlp.up_proj.weight")]),
+        p + "mlp.gate_up_proj.weight": cat([hf(p + "mlp.gate_proj.weight"), hf(p + "mlp.up_proj.weight")]),
         p + "mlp.down_proj.weight": hf(p + "mlp.down_proj.weight"),
     }
     if config.qkv_bias:
@@ -130,6 +143,7 @@ class Workspace:
     generation: Generation
     source: dict  # {"kind", "path", "sha256", ...}: where it came from
     created_by: str = ""
+    quantization: Optional[str] = None  # "int4": the linear layers' weights in 4-bit blocks
 
     @property
     def tokenizer_path(self) -> Path:
@@ -141,13 +155,22 @@ class Workspace:
         return AutoTokenizer.from_pretrained(self.tokenizer_path)
 
     def weights(self, device: str = "cpu") -> Iterator[tuple[str, "torch.Tensor"]]:
-        """(name, tensor) in the workspace's dtype, in the engine's layout."""
+        """(name, tensor) in the workspace's dtype, in the engine's layout; a weight in 4-bit blocks as one
+        int4.Int4Blocks."""
         from safetensors import safe_open
+
+        from lmcli.kernels.int4 import SUFFIXES, Int4Blocks
 
         for name in self.weight_files:
             with safe_open(self.path / name, framework="pt", device=device) as f:
                 for key in f.keys():
-                    yield key, f.get_tensor(key)
+                    if key.endswith(SUFFIXES[1:]):
+                        continue
+                    if key.endswith(SUFFIXES[0]):
+                        base = key[:-len(SUFFIXES[0])]
+                        yield base, Int4Blocks.unpack({x: f.get_tensor(base + x) for x in SUFFIXES})
+                    else:
+                        yield key, f.get_tensor(key)
 
     def weights_bytes(self) -> int:
         return sum((self.path / name).stat().st_size for name in self.weight_files)
@@ -165,15 +188,17 @@ class Workspace:
             raise UserError(f"{manifest} is unreadable: {e}")
         if m.get("format") != FORMAT:
             raise UserError(f"{manifest} is not an lm workspace manifest")
-        if m.get("format_version") != FORMAT_VERSION:
+        if m.get("format_version") not in READ_VERSIONS:
             raise UserError(f"{path} has workspace format {m.get('format_version')}, this lm reads "
-                            f"{FORMAT_VERSION}; convert the model again")
+                            f"{' and '.join(map(str, READ_VERSIONS))}; convert the model again")
         try:
             ws = cls(path=path, model_name=m["model_name"], config=_from_dict(ModelConfig, m["model"]),
                      dtype=m["dtype"], weight_files=m["weight_files"], generation=_from_dict(Generation, m["generation"]),
-                     source=m["source"], created_by=m.get("created_by", ""))
+                     source=m["source"], created_by=m.get("created_by", ""), quantization=m.get("quantization"))
         except (KeyError, TypeError) as e:
             raise UserError(f"{manifest} is incomplete: {e}")
+        if ws.quantization not in (None, *QUANTIZATIONS):
+            raise UserError(f"{manifest}: quantization {ws.quantization!r} is not one this lm reads; convert again")
         missing = [n for n in ws.weight_files + [TOKENIZER_DIR] if not (path / n).exists()]
         if missing:
             raise UserError(f"workspace {path} is missing {', '.join(missing)}; convert the model again")
@@ -186,10 +211,20 @@ def _from_dict(cls, d: dict):
 
 
 def write(dst: Path, *, model_name: str, config: ModelConfig, dtype: str, generation: Generation, source: dict,
-          tensors: Iterator[dict], save_tokenizer: Callable[[Path], None], created_by: str) -> Workspace:
+          tensors: Iterator[dict], save_tokenizer: Callable[[Path], None], created_by: str,
+          quantization: Optional[str] = None) -> Workspace:
     """Write a workspace into the empty folder dst. `tensors` yields dicts of engine-named tensors, already in
-    `dtype`; they are packed into shards of at most SHARD_BYTES."""
+    `dtype`, or int4.Int4Blocks; they are packed into shards of at most SHARD_BYTES."""
     from safetensors.torch import save_file
+
+    from lmcli.kernels.int4 import Int4Blocks
+
+    def stored(group: dict) -> Iterator[tuple[str, "torch.Tensor"]]:
+        for name, t in group.items():
+            if isinstance(t, Int4Blocks):
+                yield from ((name + suffix, part) for suffix, part in t.pack().items())
+            else:
+                yield name, t
 
     weight_files, shard, size = [], {}, 0
 
@@ -202,7 +237,7 @@ def write(dst: Path, *, model_name: str, config: ModelConfig, dtype: str, genera
             shard, size = {}, 0
 
     for group in tensors:
-        for name, t in group.items():
+        for name, t in stored(group):
             nbytes = t.numel() * t.element_size()
             if shard and size + nbytes > SHARD_BYTES:
                 flush()
@@ -216,6 +251,7 @@ def write(dst: Path, *, model_name: str, config: ModelConfig, dtype: str, genera
         "model_name": model_name,
         "model": asdict(config),
         "dtype": dtype,
+        "quantization": quantization,
         "weight_files": weight_files,
         "generation": asdict(generation),
         "source": source,

@@ -120,4 +120,4 @@ def test_hub_id_from_the_local_hub_cache(tmp_path, tokenizer_dir):
     ws = Workspace.load(tmp_path / "ws")
     assert ws.model_name == "tiny-llama" and ws.source["hub_id"] == "tiny-org/tiny-llama"
     assert_same_weights(ws, model)
-    assert json.loads((tmp_path / "ws" / "lm_workspace.json").read_text())["format_version"] == 1
+    assert json.loads((tmp_path / "ws" / "lm_workspace.json").read_text())["format_version"] == 2

@@ -7,9 +7,13 @@ from lmcli.workspace import Workspace
 
 
 def unfused_weights(ws: Workspace) -> dict:
-    """The workspace's weights under Hugging Face names, fused tensors split back."""
+    """The workspace's weights under Hugging Face names, fused tensors split back, 4-bit blocks dequantized."""
+    from lmcli.kernels.int4 import Int4Blocks
+
     c, out = ws.config, {}
     for name, t in ws.weights():
+        if isinstance(t, Int4Blocks):
+            t = t.dequantize()
         if ".qkv_proj." in name:  # weight or bias
             q, k, v = t.split([c.q_size, c.kv_size, c.kv_size])
             out.update({name.replace("qkv_proj", "q_proj"): q, name.replace("qkv_proj", "k_proj"): k,

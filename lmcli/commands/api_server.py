@@ -70,11 +70,13 @@ def api_server(
     """Serve a workspace over an OpenAI-compatible HTTP API (and LMDeploy's /v1/chat/interactive).
 
     Open the printed URL in a browser for the API docs."""
+    from lmcli.engine.config import weights_format
     from lmcli.errors import UserError
     from lmcli.workspace import Workspace
 
     try:
         ws = Workspace.load(workspace)
+        weights = weights_format(quantization and quantization.value, ws.quantization, device)
         template = None
         if chat_template:
             from lmcli.convert import read_chat_template
@@ -143,8 +145,8 @@ def api_server(
         print(f"lm api_server: {native.describe()}", file=sys.stderr, flush=True)
         compute = ws.dtype if dtype is DType.auto else dtype.value
         compute = "float32" if compute == "float16" else compute  # float16 runs as float32 on CPUs
-        print(f"lm api_server: {describe_formats(compute, quantization and quantization.value, quant_policy)}",
-              file=sys.stderr, flush=True)
+        line = describe_formats(compute, weights, quant_policy, from_workspace=bool(ws.quantization))
+        print(f"lm api_server: {line}", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=server_name, port=server_port, log_level=log_level.value,
                             access_log=log_level in (LogLevel.info, LogLevel.debug), timeout_graceful_shutdown=5,
                             **ssl_files)

@@ -8,12 +8,20 @@ from typing import Optional
 
 from lmcli import __version__
 from lmcli.errors import UserError
-from lmcli.workspace import MANIFEST, Workspace, layer_tensors, outer_tensors, write
+from lmcli.workspace import MANIFEST, QUANTIZATIONS, Workspace, layer_tensors, outer_tensors, write
+
+# Hugging Face names of the weights that quantization int4 stores in 4-bit blocks
+LINEAR_SOURCE_NAMES = tuple(f"{x}_proj.weight" for x in ("q", "k", "v", "o", "gate", "up", "down"))
 
 
 def convert_model(src: str, dst: Path, *, dtype: str = "auto", model_name: Optional[str] = None,
-                  chat_template: Optional[str] = None, force: bool = False) -> tuple[Workspace, float]:
-    """Convert src into a workspace at dst; returns it and the seconds it took."""
+                  chat_template: Optional[str] = None, force: bool = False,
+                  quantization: Optional[str] = None) -> tuple[Workspace, float]:
+    """Convert src into a workspace at dst; returns it and the seconds it took. quantization "int4": the linear
+    layers' weights in 4-bit blocks of 32 (a GGUF's own Q4_0/Q4_1 blocks as they are, any other weight quantized
+    from float32), the rest in dtype."""
+    if quantization not in (None, *QUANTIZATIONS):
+        raise UserError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {quantization!r}")
     start = time.perf_counter()
     dst = Path(dst)
     _check_destination(dst, force)
@@ -24,6 +32,7 @@ def convert_model(src: str, dst: Path, *, dtype: str = "auto", model_name: Optio
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from lmcli.convert.source import generation_defaults, open_source
+    from lmcli.kernels import int4
 
     columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
@@ -40,11 +49,25 @@ def convert_model(src: str, dst: Path, *, dtype: str = "auto", model_name: Optio
         config, torch_dtype = source.config, getattr(torch, target)
         layers = progress.add_task(f"Converting to {target}, layers", total=config.num_layers)
 
+        def linear_weight(name: str):
+            """A linear layer's weight in 4-bit blocks where the shape allows, else the float tensor."""
+            blocks = source.blocks(name)
+            if blocks is None:
+                blocks = int4.quantize_blocks(source.tensor(name))
+            return blocks if blocks is not None else source.tensor(name)
+
+        def hf(name: str):
+            if quantization and name.endswith(LINEAR_SOURCE_NAMES):
+                return linear_weight(name)
+            return source.tensor(name)
+
+        def cast(group: dict) -> dict:
+            return {k: v if isinstance(v, int4.Int4Blocks) else v.to(torch_dtype) for k, v in group.items()}
+
         def tensors():
-            cast = lambda group: {k: v.to(torch_dtype) for k, v in group.items()}  # noqa: E731
             yield cast(outer_tensors(config, source.tensor))
             for i in range(config.num_layers):
-                yield cast(layer_tensors(config, i, source.tensor))
+                yield cast(layer_tensors(config, i, hf))
                 progress.advance(layers)
 
         shutil.rmtree(tmp, ignore_errors=True)
@@ -52,7 +75,8 @@ def convert_model(src: str, dst: Path, *, dtype: str = "auto", model_name: Optio
             tmp.mkdir(parents=True)
             write(tmp, model_name=model_name or source.model_name, config=config, dtype=target,
                   generation=generation_defaults(source.generation_config, tokenizer), source=source.info,
-                  tensors=tensors(), save_tokenizer=tokenizer.save_pretrained, created_by=f"lmcli {__version__}")
+                  tensors=tensors(), save_tokenizer=tokenizer.save_pretrained, created_by=f"lmcli {__version__}",
+                  quantization=quantization)
             if dst.exists():
                 shutil.rmtree(dst)
             tmp.rename(dst)

@@ -76,11 +76,28 @@ def open_gguf(path: Path) -> Source:
         except Exception as e:
             raise UserError(f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}): {e}")
         data = torch.from_numpy(np.require(data, np.float32, ["C", "W"]))  # a writable copy off the memmap
+        return data[_rotary_rows(name, data.shape[0])]
+
+    def _rotary_rows(name: str, rows: int):
+        """llama.cpp interleaves the rotary halves of q and k: the rows that give Hugging Face's layout back."""
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            # llama.cpp interleaves the rotary halves of q and k; undo that to Hugging Face's layout
+            import torch
+
             heads = config.num_heads if name.endswith("q_proj.weight") else config.num_kv_heads
-            data = data.reshape(heads, data.shape[0] // heads // 2, 2, -1).transpose(1, 2).reshape(data.shape)
-        return data
+            return torch.arange(rows).reshape(heads, rows // heads // 2, 2).transpose(1, 2).reshape(-1)
+        return slice(None)
+
+    def blocks(name: str):
+        from lmcli.kernels.int4 import Int4Blocks, from_gguf
+
+        t = tensors.get(name)
+        if t is None or len(t.shape) != 2:
+            return None
+        kept = from_gguf(t.data, t.tensor_type.name, (int(t.shape[1]), int(t.shape[0])))
+        if kept is None:
+            return None
+        rows = _rotary_rows(name, kept.shape[0])
+        return Int4Blocks(kept.q[rows], kept.d[rows], kept.mn[rows])
 
     def load_tokenizer():
         from transformers import AutoTokenizer
@@ -96,7 +113,7 @@ def open_gguf(path: Path) -> Source:
     types = {t.tensor_type.name for t in reader.tensors if len(t.shape) == 2}
     native = {"F16": "float16", "BF16": "bfloat16"}.get(types.pop(), "float32") if len(types) == 1 else "float32"
     return Source(kind="gguf", path=path, model_name=path.stem, config=config, native_dtype=native, tensor=tensor,
-                  load_tokenizer=load_tokenizer, generation_config=generation_config,
+                  load_tokenizer=load_tokenizer, generation_config=generation_config, blocks=blocks,
                   info={"kind": "gguf", "path": str(path.resolve()), "sha256": sha256_file(path)})
 
 

@@ -4,7 +4,7 @@ Hugging Face names, the tokenizer and the generation defaults."""
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from lmcli.errors import UserError
 from lmcli.workspace import Generation, ModelConfig
@@ -25,6 +25,7 @@ class Source:
     load_tokenizer: Callable[[], object]
     generation_config: dict  # bos/eos ids and sampling defaults, as generation_config.json spells them
     info: dict  # {"kind", "path", "sha256", ...} for the manifest
+    blocks: Callable[[str], Optional["Int4Blocks"]] = lambda name: None  # a tensor's own 4-bit blocks (GGUF Q4_0/1)
 
 
 def open_source(src: str) -> Source:

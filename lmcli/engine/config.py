@@ -11,15 +11,28 @@ QUANTIZATIONS = ("int8", "int4")
 QUANT_POLICIES = (0, 8)
 
 
-def describe_formats(dtype: str, quantization: Optional[str], quant_policy: int) -> str:
+def describe_formats(dtype: str, quantization: Optional[str], quant_policy: int, from_workspace=False) -> str:
     """One line for the server's start-up log: the weights' and the KV cache's formats and the options behind
-    them. dtype: the resolved compute dtype (e.g. bfloat16)."""
+    them. dtype: the resolved compute dtype (e.g. bfloat16); from_workspace: the 4-bit blocks came in the
+    workspace (lm convert --quantization int4)."""
+    origin = "the workspace's, lm convert --quantization int4" if from_workspace else "--quantization int4"
     weights = {None: f"{dtype} (--dtype)",
                "int8": "int8 per output row, activations in 8 bits per block of 32, LM head int8 (--quantization int8)",
                "int4": "4-bit blocks of 32 with a float16 scale and minimum, activations in 8 bits per block, LM head "
-                       "int8 (--quantization int4)"}[quantization]
+                       f"int8 ({origin})"}[quantization]
     cache = "int8 with a float16 scale a row (--quant-policy 8)" if quant_policy == 8 else dtype
     return f"weights: {weights}; KV cache: {cache}"
+
+
+def weights_format(quantization: Optional[str], workspace_quantization: Optional[str], device: str) -> Optional[str]:
+    """What the linear layers run in: --quantization, or the workspace's own 4-bit blocks (lm convert
+    --quantization int4), which a GPU gets dequantized into the model's dtype."""
+    if workspace_quantization == "int4":
+        if quantization == "int8":
+            raise UserError("the workspace holds 4-bit weights (lm convert --quantization int4); --quantization int8 "
+                            "needs a workspace converted without --quantization")
+        return "int4" if device == "cpu" else None
+    return quantization
 
 
 @dataclass(frozen=True)

@@ -8,12 +8,13 @@ import os
 import torch
 
 from lmcli.engine.batch import build_batch, plan
-from lmcli.engine.config import EngineConfig
+from lmcli.engine.config import EngineConfig, weights_format
 from lmcli.engine.layers.linear import QuantizableLinear
 from lmcli.engine.layers.parallel import TP
 from lmcli.engine.memory import advise_huge_pages, pack_parameters
 from lmcli.engine.models import model_class
 from lmcli.errors import UserError
+from lmcli.kernels.int4 import Int4Blocks
 from lmcli.kernels.kv8 import Int8Cache
 from lmcli.workspace import Workspace
 
@@ -55,13 +56,17 @@ class ModelRunner:
         self.num_blocks = self._allocate_cache()
 
     def _load(self, workspace: Workspace) -> None:
+        quantization = weights_format(self.config.quantization, workspace.quantization, self.device.type)
         params = dict(self.model.named_parameters())
         loaded = set()
         for name, tensor in workspace.weights():
             if name not in params:
                 raise UserError(f"workspace {workspace.path}: unexpected tensor {name}; convert the model again")
             param = params[name]
-            tensor = tensor.to(self.dtype)
+            if isinstance(tensor, Int4Blocks) and quantization != "int4":
+                tensor = tensor.dequantize()
+            if not isinstance(tensor, Int4Blocks):
+                tensor = tensor.to(self.dtype)
             loader = getattr(param, "weight_loader", None)
             if loader is not None:
                 loader(param, tensor)
@@ -72,10 +77,10 @@ class ModelRunner:
         missing = set(params) - loaded
         if missing:
             raise UserError(f"workspace {workspace.path} lacks {', '.join(sorted(missing)[:3])}")
-        if self.config.quantization:
+        if quantization:
             for module in self.model.modules():
                 if isinstance(module, QuantizableLinear):
-                    module.quantize(self.config.quantization)
+                    module.quantize(quantization)
             self.model.lm_head.quantize_head()
         if self.device.type == "cpu":
             pack_parameters(self.model)

@@ -45,11 +45,61 @@ class Int4Weight:
         return (q * s[..., :1] + s[..., 1:]).view(-1, k)[:n]
 
 
+class Int4Blocks:
+    """A weight (out, in) in 4-bit blocks as a workspace stores it and the loaders cut it: codes q (out, in) uint8
+    0..15 (one a byte here; two a byte on disk, see pack), d and mn (out, in / 32) float16, w = d * q + mn. Rows cut
+    anywhere; columns only at multiples of 32 (whole blocks)."""
+
+    def __init__(self, q: torch.Tensor, d: torch.Tensor, mn: torch.Tensor):
+        self.q, self.d, self.mn = q, d, mn
+        self.shape = tuple(q.shape)
+
+    def rows(self, ranges: list) -> "Int4Blocks":
+        """The rows [s, e) of each range, in order."""
+        return Int4Blocks(*(torch.cat([t[s:e] for s, e in ranges]) for t in (self.q, self.d, self.mn)))
+
+    def cols(self, ranges: list) -> Optional["Int4Blocks"]:
+        """The columns [s, e) of each range, in order; None where a range cuts a block."""
+        if any(s % BLOCK or e % BLOCK for s, e in ranges):
+            return None
+        q = torch.cat([self.q[:, s:e] for s, e in ranges], 1)
+        d, mn = (torch.cat([t[:, s // BLOCK:e // BLOCK] for s, e in ranges], 1) for t in (self.d, self.mn))
+        return Int4Blocks(q, d, mn)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 (out, in)."""
+        n, k = self.shape
+        q = self.q.view(n, k // BLOCK, BLOCK).float()
+        return (q * self.d.float()[..., None] + self.mn.float()[..., None]).view(n, k)
+
+    def weight(self) -> Int4Weight:
+        """In the kernel's layout."""
+        return Int4Weight(self.q, self.d, self.mn)
+
+    @staticmethod
+    def cat(parts: list) -> "Int4Blocks":
+        """Stacked along the rows (fused projections)."""
+        return Int4Blocks(*(torch.cat([getattr(p, a) for p in parts]) for a in ("q", "d", "mn")))
+
+    def pack(self) -> dict:
+        """Tensors to store under a weight's name + suffix: codes two a byte (element 2j in the low nibble)."""
+        return {".q4": self.q[:, 0::2] | (self.q[:, 1::2] << 4), ".q4_scale": self.d, ".q4_min": self.mn}
+
+    @classmethod
+    def unpack(cls, tensors: dict) -> "Int4Blocks":
+        packed = tensors[".q4"]
+        q = torch.stack([packed & 0x0F, packed >> 4], 2).view(packed.shape[0], -1)
+        return cls(q, tensors[".q4_scale"], tensors[".q4_min"])
+
+
+SUFFIXES = (".q4", ".q4_scale", ".q4_min")
+
+
 def can_quantize(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.shape[1] % BLOCK == 0 and bool(weight.abs().max() <= F16_MAX)
 
 
-def quantize(weight: torch.Tensor) -> Optional[Int4Weight]:
+def quantize_blocks(weight: torch.Tensor) -> Optional[Int4Blocks]:
     """Per block of 32: mn = the block's minimum, d = (max - mn) / 15, both rounded to float16 first, then each
     code the nearest. None where the layout cannot hold the weight (in features not a multiple of 32, values
     beyond float16)."""
@@ -61,5 +111,27 @@ def quantize(weight: torch.Tensor) -> Optional[Int4Weight]:
     mn = lo.half().float()
     d = ((hi - mn) / 15).half().float()
     q = torch.where(d > 0, torch.round((w - mn) / torch.where(d > 0, d, 1)), 0).clamp_(0, 15).to(torch.uint8)
-    return Int4Weight(q.view(n, k), d.view(n, -1).half(), mn.view(n, -1).half())
+    return Int4Blocks(q.view(n, k), d.view(n, -1).half(), mn.view(n, -1).half())
 
+
+def quantize(weight: torch.Tensor) -> Optional[Int4Weight]:
+    """quantize_blocks in the kernel's layout."""
+    blocks = quantize_blocks(weight)
+    return None if blocks is None else blocks.weight()
+
+
+def from_gguf(data, kind: str, shape: tuple) -> Optional[Int4Blocks]:
+    """A GGUF tensor's Q4_0 or Q4_1 blocks as they are (Q4_0's w = d * (q - 8) is d * q + mn with mn = -8 d, exact
+    in float16); None for other types. data: the tensor's raw bytes (rows, blocks * bytes a block) uint8."""
+    import numpy as np
+
+    head = {"Q4_1": 4, "Q4_0": 2}.get(kind)
+    n, k = shape
+    if head is None or k % BLOCK:
+        return None
+    raw = torch.from_numpy(np.array(data, np.uint8).reshape(n, k // BLOCK, head + 16))
+    d = raw[..., :2].contiguous().view(torch.float16)[..., 0]
+    mn = raw[..., 2:4].contiguous().view(torch.float16)[..., 0] if head == 4 else -8 * d
+    qs = raw[..., head:]  # byte j: element j in the low nibble, element j + 16 in the high one
+    q = torch.cat([qs & 0x0F, qs >> 4], 2).reshape(n, k)
+    return Int4Blocks(q.contiguous(), d.contiguous(), mn.contiguous())

@@ -15,14 +15,26 @@ def _param(*shape) -> nn.Parameter:
 
 
 class QuantizableLinear(nn.Module):
-    """A weight that --quantization may replace by int8 (kernels/int8.py) or 4-bit blocks (kernels/int4.py)."""
+    """A weight that --quantization may replace by int8 (kernels/int8.py) or 4-bit blocks (kernels/int4.py), or that
+    a workspace holds in 4-bit blocks already (lm convert --quantization int4): the loaders take this rank's rows and
+    columns of either."""
 
     weight: nn.Parameter
     packed = None
 
+    def set_weight(self, param: nn.Parameter, part) -> None:
+        """part: this rank's share, a tensor or int4.Int4Blocks."""
+        if isinstance(part, int4.Int4Blocks):
+            self.packed, self.weight = part.weight(), None
+        else:
+            param.data = part.contiguous()
+
     def quantize(self, kind: str) -> bool:
         """From now on the products run in kind; the weight in the model's dtype is dropped. False (and nothing
-        changes) where the format cannot hold this weight (4-bit blocks need in features divisible by 32)."""
+        changes) where the format cannot hold this weight (4-bit blocks need in features divisible by 32) or where
+        the weight came packed."""
+        if self.packed is not None:
+            return False
         packed = int8.pack(self.weight) if kind == "int8" else int4.quantize(self.weight)
         if packed is None:
             return False
@@ -45,8 +57,13 @@ class RowParallelLinear(QuantizableLinear):
         self.weight = _param(out_features, sum(e - s for s, e in in_shards))
         self.weight.weight_loader = self.load
 
-    def load(self, param: nn.Parameter, full: torch.Tensor) -> None:
-        param.data = torch.cat([full[:, s:e] for s, e in self.in_shards], dim=1).contiguous()
+    def load(self, param: nn.Parameter, full) -> None:
+        if isinstance(full, int4.Int4Blocks):
+            part = full.cols(self.in_shards)
+            if part is not None:
+                return self.set_weight(param, part)
+            full = full.dequantize().to(param.dtype)  # a shard that cuts a block: this layer in the model's dtype
+        self.set_weight(param, torch.cat([full[:, s:e] for s, e in self.in_shards], dim=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.tp.all_reduce(self.product(x))
@@ -66,9 +83,12 @@ class FusedColumnLinear(QuantizableLinear):
         if bias:
             self.bias.weight_loader = self.load
 
-    def load(self, param: nn.Parameter, full: torch.Tensor) -> None:
-        parts = full.split(self.part_sizes, dim=0)
-        param.data = torch.cat([p[s:e] for p, (s, e) in zip(parts, self.rank_ranges)], dim=0).contiguous()
+    def load(self, param: nn.Parameter, full) -> None:
+        starts = [sum(self.part_sizes[:i]) for i in range(len(self.part_sizes))]
+        ranges = [(o + s, o + e) for o, (s, e) in zip(starts, self.rank_ranges)]
+        if isinstance(full, int4.Int4Blocks):
+            return self.set_weight(param, full.rows(ranges))
+        self.set_weight(param, torch.cat([full[s:e] for s, e in ranges], dim=0))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.product(x, self.bias)
