@@ -7,6 +7,7 @@
 #   benchmarks/compare.sh --dataset random --random-input-len 64 --random-output-len 256 --ignore-eos
 #   SERVERS="lm llama-server" THREADS=2 PARALLEL=64 benchmarks/compare.sh
 #   LM_ARGS="--quantization int8" SERVERS=lm benchmarks/compare.sh   # extra `lm serve api_server` options
+#   LM_CONVERT_ARGS="--quantization int4" SERVERS=lm benchmarks/compare.sh   # extra `lm convert` options
 #
 # Arguments go to `lm bench serve` (after --num-prompts $NUM_PROMPTS --concurrency $PARALLEL
 # --max-output-len $MAX_OUTPUT_LEN). The first run
@@ -22,6 +23,7 @@ MAX_OUTPUT_LEN=${MAX_OUTPUT_LEN:-256}  # ShareGPT answers longer than this are c
 SERVERS=${SERVERS:-"lm transformers llama-server"}
 DTYPE=${DTYPE:-bfloat16}            # lm's and transformers' weights (llama-server runs the Q4_1 GGUF itself)
 LM_ARGS=${LM_ARGS:-}                # more options for lm serve api_server, e.g. --quantization int8
+LM_CONVERT_ARGS=${LM_CONVERT_ARGS:-}  # more options for lm convert, e.g. --quantization int4 (its own workspace)
 PORT=${PORT:-23390}
 WORK=${WORK:-$HOME/.cache/lmcli/compare}
 OUT=${OUT:-benchmarks/results/$(date +%Y%m%d-%H%M%S)}
@@ -31,13 +33,14 @@ mkdir -p "$WORK" "$OUT"
 export OMP_NUM_THREADS=$THREADS
 
 GGUF=$(python -c "from lmcli.known_models import fetch; print(fetch('smollm2'))")
-WORKSPACE=$WORK/workspace-$DTYPE
+WORKSPACE=$WORK/workspace-$DTYPE$(echo "$LM_CONVERT_ARGS" | tr -c 'a-z0-9\n' -)
 HF_DIR=$WORK/hf-$DTYPE
 LLAMA_SERVER=$WORK/llama.cpp/build/bin/llama-server
 
 log() { echo "== $*" >&2; }
 
-[ -f "$WORKSPACE/lm_workspace.json" ] || lm convert "$GGUF" --dst-path "$WORKSPACE" --dtype "$DTYPE" --force
+# shellcheck disable=SC2086  # LM_CONVERT_ARGS: words on purpose
+[ -f "$WORKSPACE/lm_workspace.json" ] || lm convert "$GGUF" --dst-path "$WORKSPACE" --dtype "$DTYPE" --force $LM_CONVERT_ARGS
 
 prepare_transformers() {
     [ -f "$HF_DIR/config.json" ] && return

@@ -44,3 +44,13 @@ def smollm2_workspace(smollm2_gguf, tmp_path_factory) -> Path:
     done = run_lm("convert", smollm2_gguf, "--dst-path", dst, "--model-name", "SmolLM2-135M-Instruct")
     assert done.returncode == 0, done.stderr
     return dst
+
+
+@pytest.fixture(scope="session")
+def smollm2_int4_workspace(smollm2_gguf, tmp_path_factory) -> Path:
+    """SmolLM2 with its GGUF's own 4-bit blocks kept (lm convert --quantization int4), once per test session."""
+    dst = tmp_path_factory.mktemp("ws") / "int4"
+    done = run_lm("convert", smollm2_gguf, "--dst-path", dst, "--quantization", "int4", "--dtype", "bfloat16")
+    assert done.returncode == 0, done.stderr
+    assert "linear layers int4" in done.stdout
+    return dst

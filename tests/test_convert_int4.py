@@ -17,19 +17,15 @@ from lmcli.engine.pipeline import pipeline
 from lmcli.errors import UserError
 from lmcli.kernels import int4, int8
 from lmcli.workspace import Workspace
-from conftest import assert_one_line_error, run_lm
+from conftest import run_lm
 from test_convert_hf import SMALL, make_folder
 
 LINEAR = ("qkv_proj.weight", "o_proj.weight", "gate_up_proj.weight", "down_proj.weight")
 
 
-@pytest.fixture(scope="module")
-def int4_workspace(smollm2_gguf, tmp_path_factory):
-    dst = tmp_path_factory.mktemp("ws") / "int4"
-    done = run_lm("convert", smollm2_gguf, "--dst-path", dst, "--quantization", "int4", "--dtype", "bfloat16")
-    assert done.returncode == 0, done.stderr
-    assert "linear layers int4" in done.stdout
-    return dst
+@pytest.fixture
+def int4_workspace(smollm2_int4_workspace):
+    return smollm2_int4_workspace
 
 
 def test_the_ggufs_blocks_are_kept_exactly(int4_workspace, smollm2_workspace):

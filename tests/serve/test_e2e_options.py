@@ -138,3 +138,23 @@ def test_quantized_server_answers_with_the_openai_sdk(smollm2_workspace, tmp_pat
         assert word in answer.choices[0].message.content.lower()
     finally:
         assert server.stop() in (0, 130) and "Traceback" not in server.stderr()  # 130: stopped by Ctrl-C
+
+
+def test_a_4bit_workspace_is_served_as_it_is(smollm2_int4_workspace, tmp_path):
+    """lm convert --quantization int4 then lm serve api_server with no option: the start-up line names the
+    workspace's 4-bit blocks, and the answers come through the openai SDK, streamed and not."""
+    server = LmServer(smollm2_int4_workspace, "--log-level", "info", log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        assert "4-bit blocks of 32" in server.stderr() and "the workspace's, lm convert --quantization int4" in \
+            server.stderr()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        answer = client.chat.completions.create(model=model, messages=COLORS, temperature=0, max_tokens=24)
+        assert "blue" in answer.choices[0].message.content.lower()
+        stream = client.chat.completions.create(model=model, messages=COLORS, temperature=0, max_tokens=24,
+                                                stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert text == answer.choices[0].message.content
+    finally:
+        assert server.stop() in (0, 130) and "Traceback" not in server.stderr()
