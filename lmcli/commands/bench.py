@@ -314,6 +314,10 @@ def quality(
     gen_len: Annotated[int, typer.Option(min=1, help="Greedy tokens per prompt.")] = 64,
     dataset_path: Annotated[Optional[Path], typer.Option(help="A local ShareGPT JSON file instead of the download.",
                                                          show_default=False)] = None,
+    also: Annotated[Optional[list[Path]], typer.Option(
+        "--also", help="Another workspace of the same model, measured as it loads (its own dtype and quantization) "
+        "against WORKSPACE's float32, e.g. one made by lm convert --quantization int4. Repeat for more.",
+        show_default=False)] = None,
 ) -> None:
     """Perplexity on a fixed ShareGPT slice and greedy agreement with float32, for each weight and KV cache format."""
     from rich.console import Console
@@ -331,6 +335,8 @@ def quality(
         texts, prompts = bench.held_out(datasets.load_conversations(dataset_path or datasets.sharegpt_path()),
                                         num_texts, num_prompts)
         results = [bench.measure(workspace, n, bench.FORMATS[n], texts, prompts, text_len, gen_len) for n in names]
+        results += [bench.measure(other, f"{other.name} (--also)", {}, texts, prompts, text_len, gen_len)
+                    for other in also or ()]
     except (UserError, OSError, ValueError) as e:
         raise fail("bench quality", str(e))
     reference = results[0]

@@ -39,19 +39,22 @@ def test_agreement_counts_tokens_up_to_the_first_difference():
     assert (share, whole) == ((1 + 0.25 + 0) / 3, 1)
 
 
-def test_bench_quality_prints_each_format_beside_float32(smollm2_workspace, tmp_path):
+def test_bench_quality_prints_each_format_beside_float32(smollm2_workspace, smollm2_int4_workspace, tmp_path):
+    """--formats on one workspace, and --also another (the GGUF's own 4-bit blocks) against the same float32."""
     conversations = [{"conversations": [{"from": "human", "value": f"Tell me about the number {i}."},
                                         {"from": "gpt", "value": TEXT}]} for i in range(3)]
     data = tmp_path / "sharegpt.json"
     data.write_text(json.dumps(conversations))
     done = run_lm("bench", "quality", smollm2_workspace, "--formats", "bfloat16,int4", "--num-texts", "2",
-                  "--text-len", "48", "--num-prompts", "2", "--gen-len", "6", "--dataset-path", data)
+                  "--text-len", "48", "--num-prompts", "2", "--gen-len", "6", "--dataset-path", data,
+                  "--also", smollm2_int4_workspace)
     assert done.returncode == 0, done.stderr
     cells = [[c.strip() for c in line.strip("│").split("│")] for line in done.stdout.splitlines()
              if line.startswith("│")]
     rows = {c[0]: c for c in cells if c[0] in quality.FORMATS}
     assert list(rows) == ["float32", "bfloat16", "int4"]
     assert rows["float32"][2:] == ["+0.00%", "100.0%", "2/2"]
-    for name in ("bfloat16", "int4"):  # a perplexity near float32's: the model works in that format
+    rows["kept"] = next(c for c in cells if c[0] == f"{smollm2_int4_workspace.name} (--also)")
+    for name in ("bfloat16", "int4", "kept"):  # a perplexity near float32's: the model works in that format
         assert abs(float(rows[name][1]) / float(rows["float32"][1]) - 1) < 0.2
     assert_one_line_error(run_lm("bench", "quality", smollm2_workspace, "--formats", "int3"), "unknown format 'int3'")
