@@ -52,9 +52,11 @@ def convert_model(src: str, dst: Path, *, dtype: str = "auto", model_name: Optio
         def linear_weight(name: str):
             """A linear layer's weight in 4-bit blocks where the shape allows, else the float tensor."""
             blocks = source.blocks(name)
-            if blocks is None:
-                blocks = int4.quantize_blocks(source.tensor(name))
-            return blocks if blocks is not None else source.tensor(name)
+            if blocks is not None:
+                return blocks
+            weight = source.tensor(name)
+            blocks = int4.quantize_blocks(weight)
+            return weight if blocks is None else blocks
 
         def hf(name: str):
             if quantization and name.endswith(LINEAR_SOURCE_NAMES):

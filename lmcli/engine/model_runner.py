@@ -63,10 +63,10 @@ class ModelRunner:
             if name not in params:
                 raise UserError(f"workspace {workspace.path}: unexpected tensor {name}; convert the model again")
             param = params[name]
-            if isinstance(tensor, Int4Blocks) and quantization != "int4":
-                tensor = tensor.dequantize()
             if not isinstance(tensor, Int4Blocks):
                 tensor = tensor.to(self.dtype)
+            elif quantization != "int4":  # a GPU: the blocks in the model's dtype
+                tensor = tensor.dequantize().to(self.dtype)
             loader = getattr(param, "weight_loader", None)
             if loader is not None:
                 loader(param, tensor)

@@ -282,9 +282,10 @@ static int gemm_blocks(int bits, const void *x, const uint8_t *codes, const void
             for (int64_t g = 0; g < nb; g++) total += xsum[r * nb + g];
             offset[r] = SIGNED_S8 ? 0.f : 128.f * total;
         }
-        /* 8-bit weights two tiles a task where the level has the registers for it and x has more than a row
-           group (for fewer rows, one tile's two dependency chains are faster: 3.6 against 5.5 ms at one row, the
-           120 projections of SmolLM2; at 512 rows 273 against 378); an odd last tile alone */
+        /* two tiles a task where the level has the registers (8-bit: AVX512-VL) or the 512-bit products (4-bit:
+           AVX512-VNNI) for it and x has more than a row group (for fewer rows, one tile's two dependency chains are
+           faster: 8-bit 3.6 against 5.5 ms at one row, the 120 projections of SmolLM2; at 512 rows 273 against
+           378); an odd last tile alone */
         const int64_t step = (bits == 8 ? PAIRS : PAIRS_Q4) && m > ROWS ? 2 : 1, tasks = (tiles + step - 1) / step;
         #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
