@@ -63,6 +63,10 @@ def api_server(
     max_concurrent_requests: Annotated[Optional[int], typer.Option(
         help="Answer 429 beyond this many generation requests at once. Default: no limit.",
         show_default=False)] = None,
+    max_output_len: Annotated[Optional[int], typer.Option(
+        help="The most tokens one answer gets: requests that ask for more, or for nothing (max_tokens, "
+             "request_output_len), stop there with finish_reason length. Default: what the context holds.",
+        show_default=False)] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Server log level; info logs every request.")] = LogLevel.warning,
     proxy_url: Annotated[Optional[str], typer.Option(
         help="Register with this `lm serve proxy` once the model is loaded.", show_default=False)] = None,
@@ -88,6 +92,8 @@ def api_server(
         raise fail(NAME, f"--server-port must be in 1..65535, not {server_port}")
     if max_concurrent_requests is not None and max_concurrent_requests < 1:
         raise fail(NAME, "--max-concurrent-requests must be at least 1")
+    if max_output_len is not None and max_output_len < 1:
+        raise fail(NAME, "--max-output-len must be at least 1")
     ssl_files = {}
     if ssl:
         for env, key in (("SSL_KEYFILE", "ssl_keyfile"), ("SSL_CERTFILE", "ssl_certfile")):
@@ -110,6 +116,7 @@ def api_server(
     keys = tuple(k for value in api_keys or () for k in value.split(",") if k)
     options = ServerOptions(model_name=model_name, chat_template=template, meta_instruction=meta_instruction,
                             api_keys=keys, max_concurrent_requests=max_concurrent_requests,
+                            max_output_len=max_output_len,
                             allow_origins=tuple(allow_origins or ()), allow_credentials=allow_credentials,
                             allow_methods=tuple(allow_methods or ("*",)), allow_headers=tuple(allow_headers or ("*",)))
     scheme = "https" if ssl else "http"

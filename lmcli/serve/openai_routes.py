@@ -27,6 +27,7 @@ def sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: Optio
     if prompt_len >= state.max_len:
         raise APIError(400, f"the prompt has {prompt_len} tokens, but this model's context holds {state.max_len} "
                             "(prompt and output together)", "messages", "context_length_exceeded")
+    max_tokens = state.output_len(max_tokens)
     if max_tokens is not None and prompt_len + max_tokens > state.max_len:
         raise APIError(400, f"this model's context holds {state.max_len} tokens, but {prompt_len + max_tokens} "
                             f"were asked for ({prompt_len} in the prompt, {max_tokens} to generate); lower "

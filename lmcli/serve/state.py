@@ -17,6 +17,7 @@ class ServerOptions:
     meta_instruction: Optional[str] = None  # the system prompt of requests that have none
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: Optional[int] = None
+    max_output_len: Optional[int] = None  # the most tokens one answer gets, whatever it asks
     allow_origins: tuple[str, ...] = ()
     allow_credentials: bool = False
     allow_methods: tuple[str, ...] = ("*",)
@@ -63,6 +64,12 @@ class ServerState:
             raise APIError(503, self.load_error or "the model is still loading; try again when /health says ok",
                            code="loading")
         return self.engine
+
+    def output_len(self, asked: Optional[int]) -> Optional[int]:
+        """The most tokens to generate for a request that asked for `asked` (None: as many as the context holds):
+        --max-output-len caps both."""
+        cap = self.options.max_output_len
+        return asked if cap is None or (asked is not None and asked <= cap) else cap
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:

@@ -12,7 +12,7 @@ OPTIONS = ("--server-name", "--server-port", "--tp", "--session-len", "--max-bat
            "--quant-policy", "--device",
            "--model-name", "--chat-template", "--meta-instruction", "--api-keys", "--allow-origins",
            "--allow-credentials", "--allow-methods", "--allow-headers", "--ssl", "--max-concurrent-requests",
-           "--log-level", "--proxy-url")
+           "--max-output-len", "--log-level", "--proxy-url")
 
 
 def test_help_lists_every_option():
@@ -30,6 +30,8 @@ def test_user_errors_are_one_line(tmp_path, smollm2_workspace):
                           "SSL_KEYFILE")
     assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--chat-template", "{% if %}"),
                           "template")
+    assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--max-output-len", "0"),
+                          "--max-output-len")
     bad = run_lm("serve", "api_server", smollm2_workspace, "--quantization", "int3")  # typer's usage error
     assert bad.returncode == 2 and "--quantization" in bad.stderr and "int8" in bad.stderr and "int4" in bad.stderr
     with socket.socket() as s:

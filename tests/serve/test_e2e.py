@@ -21,12 +21,16 @@ from lmcli.serve.api_client import APIClient, APIClientError
 from servers import LmServer
 
 MODEL = "SmolLM2-135M-Instruct"
+MAX_OUTPUT = 200
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
 def server(smollm2_workspace, tmp_path_factory):
-    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", log_dir=tmp_path_factory.mktemp("log"))
+    # --max-output-len: the docs' examples sample without a limit, and a small model at temperature 0.8 can ramble
+    # to the end of its 8192-token context (minutes on a slow CPU)
+    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", "--max-output-len", str(MAX_OUTPUT),
+                 log_dir=tmp_path_factory.mktemp("log"))
     try:
         yield s.wait_ready()
     finally:
@@ -304,6 +308,15 @@ def test_docs_curl_examples(server):
             rest = rest[end:].lstrip()
         assert not rest or "lm_kv_cache_blocks_total" in rest, rest[:200]
     pool_is_full(server)
+
+
+def test_max_output_len_ends_an_answer_that_asked_for_no_limit(server):
+    turn = httpx.post(server.url + "/v1/chat/interactive", json={"prompt": "Count to a thousand.", "ignore_eos": True},
+                      timeout=300).json()
+    assert turn["tokens"] == MAX_OUTPUT and turn["finish_reason"] == "length", turn
+    chat = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "messages": FRANCE, "max_tokens": 5,
+                                                                 "ignore_eos": True}, timeout=300).json()
+    assert chat["usage"]["completion_tokens"] == 5, chat
 
 
 def test_docs_python_examples(server):

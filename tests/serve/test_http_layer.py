@@ -356,6 +356,23 @@ def test_max_concurrent_requests():
         assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
 
 
+def test_max_output_len_caps_what_is_asked_and_what_is_not():
+    """--max-output-len: a request that asks for more tokens, or for none, stops at the cap with 'length'; one that
+    asks for fewer gets what it asked for; on all three generation routes."""
+    app, _ = make_app(max_output_len=5)
+    long = {"ignore_eos": True}
+    with TestClient(app) as c:
+        for asked, got in ((None, 5), (100, 5), (3, 3)):
+            limit = {} if asked is None else {"max_tokens": asked}
+            chat = c.post("/v1/chat/completions", json={**CHAT, **long, **limit}).json()
+            assert chat["usage"]["completion_tokens"] == got and chat["choices"][0]["finish_reason"] == "length"
+            done = c.post("/v1/completions", json={"model": "fake-model", "prompt": "Hi", **long,
+                                                   "max_tokens": asked}).json()
+            assert done["usage"]["completion_tokens"] == got, done
+            turn = c.post("/v1/chat/interactive", json={"prompt": "Hi", **long, "request_output_len": asked}).json()
+            assert turn["tokens"] == got and turn["finish_reason"] == "length"
+
+
 def test_health_while_loading_and_after_the_engine_died():
     gate = threading.Event()
 
