@@ -76,8 +76,8 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
                             f"{state.max_len}", "prompt", "context_length_exceeded")
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     try:
-        params = SamplingParams(max_tokens=state.output_len(req.request_output_len), temperature=req.temperature, top_p=req.top_p,
-                                top_k=req.top_k, repetition_penalty=req.repetition_penalty,
+        params = SamplingParams(max_tokens=state.output_len(req.request_output_len), temperature=req.temperature,
+                                top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
                                 ignore_eos=req.ignore_eos, stop=stop, seed=req.seed,
                                 skip_special_tokens=req.skip_special_tokens)
     except UserError as e:
