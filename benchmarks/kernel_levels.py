@@ -7,7 +7,8 @@ weights, and our bfloat16 GEMV at each level; at 16 and 64 rows (batched decodes
 torch bfloat16, torch float32 on float32 copies, torch float32 on each weight widened for the product (what runs
 without native bfloat16 products and without the native kernel), and the native float32 x bfloat16 GEMM at each
 level that has one; at every row count, the 8-bit and 4-bit kernels (kernels/int8.py, kernels/int4.py) at each
-level, and torch's int8 GEMM (fbgemm, activations per row: what --quantization int8 ran before) for comparison.
+level (kernels.quantized_linear: the byte products, or from kernels.WIDEN_MIN_ROWS rows torch's GEMM on the weight
+widened natively), and torch's int8 GEMM (fbgemm, activations per row: what --quantization int8 ran before).
 
     python benchmarks/kernel_levels.py [--repeat 5] [--rows 1 8 16 64]
 """
@@ -79,9 +80,9 @@ def main() -> None:
             original = native.library
             native.library = lambda lib=lib: lib
             try:
-                rows_out.append((f"{level} int8 kernel", best_ms(lambda: [kernels.quantized_linear(xs[p.shape[1]], p)
+                rows_out.append((f"{level} int8 weights", best_ms(lambda: [kernels.quantized_linear(xs[p.shape[1]], p)
                                                                           for p in packed], args.repeat)))
-                rows_out.append((f"{level} int4 kernel", best_ms(lambda: [kernels.quantized_linear(xs[q.shape[1]], q)
+                rows_out.append((f"{level} int4 weights", best_ms(lambda: [kernels.quantized_linear(xs[q.shape[1]], q)
                                                                           for q in nibbles], args.repeat)))
                 if rows <= 8:
                     rows_out.append((f"{level} bfloat16 GEMV",

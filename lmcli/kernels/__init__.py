@@ -14,6 +14,10 @@ GEMV_MAX_ROWS = 8
 # GEMM on the widened weight (the 120 projections on an AVX2 EPYC: 67 vs 304 ms at 32 rows, 299 vs 322 at 128,
 # 1143 vs 961 at 512: beyond it the widening is paid once for many rows and torch's blocking wins).
 GEMM_MAX_ROWS = 128
+# From this many rows a 4-bit or 8-bit weight is widened back to rows (cpu/unpack.c: the 120 projections of SmolLM2
+# in 27 ms, in bfloat16) and multiplied by torch's GEMM, which then beats the byte products (Intel Xeon with
+# AVX-512, those projections from int4: 94 against 140 ms at 128 rows, 232 against 554 at 512; 70 against 73 at 64).
+WIDEN_MIN_ROWS = 96
 
 
 def _native_bf16(*tensors) -> bool:
@@ -43,10 +47,17 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out
 
 def quantized_linear(x: torch.Tensor, weight, bias: torch.Tensor = None) -> torch.Tensor:
     """x (tokens, in) . W^T (+ bias) in x's dtype, W an int8.Int8Weight or int4.Int4Weight: through its native kernel
-    (x bfloat16 or float32), else on the dequantized weight."""
+    (x bfloat16 or float32; from WIDEN_MIN_ROWS rows, torch's GEMM on the weight widened natively: in bfloat16 where
+    the CPU multiplies it natively, else in float32), else on the dequantized weight."""
     y = None
     if native.library() is not None and x.dtype in (torch.bfloat16, torch.float32):
-        y = native.gemm_blocks(weight.kernel, x.contiguous(), weight.codes, weight.scales, weight.shape[0])
+        if x.shape[0] >= WIDEN_MIN_ROWS:
+            work = torch.bfloat16 if x.dtype == torch.bfloat16 and native.bf16_products() else torch.float32
+            w = native.dequantize_blocks(weight.bits, weight.codes, weight.scales, *weight.shape, work)
+            if w is not None:
+                y = reference.linear(x.to(work), w, out_dtype=x.dtype)
+        if y is None:
+            y = native.gemm_blocks(weight.kernel, x.contiguous(), weight.codes, weight.scales, weight.shape[0])
     if y is None:
         y = reference.linear(x.float(), weight.dequantize(), out_dtype=x.dtype)
     return y if bias is None else y.add_(bias)

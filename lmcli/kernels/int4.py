@@ -20,6 +20,7 @@ class Int4Weight:
     it."""
 
     kernel = "gemm_q4"
+    bits = 4
 
     def __init__(self, q: torch.Tensor, d: torch.Tensor, mn: torch.Tensor):
         """q (out, in) codes 0..15 (uint8), d and mn (out, in / 32) float16."""

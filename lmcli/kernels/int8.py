@@ -18,6 +18,7 @@ class Int8Weight:
     (out rounded up to tiles of 8,) float32. kernels.quantized_linear multiplies by it."""
 
     kernel = "gemm_s8"
+    bits = 8
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor):
         """q (out, in) int8 in -127..127, scale (out,) float32."""

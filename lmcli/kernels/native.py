@@ -27,7 +27,7 @@ LEVELS = (
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     ("portable", (), []),
 )
-FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c")
+FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c", "unpack.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then one more argument type or None, result type)
 SIGNATURES = {
@@ -40,6 +40,7 @@ SIGNATURES = {
     "silu_mul_bf16": (2, 2, None, None),
     "gemm_q4": (4, 5, None, ctypes.c_int),
     "gemm_s8": (4, 5, None, ctypes.c_int),
+    "dequantize_blocks": (3, 4, None, ctypes.c_int),
     "paged_decode_attention_s8": (8, 7, ctypes.c_float, ctypes.c_int),
 }
 
@@ -233,3 +234,13 @@ def gemm_blocks(kernel: str, x: torch.Tensor, codes: torch.Tensor, scales: torch
     failed = getattr(library(), kernel)(x.data_ptr(), codes.data_ptr(), scales.data_ptr(), y.data_ptr(), m, n, k,
                                         bf16, bf16)
     return None if failed else y
+
+
+def dequantize_blocks(bits: int, codes: torch.Tensor, scales: torch.Tensor, n: int, k: int,
+                      dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A weight in cpu/blocks.c's tiles (bits 4: kernels/int4.py, 8: kernels/int8.py) as rows (n, k) of dtype
+    (bfloat16 or float32): exactly the weight the byte products multiply by."""
+    w = torch.empty(n, k, dtype=dtype)
+    failed = library().dequantize_blocks(codes.data_ptr(), scales.data_ptr(), w.data_ptr(), bits, n, k,
+                                         int(dtype == torch.bfloat16))
+    return None if failed else w

@@ -414,6 +414,44 @@ def test_int4_kernel_is_the_dequantized_product(m, n, k):
         torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_weights_widen_back_to_their_rows_exactly(bits):
+    """cpu/unpack.c gives back exactly the weight the byte products multiply by, in float32 and in bfloat16 (rounded
+    once, to nearest even), for out features that do not fill a tile of 8."""
+    from lmcli.kernels import int4, int8
+
+    torch.manual_seed(bits)
+    for n, k in [(17, 96), (8, 32), (576, 1536)]:
+        weight = (int4.quantize if bits == 4 else int8.pack)(torch.randn(n, k))
+        deq = weight.dequantize()
+        for dtype in (torch.float32, torch.bfloat16):
+            got = native.dequantize_blocks(bits, weight.codes, weight.scales, n, k, dtype)
+            assert got.dtype == dtype and torch.equal(got, deq.to(dtype)), (n, k, dtype)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_linear_of_many_rows_multiplies_the_widened_weight(bits):
+    """From WIDEN_MIN_ROWS rows the product runs on the widened weight: x itself, not its 8-bit blocks, times the
+    dequantized weight (float32 to float32 rounding; bfloat16 as torch multiplies it where the CPU has bfloat16
+    products, else in float32), bias added; below it, the byte products."""
+    from lmcli.kernels import int4, int8
+
+    torch.manual_seed(bits)
+    m, n, k = kernels.WIDEN_MIN_ROWS, 40, 96
+    weight = (int4.quantize if bits == 4 else int8.pack)(torch.randn(n, k))
+    x, bias = torch.randn(m, k), torch.randn(n)
+    deq = weight.dequantize()
+    exact = x @ deq.t() + bias
+    got = kernels.quantized_linear(x, weight, bias)
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
+    blocked = kernels.quantized_linear(x[:m - 1], weight, bias)  # one row fewer: x's 8-bit blocks
+    torch.testing.assert_close(blocked, _blocks_to_int8(x[:m - 1]) @ deq.t() + bias, rtol=1e-5, atol=1e-4)
+    assert (blocked - exact[:m - 1]).abs().max() > 1e-3  # so the first check could tell the two apart
+    xb = x.bfloat16()
+    work = torch.bfloat16 if native.bf16_products() else torch.float32
+    assert torch.equal(kernels.quantized_linear(xb, weight), (xb.to(work) @ deq.to(work).t()).bfloat16())
+
+
 def test_int4_keeps_q4_blocks_exactly_and_refuses_what_it_cannot_hold():
     """A weight already in 4-bit blocks (d * q + mn, d and mn in float16, as a Q4_1 GGUF dequantizes) comes back
     bit for bit; in features not a multiple of 32, or values beyond float16, are not quantized."""
