@@ -77,8 +77,8 @@ def main() -> None:
             lib = native.build(level)
             if lib is None:
                 continue
-            original = native.library
-            native.library = lambda lib=lib: lib
+            original = native.library, native.level
+            native.library, native.level = (lambda lib=lib: lib), (lambda level=level: level)
             try:
                 rows_out.append((f"{level} int8 weights", best_ms(lambda: [kernels.quantized_linear(xs[p.shape[1]], p)
                                                                           for p in packed], args.repeat)))
@@ -93,7 +93,7 @@ def main() -> None:
                                      best_ms(lambda: [native.gemm_f32_bf16(xf[w.shape[1]], w) for w in weights],
                                              args.repeat)))
             finally:
-                native.library = original
+                native.library, native.level = original
         for what, fn in rows_out:
             ms = fn if isinstance(fn, float) else best_ms(fn, args.repeat)
             print(f"{rows:>4} {what:<28} {ms:>10.2f}")
