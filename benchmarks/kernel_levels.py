@@ -8,7 +8,7 @@ torch bfloat16, torch float32 on float32 copies, torch float32 on each weight wi
 without native bfloat16 products and without the native kernel), and the native float32 x bfloat16 GEMM at each
 level that has one; at every row count, the 8-bit and 4-bit kernels (kernels/int8.py, kernels/int4.py) at each
 level (kernels.quantized_linear: the byte products, or from kernels.WIDEN_MIN_ROWS rows torch's GEMM on the weight
-widened natively), and torch's int8 GEMM (fbgemm, activations per row: what --quantization int8 ran before).
+widened natively; the widening alone is timed too), and torch's int8 GEMM (fbgemm, activations per row: what --quantization int8 ran before).
 
     python benchmarks/kernel_levels.py [--repeat 5] [--rows 1 8 16 64]
 """
@@ -84,6 +84,11 @@ def main() -> None:
                                                                           for p in packed], args.repeat)))
                 rows_out.append((f"{level} int4 weights", best_ms(lambda: [kernels.quantized_linear(xs[q.shape[1]], q)
                                                                           for q in nibbles], args.repeat)))
+                if rows >= kernels.WIDEN_MIN_ROWS:  # the widening alone (no x): what those rows pay for it
+                    work = torch.bfloat16 if native.bf16_products() else torch.float32
+                    rows_out.append((f"{level} int4 widening only", best_ms(
+                        lambda: [native.dequantize_blocks(4, q.codes, q.scales, *q.shape, work) for q in nibbles],
+                        args.repeat)))
                 if rows <= 8:
                     rows_out.append((f"{level} bfloat16 GEMV",
                                      best_ms(lambda: [native.gemv_bf16(xs[w.shape[1]], w) for w in weights],
