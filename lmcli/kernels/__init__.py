@@ -63,6 +63,26 @@ def quantized_linear(x: torch.Tensor, weight, bias: torch.Tensor = None) -> torc
     return y if bias is None else y.add_(bias)
 
 
+def decode_layer(x: torch.Tensor, residual, norms: tuple, weights: tuple, cos, sin, batch, k_cache, v_cache,
+                 eps: float, scale: float, heads: int, kv_heads: int, dim: int):
+    """A Llama decoder layer (input norm, qkv, rotary and cache store, attention, o, post-attention norm, gate_up,
+    silu, down) for a batch of decodes in one native call (cpu/layer.c: the same kernels on the same values as op
+    by op), where it applies: fewer than WIDEN_MIN_ROWS sequences and no prefill chunk; every projection (qkv, o,
+    gate_up, down) in 4-bit or 8-bit blocks of one kind; bfloat16 activations, norms and KV cache on CPU. Returns
+    (the MLP's output, the residual stream), or None: then the caller runs the layer op by op."""
+    if batch.prefills or x.shape[0] >= WIDEN_MIN_ROWS or isinstance(k_cache, Int8Cache):
+        return None
+    bits = {getattr(w, "bits", None) for w in weights}
+    if len(bits) != 1 or None in bits or weights[0].shape[0] != (heads + 2 * kv_heads) * dim:
+        return None
+    tensors = (x, *norms, cos, sin, k_cache, v_cache) + (() if residual is None else (residual,))
+    if not _native_bf16(*tensors) or x.dim() != 2:
+        return None
+    return native.decode_layer_blocks(x, residual, norms, weights, bits.pop(), cos, sin, batch.slot_mapping,
+                                      k_cache, v_cache, batch.decode_block_tables, batch.decode_lens, eps, scale,
+                                      heads, kv_heads, dim, weights[3].shape[1])
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _native_bf16(x, weight) and x.dim() == 2:
         return native.add_rms_norm_bf16(x, None, weight, eps)[0]

@@ -27,7 +27,8 @@ LEVELS = (
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     ("portable", (), []),
 )
-FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c", "unpack.c")
+FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c", "unpack.c",
+         "layer.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then one more argument type or None, result type)
 SIGNATURES = {
@@ -41,6 +42,7 @@ SIGNATURES = {
     "gemm_q4": (4, 5, None, ctypes.c_int),
     "gemm_s8": (4, 5, None, ctypes.c_int),
     "dequantize_blocks": (3, 4, None, ctypes.c_int),
+    "decode_layer_blocks": (22, 9, None, ctypes.c_int),
     "paged_decode_attention_s8": (8, 7, ctypes.c_float, ctypes.c_int),
 }
 
@@ -244,3 +246,24 @@ def dequantize_blocks(bits: int, codes: torch.Tensor, scales: torch.Tensor, n: i
     failed = library().dequantize_blocks(codes.data_ptr(), scales.data_ptr(), w.data_ptr(), bits, n, k,
                                          int(dtype == torch.bfloat16))
     return None if failed else w
+
+
+def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms: tuple, weights: tuple, bits: int,
+                        cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
+                        v_cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor, eps: float,
+                        scale: float, heads: int, kv_heads: int, dim: int, inter: int):
+    """One Llama decoder layer for a batch of decodes in one call (cpu/layer.c): x, residual (m, hidden) bfloat16
+    (residual None for the first layer); norms (input, post-attention); weights (qkv, o, gate_up, down), each an
+    int4.Int4Weight or int8.Int8Weight of `bits`; the rest as rotary_store_bf16 and paged_decode_attention take
+    them. Returns (the MLP's output, the residual stream), as DecoderLayer.forward does, or None where the call
+    declined (nothing changed but cache rows it would write again)."""
+    m, hidden = x.shape
+    x_out, res_out = torch.empty_like(x), torch.empty_like(x)
+    f = torch.tensor([eps, scale], dtype=torch.float32)
+    pointers = [x, residual, x_out, res_out, *norms]
+    for w in weights:
+        pointers += [w.codes, w.scales]
+    pointers += [cos, sin, slots, k_cache, v_cache, block_tables, lens, f]
+    failed = library().decode_layer_blocks(*(None if t is None else t.data_ptr() for t in pointers), bits, m, hidden,
+                                           heads, kv_heads, dim, inter, k_cache.shape[2], block_tables.shape[1])
+    return None if failed else (x_out, res_out)

@@ -106,3 +106,44 @@ def test_the_start_up_line_names_the_formats_and_their_options():
     assert line.startswith("weights: 4-bit blocks of 32") and "(--quantization int4)" in line
     assert line.endswith("KV cache: int8 with a float16 scale a row (--quant-policy 8)")
     assert "(--quantization int8)" in describe_formats("bfloat16", "int8", 0)
+
+
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_decode_steps_in_one_native_call_a_layer_change_nothing(smollm2_workspace, quantization, monkeypatch):
+    """A batch of decodes on 4-bit or 8-bit weights runs each layer in one native call (kernels.decode_layer): the
+    same tokens and logprobs as op by op, for sequences of different lengths decoding together (one of them
+    joining while the others decode, so prefill steps take the op-by-op path)."""
+    from lmcli import kernels
+    from lmcli.engine.sampling_params import SamplingParams
+    from lmcli.kernels import native
+
+    one_call = native.decode_layer_blocks
+    calls = []
+
+    def counted(*args, **kwargs):
+        out = one_call(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    def generate() -> dict:
+        engine = Engine(smollm2_workspace, dtype="bfloat16", quantization=quantization, num_blocks=64)
+        try:
+            prompts = [list(range(100, 160)), [1, 2, 3, 4, 5, 6, 7, 8] * 3, [9, 10, 11]]
+            params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
+            engine.add_request("0", prompts[0], params)
+            engine.step()
+            for i, prompt in enumerate(prompts[1:], 1):
+                engine.add_request(str(i), prompt, params)
+            out = {}
+            while engine.has_work:
+                for o in engine.step():
+                    out.setdefault(o.request_id, []).append((list(o.token_ids), repr(o.logprobs)))
+            return out
+        finally:
+            engine.close()
+
+    monkeypatch.setattr(native, "decode_layer_blocks", counted)
+    together = generate()
+    assert len(calls) > 30 * 20 and all(calls)  # every layer of every decode-only step, none declined
+    monkeypatch.setattr(kernels, "decode_layer", lambda *args, **kwargs: None)
+    assert generate() == together

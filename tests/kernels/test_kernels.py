@@ -560,3 +560,46 @@ def test_paged_attention_over_the_8bit_cache_mixes_decodes_and_chunks():
         expected = naive_attention(q[start:start + n], ks, vs, torch.arange(c, c + n))
         torch.testing.assert_close(out[start:start + n].float(), expected, rtol=2 ** -7, atol=1e-4)
         start += n
+
+
+@pytest.mark.parametrize("bits,first", [(4, False), (8, True)])
+def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first):
+    """kernels.decode_layer (cpu/layer.c) at every level: the same MLP output, residual stream and cache rows, bit
+    for bit, as the layer's kernels called one by one (the first layer: no residual yet)."""
+    from types import SimpleNamespace
+
+    from lmcli.kernels import int4, int8
+
+    torch.manual_seed(bits)
+    m, hidden, heads, kv_heads, dim, inter, bs, eps = 3, 64, 4, 2, 16, 96, 16, 1e-5
+    shapes = [((heads + 2 * kv_heads) * dim, hidden), (hidden, heads * dim), (2 * inter, hidden), (hidden, inter)]
+    weights = tuple((int4.quantize if bits == 4 else int8.pack)(torch.randn(n, k) / 4) for n, k in shapes)
+    norms = tuple((torch.rand(hidden) + 0.5).bfloat16() for _ in range(2))
+    x = torch.randn(m, hidden).bfloat16()
+    residual = None if first else torch.randn(m, hidden).bfloat16()
+    caches = [torch.randn(8, kv_heads, bs, dim).bfloat16() for _ in range(2)]
+    lens, tables = torch.tensor([5, 16, 20]), torch.tensor([[6, 1], [2, 3], [4, 5]])
+    slots = tables[torch.arange(m), (lens - 1) // bs] * bs + (lens - 1) % bs
+    angles = torch.rand(m, dim // 2).repeat(1, 2) * 6
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    batch = SimpleNamespace(prefills=[], num_decode=m, slot_mapping=slots, decode_block_tables=tables,
+                            decode_lens=lens)
+    scale = dim ** -0.5
+    kc, vc = (c.clone() for c in caches)
+    before = kc.clone()
+    got = kernels.decode_layer(x, residual, norms, weights, cos, sin, batch, *caches, eps, scale, heads, kv_heads, dim)
+    assert got is not None
+    if residual is None:
+        h, res = kernels.rms_norm(x, norms[0], eps), x
+    else:
+        h, res = kernels.add_rms_norm(x, residual, norms[0], eps)
+    qkv = kernels.quantized_linear(h, weights[0]).view(m, heads + 2 * kv_heads, dim)
+    q, k, v = kernels.rotary_store(qkv, heads, kv_heads, cos, sin, kc, vc, slots)
+    o = kernels.paged_attention(q, k, v, kc, vc, batch, scale)
+    h, res = kernels.add_rms_norm(kernels.quantized_linear(o.flatten(1), weights[1]), res, norms[1], eps)
+    out = kernels.quantized_linear(kernels.silu_and_mul(kernels.quantized_linear(h, weights[2])), weights[3])
+    assert torch.equal(got[0], out) and torch.equal(got[1], res)
+    assert torch.equal(caches[0], kc) and torch.equal(caches[1], vc) and not torch.equal(kc, before)
+    batch.prefills = [(0, 1, 1, tables[0])]  # a prefill chunk in the batch: op by op
+    assert kernels.decode_layer(x, residual, norms, weights, cos, sin, batch, *caches, eps, scale, heads, kv_heads,
+                                dim) is None

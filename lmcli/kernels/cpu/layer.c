@@ -1,0 +1,78 @@
+/* One decoder layer of the Llama family for a batch of decodes (one new token a sequence) on 4-bit or 8-bit weights,
+   in one call: the same kernels, in the same order and on the same values, as engine/models/llama.py's DecoderLayer
+   runs them one by one from Python (there, between the kernels, the Python of a one-row step cost about as much as
+   the kernels themselves). Built by lmcli/kernels/native.py. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+void add_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, uint16_t *out,
+                       uint16_t *sum, int64_t rows, int64_t dim, float eps);
+int gemm_q4(const void *x, const uint8_t *codes, const uint16_t *scales, void *y, int64_t m, int64_t n, int64_t k,
+            int64_t x_bf16, int64_t y_bf16);
+int gemm_s8(const void *x, const uint8_t *codes, const float *ws, void *y, int64_t m, int64_t n, int64_t k,
+            int64_t x_bf16, int64_t y_bf16);
+void rotary_store_bf16(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
+                       uint16_t *k_cache, uint16_t *v_cache, int64_t tokens, int64_t heads, int64_t kv_heads,
+                       int64_t dim, int64_t block_size);
+int paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
+                           const int64_t *block_tables, const int64_t *lens, uint16_t *out, int64_t q_stride,
+                           int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                           int64_t max_blocks, float scale);
+void silu_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n);
+
+static int product(int64_t bits, const void *x, const uint8_t *codes, const void *scales, void *y, int64_t m,
+                   int64_t n, int64_t k) {
+    return bits == 4 ? gemm_q4(x, codes, (const uint16_t *)scales, y, m, n, k, 1, 1)
+                     : gemm_s8(x, codes, (const float *)scales, y, m, n, k, 1, 1);
+}
+
+/* x (m, hidden) bfloat16: the layer's input (the previous layer's MLP output, or the embeddings for the first layer,
+   where residual is NULL); residual (m, hidden) or NULL. Writes x_out (the MLP's output) and res_out (the residual
+   stream after the attention), both (m, hidden); x and residual are left as they were. Weights: codes and scales of
+   qkv ((heads + 2 kv_heads) dim, hidden), o (hidden, heads dim), gate and up (2 inter, hidden), down (hidden, inter)
+   in cpu/blocks.c's layout, all of `bits` 4 or 8; norm weights (hidden,); cos, sin (m, dim); slots (m,); the paged
+   caches, block tables (m, max_blocks) and lens (m,) as paged_decode_attention takes them; f: eps, then scale.
+   0 on success; -1 where a shape is beyond the kernels or memory ran out: x and residual are as they were, so the
+   caller runs the layer op by op instead (writing the same cache rows again). */
+int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x_out, uint16_t *res_out,
+                        const uint16_t *norm1, const uint16_t *norm2, const uint8_t *qkv_c, const void *qkv_s,
+                        const uint8_t *o_c, const void *o_s, const uint8_t *gu_c, const void *gu_s,
+                        const uint8_t *down_c, const void *down_s, const uint16_t *cos, const uint16_t *sin,
+                        const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache, const int64_t *block_tables,
+                        const int64_t *lens, const float *f, int64_t bits, int64_t m, int64_t hidden, int64_t heads,
+                        int64_t kv_heads, int64_t dim, int64_t inter, int64_t block_size, int64_t max_blocks) {
+    if ((bits != 4 && bits != 8) || kv_heads < 1 || heads % kv_heads || heads / kv_heads > 16 || dim > 256 ||
+        dim % 2 || block_size > 256)
+        return -1;
+    const int64_t width = (heads + 2 * kv_heads) * dim;
+    uint16_t *h = malloc(2 * (size_t)(m * hidden)), *qkv = malloc(2 * (size_t)(m * width));
+    uint16_t *att = malloc(2 * (size_t)(m * heads * dim)), *gu = malloc(4 * (size_t)(m * inter));
+    uint16_t *act = malloc(2 * (size_t)(m * inter)), *o = malloc(2 * (size_t)(m * hidden));
+    int failed = !h || !qkv || !att || !gu || !act || !o;
+    if (!failed) {
+        if (residual) {
+            add_rms_norm_bf16(x, residual, norm1, h, res_out, m, hidden, f[0]);
+        } else {
+            add_rms_norm_bf16(x, NULL, norm1, h, NULL, m, hidden, f[0]);
+            memcpy(res_out, x, 2 * (size_t)(m * hidden));
+        }
+        failed = product(bits, h, qkv_c, qkv_s, qkv, m, width, hidden);
+    }
+    if (!failed) {  /* from here the cache is written: nothing below declines */
+        rotary_store_bf16(qkv, cos, sin, slots, k_cache, v_cache, m, heads, kv_heads, dim, block_size);
+        paged_decode_attention(qkv, k_cache, v_cache, block_tables, lens, att, width, m, heads, kv_heads, dim,
+                               block_size, max_blocks, f[1]);
+        failed = product(bits, att, o_c, o_s, o, m, hidden, heads * dim);
+    }
+    if (!failed) {
+        add_rms_norm_bf16(o, res_out, norm2, h, res_out, m, hidden, f[0]);
+        failed = product(bits, h, gu_c, gu_s, gu, m, 2 * inter, hidden);
+    }
+    if (!failed) {
+        silu_mul_bf16(gu, act, m, inter);
+        failed = product(bits, act, down_c, down_s, x_out, m, hidden, inter);
+    }
+    free(h), free(qkv), free(att), free(gu), free(act), free(o);
+    return failed ? -1 : 0;
+}
