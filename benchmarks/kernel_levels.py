@@ -8,7 +8,8 @@ torch bfloat16, torch float32 on float32 copies, torch float32 on each weight wi
 without native bfloat16 products and without the native kernel), and the native float32 x bfloat16 GEMM at each
 level that has one; at every row count, the 8-bit and 4-bit kernels (kernels/int8.py, kernels/int4.py) at each
 level (kernels.quantized_linear: the byte products, or from kernels.WIDEN_MIN_ROWS rows torch's GEMM on the weight
-widened natively; the widening alone is timed too), and torch's int8 GEMM (fbgemm, activations per row: what --quantization int8 ran before).
+widened natively; the widening alone is timed too), and torch's int8 GEMM (fbgemm, activations per row: what
+--quantization int8 ran before).
 
     python benchmarks/kernel_levels.py [--repeat 5] [--rows 1 8 16 64]
 """

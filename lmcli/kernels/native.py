@@ -30,20 +30,20 @@ LEVELS = (
 FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c", "unpack.c",
          "layer.c")
 HEADERS = ("bf16.h",)
-# each C entry point: (pointer arguments, then int64 arguments, then one more argument type or None, result type)
+# each C entry point: (pointer arguments, then int64 arguments, then the types of any more arguments, result type)
 SIGNATURES = {
-    "gemv_bf16": (3, 3, None, None),
-    "gemm_f32_bf16": (3, 3, None, ctypes.c_int),
-    "paged_decode_attention": (6, 7, ctypes.c_float, ctypes.c_int),
-    "add_rms_norm_bf16": (5, 2, ctypes.c_float, None),
-    "prefill_attention": (5, 8, ctypes.c_float, ctypes.c_int),
-    "rotary_store_bf16": (6, 5, None, None),
-    "silu_mul_bf16": (2, 2, None, None),
-    "gemm_q4": (4, 5, None, ctypes.c_int),
-    "gemm_s8": (4, 5, None, ctypes.c_int),
-    "dequantize_blocks": (3, 4, None, ctypes.c_int),
-    "decode_layer_blocks": (22, 9, None, ctypes.c_int),
-    "paged_decode_attention_s8": (8, 7, ctypes.c_float, ctypes.c_int),
+    "gemv_bf16": (3, 3, (), None),
+    "gemm_f32_bf16": (3, 3, (), ctypes.c_int),
+    "paged_decode_attention": (6, 7, (ctypes.c_float,), ctypes.c_int),
+    "add_rms_norm_bf16": (5, 2, (ctypes.c_float,), None),
+    "prefill_attention": (5, 8, (ctypes.c_float,), ctypes.c_int),
+    "rotary_store_bf16": (6, 5, (), None),
+    "silu_mul_bf16": (2, 2, (), None),
+    "gemm_q4": (4, 5, (), ctypes.c_int),
+    "gemm_s8": (4, 5, (), ctypes.c_int),
+    "dequantize_blocks": (3, 4, (), ctypes.c_int),
+    "decode_layer_blocks": (21, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
+    "paged_decode_attention_s8": (8, 7, (ctypes.c_float,), ctypes.c_int),
 }
 
 
@@ -120,9 +120,9 @@ def build(name: str) -> Optional[ctypes.CDLL]:
         lib = ctypes.CDLL(str(path))
     except OSError:
         return None
-    for name, (pointers, ints, last, result) in SIGNATURES.items():
+    for name, (pointers, ints, more, result) in SIGNATURES.items():
         fn = getattr(lib, name)
-        fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * ints + ([last] if last else [])
+        fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * ints + list(more)
         fn.restype = result
     return lib
 
@@ -259,11 +259,11 @@ def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms
     declined (nothing changed but cache rows it would write again)."""
     m, hidden = x.shape
     x_out, res_out = torch.empty_like(x), torch.empty_like(x)
-    f = torch.tensor([eps, scale], dtype=torch.float32)
     pointers = [x, residual, x_out, res_out, *norms]
     for w in weights:
         pointers += [w.codes, w.scales]
-    pointers += [cos, sin, slots, k_cache, v_cache, block_tables, lens, f]
+    pointers += [cos, sin, slots, k_cache, v_cache, block_tables, lens]
     failed = library().decode_layer_blocks(*(None if t is None else t.data_ptr() for t in pointers), bits, m, hidden,
-                                           heads, kv_heads, dim, inter, k_cache.shape[2], block_tables.shape[1])
+                                           heads, kv_heads, dim, inter, k_cache.shape[2], block_tables.shape[1], eps,
+                                           scale)
     return None if failed else (x_out, res_out)

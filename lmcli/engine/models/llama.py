@@ -44,7 +44,6 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
-
     def one_call(self, x, residual, cos, sin, batch):
         """The whole layer in one native call for a batch of decodes (kernels.decode_layer), where it applies; a
         one-row step on 4-bit weights spent as long in Python between the kernels as in them."""

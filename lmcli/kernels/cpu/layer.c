@@ -32,7 +32,7 @@ static int product(int64_t bits, const void *x, const uint8_t *codes, const void
    stream after the attention), both (m, hidden); x and residual are left as they were. Weights: codes and scales of
    qkv ((heads + 2 kv_heads) dim, hidden), o (hidden, heads dim), gate and up (2 inter, hidden), down (hidden, inter)
    in cpu/blocks.c's layout, all of `bits` 4 or 8; norm weights (hidden,); cos, sin (m, dim); slots (m,); the paged
-   caches, block tables (m, max_blocks) and lens (m,) as paged_decode_attention takes them; f: eps, then scale.
+   caches, block tables (m, max_blocks) and lens (m,) as paged_decode_attention takes them; the norms' eps.
    0 on success; -1 where a shape is beyond the kernels or memory ran out: x and residual are as they were, so the
    caller runs the layer op by op instead (writing the same cache rows again). */
 int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x_out, uint16_t *res_out,
@@ -40,8 +40,9 @@ int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x
                         const uint8_t *o_c, const void *o_s, const uint8_t *gu_c, const void *gu_s,
                         const uint8_t *down_c, const void *down_s, const uint16_t *cos, const uint16_t *sin,
                         const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache, const int64_t *block_tables,
-                        const int64_t *lens, const float *f, int64_t bits, int64_t m, int64_t hidden, int64_t heads,
-                        int64_t kv_heads, int64_t dim, int64_t inter, int64_t block_size, int64_t max_blocks) {
+                        const int64_t *lens, int64_t bits, int64_t m, int64_t hidden, int64_t heads,
+                        int64_t kv_heads, int64_t dim, int64_t inter, int64_t block_size, int64_t max_blocks,
+                        float eps, float scale) {
     if ((bits != 4 && bits != 8) || kv_heads < 1 || heads % kv_heads || heads / kv_heads > 16 || dim > 256 ||
         dim % 2 || block_size > 256)
         return -1;
@@ -52,21 +53,21 @@ int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x
     int failed = !h || !qkv || !att || !gu || !act || !o;
     if (!failed) {
         if (residual) {
-            add_rms_norm_bf16(x, residual, norm1, h, res_out, m, hidden, f[0]);
+            add_rms_norm_bf16(x, residual, norm1, h, res_out, m, hidden, eps);
         } else {
-            add_rms_norm_bf16(x, NULL, norm1, h, NULL, m, hidden, f[0]);
+            add_rms_norm_bf16(x, NULL, norm1, h, NULL, m, hidden, eps);
             memcpy(res_out, x, 2 * (size_t)(m * hidden));
         }
         failed = product(bits, h, qkv_c, qkv_s, qkv, m, width, hidden);
     }
-    if (!failed) {  /* from here the cache is written: nothing below declines */
+    if (!failed) {  /* from here the cache is written (a failure below still leaves x and residual unchanged) */
         rotary_store_bf16(qkv, cos, sin, slots, k_cache, v_cache, m, heads, kv_heads, dim, block_size);
         paged_decode_attention(qkv, k_cache, v_cache, block_tables, lens, att, width, m, heads, kv_heads, dim,
-                               block_size, max_blocks, f[1]);
+                               block_size, max_blocks, scale);
         failed = product(bits, att, o_c, o_s, o, m, hidden, heads * dim);
     }
     if (!failed) {
-        add_rms_norm_bf16(o, res_out, norm2, h, res_out, m, hidden, f[0]);
+        add_rms_norm_bf16(o, res_out, norm2, h, res_out, m, hidden, eps);
         failed = product(bits, h, gu_c, gu_s, gu, m, 2 * inter, hidden);
     }
     if (!failed) {

@@ -96,8 +96,7 @@ int dequantize_blocks(const uint8_t *codes, const void *scales, void *w, int64_t
                     emit16(row_bytes(b + 128, i), ws, -128.f * ws, w, at + 16, w_bf16);
                 }
             }
-            continue;
-#endif
+#else
             float v[TILE][QBLOCK];
             if (bits == 4) {  /* byte 4i + j of chunk c: row i's element 4c + j (low nibble), 16 + 4c + j (high) */
                 const uint16_t *s = (const uint16_t *)scales + (t * nb + g) * 2 * TILE;
@@ -119,6 +118,7 @@ int dequantize_blocks(const uint8_t *codes, const void *scales, void *w, int64_t
             }
             for (int i = 0; i < TILE && t * TILE + i < n; i++)
                 store_row(v[i], w, (t * TILE + i) * k + g * QBLOCK, w_bf16);
+#endif
         }
     }
     return 0;
