@@ -110,8 +110,6 @@ class AsyncEngine:
         elif command == "abort":  # a caller that still listens (a cancelled session turn) gets the final output
             for out in self.engine.abort(args[0]):
                 self._deliver(args[0], out)
-        elif command == "end_session":
-            self.engine.end_session(args[0])
         elif command == "call":  # run a function on the engine thread, between steps
             fn, loop, future = args
             try:
@@ -174,9 +172,6 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
-
-    def end_session(self, session_id: int) -> None:
-        self._inbox.put(("end_session", session_id))
 
     async def call(self, fn, timeout: Optional[float] = None):
         """fn(engine) on the engine thread between steps; its result here."""

@@ -49,7 +49,7 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
     """Run one turn; from the moment its stream exists, the stream's end releases the claim."""
     if not req.interactive_mode and sid != -1:  # end the session; this request runs on its own
         state.histories.pop(sid, None)
-        engine.end_session(sid)
+        await engine_call(engine, lambda e: e.end_session(sid))  # gone before the answer: /metrics agrees at once
     if req.request_output_len == 0:  # LMDeploy's way to end a session: nothing to generate
         claim.release()
         return JSONResponse(p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
