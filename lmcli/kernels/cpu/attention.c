@@ -74,19 +74,6 @@ static inline __m512 scores16(const float *qf, const uint16_t *qb, const uint16_
     return _mm512_mask_mul_ps(_mm512_set1_ps(-1e30f), live, hsum16(acc), _mm512_set1_ps(c));
 }
 
-static inline __m512 exp2v(__m512 x) {  /* 2^x for x <= 0: a degree-5 polynomial on the fraction, scaled */
-    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 p = _mm512_set1_ps(1.3333558e-3f);
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-    return _mm512_scalef_ps(p, n);
-}
-
 /* acc[g][j:j+16C] += p[g][l] * v[l][j:j+16C] over the n value rows at v: G * C accumulators in registers, each
    value row widened once for the group (G <= 6 with C = 4, G <= 8 with C = 2) */
 static inline __attribute__((always_inline)) void pv512(const float *p, const uint16_t *v, int64_t n, int64_t dim,

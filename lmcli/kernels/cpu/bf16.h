@@ -1,4 +1,5 @@
-/* bfloat16 <-> float32 for the CPU kernels (a bfloat16 is the top half of a float32), and float16 -> float32. */
+/* bfloat16 <-> float32 for the CPU kernels (a bfloat16 is the top half of a float32), float16 -> float32, and a
+   vector 2^x for the attention kernels. */
 #ifndef LMCLI_BF16_H
 #define LMCLI_BF16_H
 #include <stdint.h>
@@ -47,6 +48,21 @@ static inline int32_t hsum8_epi32(__m256i v) {
     const __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     const __m128i b = _mm_add_epi32(a, _mm_shuffle_epi32(a, 0x4E));
     return _mm_cvtsi128_si32(_mm_add_epi32(b, _mm_shuffle_epi32(b, 0xB1)));
+}
+#endif
+
+#ifdef __AVX512F__
+static inline __m512 exp2v(__m512 x) {  /* 2^x for x <= 0: a degree-5 polynomial on the fraction, scaled */
+    x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.3333558e-3f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
 }
 #endif
 #endif
