@@ -18,6 +18,10 @@ GEMM_MAX_ROWS = 128
 # in 27 ms, in bfloat16) and multiplied by torch's GEMM, which then beats the byte products (Intel Xeon with
 # AVX-512, those projections from int4: 94 against 140 ms at 128 rows, 232 against 554 at 512; 70 against 73 at 64).
 WIDEN_MIN_ROWS = 96
+# Where the native products run on AMX (native.amx_rows()), they beat the widened weight up to 256 rows and tie at
+# 512 (the same projections: 128 rows 64.5 against 93.8 ms, 256 114.8 against 160.9, 512 232 against 236): the
+# widening starts there.
+AMX_WIDEN_MIN_ROWS = 512
 
 
 def _native_bf16(*tensors) -> bool:
@@ -47,11 +51,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor = None, out
 
 def quantized_linear(x: torch.Tensor, weight, bias: torch.Tensor = None) -> torch.Tensor:
     """x (tokens, in) . W^T (+ bias) in x's dtype, W an int8.Int8Weight or int4.Int4Weight: through its native kernel
-    (x bfloat16 or float32; from WIDEN_MIN_ROWS rows, torch's GEMM on the weight widened natively: in bfloat16 where
-    the CPU multiplies it natively, else in float32), else on the dequantized weight."""
+    (x bfloat16 or float32; from WIDEN_MIN_ROWS rows, or AMX_WIDEN_MIN_ROWS where the kernel runs on AMX, torch's
+    GEMM on the weight widened natively: in bfloat16 where the CPU multiplies it natively, else in float32), else
+    on the dequantized weight."""
     y = None
     if native.library() is not None and x.dtype in (torch.bfloat16, torch.float32):
-        if x.shape[0] >= WIDEN_MIN_ROWS:
+        if x.shape[0] >= (AMX_WIDEN_MIN_ROWS if native.amx_rows() else WIDEN_MIN_ROWS):
             work = torch.bfloat16 if x.dtype == torch.bfloat16 and native.bf16_products() else torch.float32
             w = native.dequantize_blocks(weight.bits, weight.codes, weight.scales, *weight.shape, work)
             if w is not None:

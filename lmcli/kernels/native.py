@@ -23,12 +23,13 @@ FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 # The dispatch table, best first: a level's name, the CPU features it needs (/proc/cpuinfo flags), its compiler
 # flags. "avx512" takes everything the CPU has (-march=native: AVX512-BF16 and VNNI where present).
 LEVELS = (
-    ("avx512", ("avx512f", "avx512bw", "avx512vl"), ["-march=native"]),
+    ("amx", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"), ["-march=native"]),
+    ("avx512", ("avx512f", "avx512bw", "avx512vl"), ["-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]),
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     ("portable", (), []),
 )
 FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c", "unpack.c",
-         "layer.c")
+         "layer.c", "amx.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then the types of any more arguments, result type)
 SIGNATURES = {
@@ -44,6 +45,7 @@ SIGNATURES = {
     "dequantize_blocks": (3, 4, (), ctypes.c_int),
     "decode_layer_blocks": (21, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "paged_decode_attention_s8": (8, 7, (ctypes.c_float,), ctypes.c_int),
+    "amx_rows": (0, 0, (), ctypes.c_int),
 }
 
 
@@ -78,7 +80,7 @@ def bf16_products() -> bool:
     bfloat16 GEMMs are emulated (about 8 GFLOP/s on an AVX2 EPYC against 39 in float32), so large products are
     computed in float32 instead."""
     flags = _cpu_flags().split()
-    return level() == "avx512" and ("avx512_bf16" in flags or "amx_bf16" in flags)
+    return level() in ("amx", "avx512") and ("avx512_bf16" in flags or "amx_bf16" in flags)
 
 
 def describe() -> str:
@@ -87,7 +89,17 @@ def describe() -> str:
     kernels = level() if library() is not None else "none (LMCLI_NATIVE_KERNELS=0 or no C compiler): PyTorch only"
     products = ("bfloat16 products native" if bf16_products() else
                 "no native bfloat16 products: bfloat16 weights kept, products of many rows in float32")
+    if amx_rows():
+        products += f"; 4-bit and 8-bit weights on AMX from {amx_rows()} rows"
     return f"CPU kernels: {kernels} ({why}); {products}"
+
+
+def amx_rows() -> int:
+    """The fewest rows of x that 4-bit and 8-bit products take on AMX tiles here (cpu/amx.c: the weights widened
+    to bfloat16 in registers, x in bfloat16), 0 where they never do (no AMX at the level in force, or the OS
+    refuses it)."""
+    lib = library()
+    return lib.amx_rows() if lib is not None else 0
 
 
 def library() -> Optional[ctypes.CDLL]:
@@ -229,7 +241,8 @@ def gemm_blocks(kernel: str, x: torch.Tensor, codes: torch.Tensor, scales: torch
                 n: int) -> Optional[torch.Tensor]:
     """x (m, k) bfloat16 or float32, contiguous, times a weight (n, k) in cpu/blocks.c's tiles: kernel gemm_s8 (int8
     weights, kernels/int8.py) or gemm_q4 (4-bit blocks, kernels/int4.py) -> (m, n) in x's dtype, x quantized per
-    block of 32 on the way; None if the kernel could not allocate."""
+    block of 32 on the way (from amx_rows() rows, x in bfloat16 times the weight widened to bfloat16); None if
+    the kernel could not allocate."""
     m, k = x.shape
     y = torch.empty(m, n, dtype=x.dtype)
     bf16 = int(x.dtype == torch.bfloat16)

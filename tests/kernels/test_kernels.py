@@ -27,9 +27,9 @@ def isa(request, monkeypatch):
 @pytest.fixture
 def bf16_products(isa):
     """The chunk attention kernel needs AVX512-BF16 (elsewhere it declines and torch's path runs: tested below)."""
-    if isa != "avx512" or "avx512_bf16" not in native._cpu_flags().split():
+    if isa not in ("amx", "avx512") or "avx512_bf16" not in native._cpu_flags().split():
         pytest.skip(f"the chunk attention kernel needs AVX512-BF16 ({isa} kernels"
-                    + ("" if isa != "avx512" else ", this CPU lacks avx512_bf16") + ")")
+                    + ("" if isa not in ("amx", "avx512") else ", this CPU lacks avx512_bf16") + ")")
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 10, 576), (4, 7, 100), (2, 576, 1536)])
@@ -72,7 +72,7 @@ def test_large_bfloat16_products_run_in_float32_without_native_bfloat16(isa, mon
     product (torch would emulate bfloat16 there): the native kernel widening the weight in registers (AVX2 and up),
     or torch on the widened weight (portable); rounded back to bfloat16."""
     real = reference.linear
-    native_bf16 = isa == "avx512" and "avx512_bf16" in native._cpu_flags().split()
+    native_bf16 = isa in ("amx", "avx512") and "avx512_bf16" in native._cpu_flags().split()
     assert native.bf16_products() == native_bf16
     torch.manual_seed(3)
     w, b = torch.randn(64, 96, dtype=torch.bfloat16), torch.randn(64).bfloat16()
@@ -265,7 +265,7 @@ def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, 
 
 def test_native_chunk_attention_declines_without_bf16_products(isa):
     """Below AVX512-BF16 the chunk kernel says no (and the dispatcher's PyTorch path answers, as below)."""
-    if isa == "avx512" and "avx512_bf16" in native._cpu_flags().split():
+    if isa in ("amx", "avx512") and "avx512_bf16" in native._cpu_flags().split():
         pytest.skip("this CPU has AVX512-BF16: the kernel runs here (tested above)")
     k_cache = v_cache = torch.randn(4, 1, 16, 64, dtype=torch.bfloat16)
     q, out = torch.randn(8, 2, 64, dtype=torch.bfloat16), torch.empty(8, 2, 64, dtype=torch.bfloat16)
@@ -359,11 +359,13 @@ def test_native_silu_and_mul_matches_the_reference(rows):
     assert (got != expected).float().mean() < 1e-2
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (9, 576, 1536), (64, 33, 64)])
+@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (9, 576, 1536), (64, 33, 64),
+                                   (37, 200, 160)])
 def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
     """At every level the 8-bit kernel computes exactly (to float32 rounding) x's 8-bit blocks (with VNNI, with the
-    sign trick of AVX2, in plain loops) times the dequantized weight, each row with its own scale: a row of
-    tiny values beside a row of huge ones keeps its precision; bias added after; float32 and bfloat16."""
+    sign trick of AVX2, in plain loops) times the dequantized weight, or on AMX x and the weight in bfloat16
+    (_products), each row with its own scale: a row of tiny values beside a row of huge ones keeps its precision;
+    bias added after; float32 and bfloat16."""
     from lmcli.kernels import int8
 
     torch.manual_seed(m * n)
@@ -374,7 +376,7 @@ def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
     deq = weight.dequantize()
     assert deq.shape == (n, k) and ((deq - w).abs() <= w.abs().amax(1, keepdim=True) / 254 + 1e-7).all()
     got = kernels.quantized_linear(x, weight, bias)
-    expected = _blocks_to_int8(x) @ deq.t() + bias
+    expected = _products(x, deq) + bias
     assert got.dtype == torch.float32 and got.shape == (m, n)
     err = (got - expected).abs() / expected.abs().amax(1, keepdim=True)  # each row on its own scale
     assert err.max() <= 1e-5, err.max()
@@ -385,6 +387,14 @@ def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
     assert int8.pack(torch.randn(4, 40)) is None
 
 
+def _products(x: torch.Tensor, deq: torch.Tensor) -> torch.Tensor:
+    """What the 4-bit and 8-bit kernels multiply: from native.amx_rows() rows (where AMX runs) x in bfloat16 times
+    the weight in bfloat16, else x's 8-bit blocks times the weight; float32 sums."""
+    if native.amx_rows() and x.shape[0] >= native.amx_rows():
+        return x.bfloat16().float() @ deq.bfloat16().float().t()
+    return _blocks_to_int8(x) @ deq.t()
+
+
 def _blocks_to_int8(x: torch.Tensor) -> torch.Tensor:
     """What the kernels of cpu/blocks.c multiply for x: each block of 32 rounded to -127..127 of its own scale."""
     m, k = x.shape
@@ -393,11 +403,12 @@ def _blocks_to_int8(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(b * torch.where(amax > 0, 127 / amax, 0)) * (amax / 127)).view(m, k)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (5, 576, 1536), (64, 33, 64)])
+@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (5, 576, 1536), (64, 33, 64),
+                                   (37, 200, 160)])
 def test_int4_kernel_is_the_dequantized_product(m, n, k):
     """At every level the 4-bit kernel computes exactly (to float32 rounding) x's 8-bit blocks times the dequantized
-    weight: output rows that do not fill a tile of 8, row counts that do not fill 4, bfloat16 and float32 in and
-    out, a block of zeros in x."""
+    weight, or on AMX both in bfloat16 (_products): output rows that do not fill a tile of 8 (or 16), row counts
+    that do not fill 4 (or 16), bfloat16 and float32 in and out, a block of zeros in x."""
     from lmcli.kernels import int4
 
     torch.manual_seed(m * n)
@@ -408,7 +419,7 @@ def test_int4_kernel_is_the_dequantized_product(m, n, k):
     assert deq.shape == (n, k) and (deq - w).abs().max() <= 0.07 * w.abs().max()  # half a step of 15 over the block
     for xin in (x, x.bfloat16()):
         got = kernels.quantized_linear(xin, weight)
-        expected = _blocks_to_int8(xin) @ deq.t()
+        expected = _products(xin, deq)
         assert got.dtype == xin.dtype and got.shape == (m, n)
         tol = 1e-5 if xin.dtype == torch.float32 else 2 ** -8  # bfloat16 out: one rounding
         torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * expected.abs().max().item())
@@ -431,22 +442,32 @@ def test_quantized_weights_widen_back_to_their_rows_exactly(bits):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_quantized_linear_of_many_rows_multiplies_the_widened_weight(bits):
-    """From WIDEN_MIN_ROWS rows the product runs on the widened weight: x itself, not its 8-bit blocks, times the
-    dequantized weight (float32 to float32 rounding; bfloat16 as torch multiplies it where the CPU has bfloat16
-    products, else in float32), bias added; below it, the byte products."""
+    """From WIDEN_MIN_ROWS rows (AMX_WIDEN_MIN_ROWS where AMX runs) the product runs on the widened weight: x itself,
+    not its 8-bit blocks, times the dequantized weight (float32 to float32 rounding; bfloat16 as torch multiplies
+    it where the CPU has bfloat16 products, else in float32), bias added. Where AMX runs, from native.amx_rows()
+    rows up to there the kernel multiplies x and the weight in bfloat16. Below, x's 8-bit blocks."""
     from lmcli.kernels import int4, int8
 
     torch.manual_seed(bits)
-    m, n, k = kernels.WIDEN_MIN_ROWS, 40, 96
+    amx = native.amx_rows()
+    m, n, k = kernels.AMX_WIDEN_MIN_ROWS if amx else kernels.WIDEN_MIN_ROWS, 40, 96
     weight = (int4.quantize if bits == 4 else int8.pack)(torch.randn(n, k))
     x, bias = torch.randn(m, k), torch.randn(n)
     deq = weight.dequantize()
     exact = x @ deq.t() + bias
+    scale = exact.abs().max().item()
     got = kernels.quantized_linear(x, weight, bias)
-    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item())
-    blocked = kernels.quantized_linear(x[:m - 1], weight, bias)  # one row fewer: x's 8-bit blocks
-    torch.testing.assert_close(blocked, _blocks_to_int8(x[:m - 1]) @ deq.t() + bias, rtol=1e-5, atol=1e-4)
-    assert (blocked - exact[:m - 1]).abs().max() > 1e-3  # so the first check could tell the two apart
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-5 * scale)
+    low = amx or m  # below this many rows, x's 8-bit blocks
+    if amx:  # amx .. m - 1 rows: x and the weight in bfloat16, float32 sums
+        for rows in (amx, m - 1):
+            on_amx = x[:rows].bfloat16().float() @ deq.bfloat16().float().t() + bias
+            torch.testing.assert_close(kernels.quantized_linear(x[:rows], weight, bias), on_amx, rtol=1e-5,
+                                       atol=1e-5 * scale)
+            assert (on_amx - exact[:rows]).abs().max() > 1e-3  # so the checks can tell the paths apart
+    blocked = kernels.quantized_linear(x[:low - 1], weight, bias)
+    torch.testing.assert_close(blocked, _blocks_to_int8(x[:low - 1]) @ deq.t() + bias, rtol=1e-5, atol=1e-4)
+    assert (blocked - exact[:low - 1]).abs().max() > 1e-3
     xb = x.bfloat16()
     work = torch.bfloat16 if native.bf16_products() else torch.float32
     assert torch.equal(kernels.quantized_linear(xb, weight), (xb.to(work) @ deq.to(work).t()).bfloat16())

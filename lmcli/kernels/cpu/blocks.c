@@ -261,9 +261,14 @@ static void tile_pair_rows_q4(const uint8_t *codes, const uint16_t *scales, int6
 #define PAIRS_Q4 0
 #endif
 
-/* The shared driver: x quantized, then tiles (OpenMP) times row groups of 4. Returns -1 if out of memory. */
+int gemm_amx(int bits, const void *x, const uint8_t *codes, const void *scales, void *y, int64_t m, int64_t n,
+             int64_t k, int64_t x_bf16, int64_t y_bf16);  /* amx.c: -1 where it does not apply */
+
+/* The shared driver: AMX where it applies (amx.c: enough rows of x, a CPU and kernel that run it), else x
+   quantized, then tiles (OpenMP) times row groups of 4. Returns -1 if out of memory. */
 static int gemm_blocks(int bits, const void *x, const uint8_t *codes, const void *scales, void *y, int64_t m,
                        int64_t n, int64_t k, int64_t x_bf16, int64_t y_bf16) {
+    if (gemm_amx(bits, x, codes, scales, y, m, n, k, x_bf16, y_bf16) == 0) return 0;
     const int64_t nb = k / QBLOCK, tiles = (n + TILE - 1) / TILE;
     int8_t *xq = malloc((size_t)(m * k));
     float *xs = malloc(sizeof(float) * (size_t)(m * nb)), *xsum = malloc(sizeof(float) * (size_t)(m * nb));
