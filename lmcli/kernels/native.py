@@ -3,8 +3,8 @@ through ctypes. Anything missing (no compiler, not Linux, LMCLI_NATIVE_KERNELS=0
 
 The same sources are built once per instruction-set level (LEVELS): each C function has an AVX-512 body, an
 AVX2 + FMA body and a plain one that any compiler vectorizes (ARM too), picked by the compiler flags of the level.
-The best level this CPU has is the one loaded; LMCLI_CPU_ISA=avx2 or =portable forces a lower one (so that the
-lower paths are tested on a machine that has the higher ones too)."""
+The best level this CPU has is the one loaded; LMCLI_CPU_ISA=avx512, =avx2 or =portable forces a lower one (so
+that the lower paths are tested on a machine that has the higher ones too)."""
 
 import ctypes
 import hashlib
@@ -21,10 +21,12 @@ import torch
 SOURCES = Path(__file__).parent / "cpu"
 FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 # The dispatch table, best first: a level's name, the CPU features it needs (/proc/cpuinfo flags), its compiler
-# flags. "avx512" takes everything the CPU has (-march=native: AVX512-BF16 and VNNI where present).
+# flags. "amx" takes everything the CPU has (-march=native); "avx512" the same without AMX (AVX512-BF16 and VNNI
+# where present).
 LEVELS = (
     ("amx", ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "amx_tile", "amx_bf16"), ["-march=native"]),
-    ("avx512", ("avx512f", "avx512bw", "avx512vl"), ["-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]),
+    ("avx512", ("avx512f", "avx512bw", "avx512vl"),
+     ["-march=native", "-mno-amx-tile", "-mno-amx-bf16", "-mno-amx-int8"]),
     ("avx2", ("avx2", "fma", "f16c"), ["-mavx2", "-mfma", "-mf16c"]),
     ("portable", (), []),
 )
@@ -98,7 +100,11 @@ def amx_rows() -> int:
     """The fewest rows of x that 4-bit and 8-bit products take on AMX tiles here (cpu/amx.c: the weights widened
     to bfloat16 in registers, x in bfloat16), 0 where they never do (no AMX at the level in force, or the OS
     refuses it)."""
-    lib = library()
+    return _amx_rows(library())
+
+
+@lru_cache(maxsize=None)
+def _amx_rows(lib: Optional[ctypes.CDLL]) -> int:  # asked once per library: quantized_linear asks every call
     return lib.amx_rows() if lib is not None else 0
 
 

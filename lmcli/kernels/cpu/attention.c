@@ -49,6 +49,10 @@ static inline __m512 hsum16(const __m512 *v) {
     return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
 }
 
+static inline __mmask16 first_lanes(int64_t n) {  /* lanes 0..n-1 of 16 */
+    return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+}
+
 /* Scores of the n (<= 16) key rows at k for one query head, key i in lane i, times c; lanes from n on: -1e30
    (q: dim float32, or bfloat16 pairs with AVX512-BF16) */
 static inline __m512 scores16(const float *qf, const uint16_t *qb, const uint16_t *k, int64_t n, int64_t dim,
@@ -70,8 +74,7 @@ static inline __m512 scores16(const float *qf, const uint16_t *qb, const uint16_
         }
         acc[SLOT(i)] = a;
     }
-    const __mmask16 live = n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
-    return _mm512_mask_mul_ps(_mm512_set1_ps(-1e30f), live, hsum16(acc), _mm512_set1_ps(c));
+    return _mm512_mask_mul_ps(_mm512_set1_ps(-1e30f), first_lanes(n), hsum16(acc), _mm512_set1_ps(c));
 }
 
 /* acc[g][j:j+16C] += p[g][l] * v[l][j:j+16C] over the n value rows at v: G * C accumulators in registers, each
@@ -130,9 +133,8 @@ static inline __attribute__((always_inline)) void attend512(const float *qf, con
             }
             __m512 total = _mm512_setzero_ps();
             for (int64_t i = 0; i < chunks; i++) {
-                const __mmask16 live = n - 16 * i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - 16 * i)) - 1);
-                const __m512 e = _mm512_maskz_mov_ps(live, exp2v(_mm512_sub_ps(_mm512_loadu_ps(s + 16 * i),
-                                                                               _mm512_set1_ps(m))));
+                const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(s + 16 * i), _mm512_set1_ps(m));
+                const __m512 e = _mm512_maskz_mov_ps(first_lanes(n - 16 * i), exp2v(d));
                 _mm512_storeu_ps(s + 16 * i, e);
                 total = _mm512_add_ps(total, e);
             }
@@ -181,13 +183,12 @@ static inline __attribute__((always_inline)) void pv_avx2(const float *sc, const
 
 #endif
 
-/* One task: the group of query heads q[g] (scaled float32 qf, raw bfloat16 qb) over one sequence's keys 0..len-1
+/* One task: the group of query heads q[g] (scaled float32 qf) over one sequence's keys 0..len-1
    of one kv head; out[g] = softmax(q[g] . K) V. */
-static void attend(const float *qf, const uint16_t *qb, const uint16_t *k_cache, const uint16_t *v_cache,
-                   const int64_t *table, int64_t len, int64_t h, int64_t group, int64_t kv_heads, int64_t dim,
-                   int64_t block_size, float scale, uint16_t **out) {
+static void attend(const float *qf, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table,
+                   int64_t len, int64_t h, int64_t group, int64_t kv_heads, int64_t dim, int64_t block_size,
+                   uint16_t **out) {
     float acc[MAX_GROUP * MAX_DIM], sc[MAX_GROUP * SC], mx[MAX_GROUP], sum[MAX_GROUP];
-    (void)qb, (void)scale;
     for (int64_t g = 0; g < group; g++) mx[g] = -FLT_MAX, sum[g] = 0.f;  /* finite: built with -ffast-math */
     memset(acc, 0, sizeof(float) * group * dim);
     for (int64_t start = 0; start < len; start += block_size) {
@@ -273,8 +274,7 @@ int paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uin
             continue;
         }
 #endif
-        attend(qf, qb, k_cache, v_cache, block_tables + s * max_blocks, lens[s], h, group, kv_heads, dim,
-               block_size, scale, o);
+        attend(qf, k_cache, v_cache, block_tables + s * max_blocks, lens[s], h, group, kv_heads, dim, block_size, o);
     }
     return 0;
 }
