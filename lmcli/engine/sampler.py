@@ -11,6 +11,8 @@ from typing import Optional
 
 import torch
 
+from lmcli import kernels
+
 NEG_INF = float("-inf")
 
 
@@ -70,11 +72,11 @@ def sample(logits: torch.Tensor, seqs: list, stop_ids: list[list[int]]):
     plain = all(s.params.greedy and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
                 and not s.params.frequency_penalty and not s.params.min_tokens for s in seqs)
     if plain:
-        tokens = logits.argmax(-1)
+        tokens = kernels.argmax(logits)
     else:
         logits = logits.clone()
         apply_penalties(logits, seqs, stop_ids)
-        tokens = logits.argmax(-1)
+        tokens = kernels.argmax(logits)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:
             probs = _filter(logits[rows], [seqs[i] for i in rows])

@@ -88,6 +88,17 @@ def decode_layer(x: torch.Tensor, residual, norms: tuple, weights: tuple, cos, s
                                       heads, kv_heads, dim, weights[3].shape[1])
 
 
+def argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's first index of its maximum (rows, n) -> (rows,) int64, as x.argmax(-1); float32 on CPU natively
+    (64 rows of 49152 logits: torch's argmax 4.2 ms, its max alone 0.3)."""
+    if x.dtype == torch.float32 and x.dim() == 2 and x.is_contiguous() and x.device.type == "cpu" \
+            and native.library() is not None:
+        out = native.argmax_f32(x)
+        if out is not None:
+            return out
+    return x.argmax(-1)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _native_bf16(x, weight) and x.dim() == 2:
         return native.add_rms_norm_bf16(x, None, weight, eps)[0]

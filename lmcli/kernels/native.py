@@ -31,7 +31,7 @@ LEVELS = (
     ("portable", (), []),
 )
 FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c", "unpack.c",
-         "layer.c", "amx.c")
+         "layer.c", "amx.c", "argmax.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then the types of any more arguments, result type)
 SIGNATURES = {
@@ -48,6 +48,7 @@ SIGNATURES = {
     "decode_layer_blocks": (21, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "paged_decode_attention_s8": (8, 7, (ctypes.c_float,), ctypes.c_int),
     "amx_rows": (0, 0, (), ctypes.c_int),
+    "argmax_f32": (2, 2, (), ctypes.c_int),
 }
 
 
@@ -154,6 +155,13 @@ def _cpu_flags() -> str:
             return line.partition(":")[2]
     except OSError:
         return ""
+
+
+def argmax_f32(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """x (rows, n) float32 contiguous -> each row's first index of its maximum (int64), as torch.argmax(-1);
+    None where a row holds NaN."""
+    out = torch.empty(x.shape[0], dtype=torch.int64)
+    return None if library().argmax_f32(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1]) else out
 
 
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

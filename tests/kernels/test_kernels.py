@@ -359,6 +359,25 @@ def test_native_silu_and_mul_matches_the_reference(rows):
     assert (got != expected).float().mean() < 1e-2
 
 
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (64, 49152), (2, 100003)])
+def test_native_argmax_is_torchs(rows, n, monkeypatch):
+    torch.manual_seed(n)
+    x = torch.randn(rows, n)
+    x[0, n // 3] = x[0, n // 2] = 100.0  # a tie: the first index wins, as in torch
+    called = []
+    monkeypatch.setattr(native, "argmax_f32", lambda t, f=native.argmax_f32: called.append(1) or f(t))
+    assert torch.equal(kernels.argmax(x), x.argmax(-1))
+    assert called  # the native kernel answered, not torch
+    assert kernels.argmax(x.bfloat16()).tolist() == x.bfloat16().argmax(-1).tolist()  # other dtypes: torch's
+
+
+def test_native_argmax_leaves_nan_rows_to_torch():
+    x = torch.randn(4, 1000)
+    x[2, 17] = float("nan")
+    assert native.argmax_f32(x) is None
+    assert kernels.argmax(x).tolist() == x.argmax(-1).tolist()
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (9, 576, 1536), (64, 33, 64),
                                    (37, 200, 160)])
 def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
