@@ -105,36 +105,62 @@ static inline __attribute__((always_inline)) void widen_tile(int bits, const uin
     }
 }
 
-/* x rows 16R..16R+15 (zeros past m), block g, as a B tile: pair kk of row r at dword kk * 16 + r */
-static void pack_x(const void *x, int x_bf16, int64_t m, int64_t k, int64_t R, int64_t g, uint32_t *b) {
-    for (int64_t r = 0; r < 16; r++) {
-        const int64_t row = 16 * R + r;
-        for (int64_t kk = 0; kk < 16; kk++) {
-            uint32_t pair = 0;
-            if (row < m) {
-                const int64_t at = row * k + g * QBLOCK + 2 * kk;
-                const uint16_t lo = x_bf16 ? ((const uint16_t *)x)[at] : f2bf16(((const float *)x)[at]);
-                const uint16_t hi = x_bf16 ? ((const uint16_t *)x)[at + 1] : f2bf16(((const float *)x)[at + 1]);
-                pair = (uint32_t)lo | (uint32_t)hi << 16;
-            }
-            b[kk * 16 + r] = pair;
-        }
+/* v[i] lane j <- v[j] lane i: a 16 x 16 transpose of 32-bit values in 64 shuffles (within 128-bit lanes by 32 and
+   64 bits, then across lanes) */
+static inline void transpose16(__m512i *v) {
+    __m512i t[16], u[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+    }
+    for (int b = 0; b < 4; b++) {  /* u[4b + c] lane L: column 4L + c of rows 4b..4b+3 */
+        u[4 * b] = _mm512_unpacklo_epi64(t[4 * b], t[4 * b + 2]);
+        u[4 * b + 1] = _mm512_unpackhi_epi64(t[4 * b], t[4 * b + 2]);
+        u[4 * b + 2] = _mm512_unpacklo_epi64(t[4 * b + 1], t[4 * b + 3]);
+        u[4 * b + 3] = _mm512_unpackhi_epi64(t[4 * b + 1], t[4 * b + 3]);
+    }
+    for (int c = 0; c < 4; c++) {
+        const __m512i w0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), w1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+        const __m512i w2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44);
+        const __m512i w3 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+        v[c] = _mm512_shuffle_i32x4(w0, w2, 0x88);
+        v[4 + c] = _mm512_shuffle_i32x4(w0, w2, 0xDD);
+        v[8 + c] = _mm512_shuffle_i32x4(w1, w3, 0x88);
+        v[12 + c] = _mm512_shuffle_i32x4(w1, w3, 0xDD);
     }
 }
 
-/* C tile c (16 output rows j by 16 rows r of x) into y[16R + r][16T + j]: each row of y gathered from a column */
+/* x rows 16R..16R+15 (zeros past m), block g, as a B tile: pair kk of row r at dword kk * 16 + r (each row's 32
+   values in bfloat16 are 16 pairs: the tile is their transpose) */
+static void pack_x(const void *x, int x_bf16, int64_t m, int64_t k, int64_t R, int64_t g, uint32_t *b) {
+    __m512i v[16];
+    for (int64_t r = 0; r < 16; r++) {
+        const int64_t row = 16 * R + r, at = row * k + g * QBLOCK;
+        if (row >= m)
+            v[r] = _mm512_setzero_si512();
+        else if (x_bf16)
+            v[r] = _mm512_loadu_si512((const uint16_t *)x + at);
+        else
+            v[r] = (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps((const float *)x + at + 16),
+                                                 _mm512_loadu_ps((const float *)x + at));
+    }
+    transpose16(v);
+    for (int kk = 0; kk < 16; kk++) _mm512_storeu_si512(b + kk * 16, v[kk]);
+}
+
+/* C tile c (16 output rows j by 16 rows r of x) into y[16R + r][16T + j]: the tile transposed, a row of y a store */
 static void write_out(const float *c, void *y, int y_bf16, int64_t m, int64_t n, int64_t R, int64_t T) {
-    const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                              _mm512_set1_epi32(16));
     const int64_t width = n - 16 * T < 16 ? n - 16 * T : 16;
     const __mmask16 live = (__mmask16)((1u << width) - 1);
+    __m512i v[16];
+    for (int j = 0; j < 16; j++) v[j] = _mm512_loadu_si512(c + 16 * j);
+    transpose16(v);
     for (int64_t r = 0; r < 16 && 16 * R + r < m; r++) {
-        const __m512 v = _mm512_i32gather_ps(_mm512_add_epi32(column, _mm512_set1_epi32((int)r)), c, 4);
         const int64_t at = (16 * R + r) * n + 16 * T;
         if (y_bf16)
-            _mm256_mask_storeu_epi16((uint16_t *)y + at, live, (__m256i)_mm512_cvtneps_pbh(v));
+            _mm256_mask_storeu_epi16((uint16_t *)y + at, live, (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(v[r])));
         else
-            _mm512_mask_storeu_ps((float *)y + at, live, v);
+            _mm512_mask_storeu_ps((float *)y + at, live, _mm512_castsi512_ps(v[r]));
     }
 }
 
