@@ -73,14 +73,21 @@ def decode_layer(x: torch.Tensor, residual, norms: tuple, weights: tuple, cos, s
     """A Llama decoder layer (input norm, qkv, rotary and cache store, attention, o, post-attention norm, gate_up,
     silu, down) for a batch of decodes in one native call (cpu/layer.c: the same kernels on the same values as op
     by op), where it applies: fewer than WIDEN_MIN_ROWS sequences and no prefill chunk; every projection (qkv, o,
-    gate_up, down) in 4-bit or 8-bit blocks of one kind; bfloat16 activations, norms and KV cache on CPU. Returns
+    gate_up, down) in 4-bit or 8-bit blocks of one kind; bfloat16 activations and norms on CPU, the KV cache in
+    bfloat16 or 8-bit (kv8.Int8Cache, up to 8 query heads a kv head). Returns
     (the MLP's output, the residual stream), or None: then the caller runs the layer op by op."""
-    if batch.prefills or x.shape[0] >= WIDEN_MIN_ROWS or isinstance(k_cache, Int8Cache):
+    if batch.prefills or x.shape[0] >= WIDEN_MIN_ROWS:
         return None
     bits = {getattr(w, "bits", None) for w in weights}
     if len(bits) != 1 or None in bits or weights[0].shape[0] != (heads + 2 * kv_heads) * dim:
         return None
-    tensors = (x, *norms, cos, sin, k_cache, v_cache) + (() if residual is None else (residual,))
+    tensors = (x, *norms, cos, sin) + (() if residual is None else (residual,))
+    if isinstance(k_cache, Int8Cache):
+        caches = (k_cache.data, k_cache.scale, v_cache.data, v_cache.scale)
+        if not all(c.is_contiguous() and c.device.type == "cpu" for c in caches):
+            return None
+    else:
+        tensors += (k_cache, v_cache)
     if not _native_bf16(*tensors) or x.dim() != 2:
         return None
     return native.decode_layer_blocks(x, residual, norms, weights, bits.pop(), cos, sin, batch.slot_mapping,
@@ -115,10 +122,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
 def rotary_store(qkv: torch.Tensor, heads: int, kv_heads: int, cos, sin, k_cache, v_cache, slot_mapping):
     """qkv (tokens, heads + 2 * kv_heads, head_dim): rotary embedding on q and k, then k and v stored in the paged
     caches at slot_mapping. Returns q, k, v (tokens, heads or kv_heads, head_dim). bfloat16 on CPU: one native
-    pass, in place."""
+    pass, in place (also into the 8-bit cache, quantizing each row as kv8.quantize does)."""
     dim = qkv.shape[-1]
-    if _native_bf16(qkv, cos, sin, k_cache, v_cache) and dim % 2 == 0 and dim <= 512:
-        native.rotary_store_bf16(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, slot_mapping.contiguous())
+    s8 = isinstance(k_cache, Int8Cache)
+    caches = (k_cache.data, k_cache.scale, v_cache.data, v_cache.scale) if s8 else (k_cache, v_cache)
+    if _native_bf16(qkv, cos, sin) and all(c.is_contiguous() and c.device.type == "cpu" for c in caches) \
+            and dim % 2 == 0 and dim <= 512 and (s8 or _native_bf16(k_cache, v_cache)):
+        store = native.rotary_store_s8 if s8 else native.rotary_store_bf16
+        store(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, slot_mapping.contiguous())
         qk = qkv
     else:
         qk = reference.rotary(qkv[:, :heads + kv_heads], cos, sin)  # q and k in one pass

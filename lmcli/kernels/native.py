@@ -41,11 +41,12 @@ SIGNATURES = {
     "add_rms_norm_bf16": (5, 2, (ctypes.c_float,), None),
     "prefill_attention": (5, 8, (ctypes.c_float,), ctypes.c_int),
     "rotary_store_bf16": (6, 5, (), None),
+    "rotary_store_s8": (8, 5, (), None),
     "silu_mul_bf16": (2, 2, (), None),
     "gemm_q4": (4, 5, (), ctypes.c_int),
     "gemm_s8": (4, 5, (), ctypes.c_int),
     "dequantize_blocks": (3, 4, (), ctypes.c_int),
-    "decode_layer_blocks": (21, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
+    "decode_layer_blocks": (23, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "paged_decode_attention_s8": (8, 7, (ctypes.c_float,), ctypes.c_int),
     "amx_rows": (0, 0, (), ctypes.c_int),
     "argmax_f32": (2, 2, (), ctypes.c_int),
@@ -244,6 +245,16 @@ def rotary_store_bf16(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.T
                                 qkv.shape[2], k_cache.shape[2])
 
 
+def rotary_store_s8(qkv: torch.Tensor, heads: int, kv_heads: int, cos: torch.Tensor, sin: torch.Tensor, k_cache,
+                    v_cache, slot_mapping: torch.Tensor) -> None:
+    """As rotary_store_bf16, into 8-bit caches (kernels/kv8.Int8Cache: codes and float16 scales), each k and v row
+    quantized as kv8.quantize does."""
+    library().rotary_store_s8(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), slot_mapping.data_ptr(),
+                              k_cache.data.data_ptr(), k_cache.scale.data_ptr(), v_cache.data.data_ptr(),
+                              v_cache.scale.data_ptr(), qkv.shape[0], heads, kv_heads, qkv.shape[2],
+                              k_cache.shape[2])
+
+
 def silu_mul_bf16(x: torch.Tensor) -> torch.Tensor:
     """x (rows, 2n) bfloat16, contiguous -> silu(x[:, :n]) * x[:, n:] (rows, n)."""
     out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
@@ -281,15 +292,18 @@ def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms
                         scale: float, heads: int, kv_heads: int, dim: int, inter: int):
     """One Llama decoder layer for a batch of decodes in one call (cpu/layer.c): x, residual (m, hidden) bfloat16
     (residual None for the first layer); norms (input, post-attention); weights (qkv, o, gate_up, down), each an
-    int4.Int4Weight or int8.Int8Weight of `bits`; the rest as rotary_store_bf16 and paged_decode_attention take
-    them. Returns (the MLP's output, the residual stream), as DecoderLayer.forward does, or None where the call
-    declined (nothing changed but cache rows it would write again)."""
+    int4.Int4Weight or int8.Int8Weight of `bits`; the caches bfloat16 tensors or both kv8.Int8Cache; the rest as
+    rotary_store_bf16 and paged_decode_attention take them. Returns (the MLP's output, the residual stream), as
+    DecoderLayer.forward does, or None where the call declined (nothing changed but cache rows it would write
+    again)."""
     m, hidden = x.shape
     x_out, res_out = torch.empty_like(x), torch.empty_like(x)
     pointers = [x, residual, x_out, res_out, *norms]
     for w in weights:
         pointers += [w.codes, w.scales]
-    pointers += [cos, sin, slots, k_cache, v_cache, block_tables, lens]
+    s8 = hasattr(k_cache, "scale")
+    caches = [k_cache.data, v_cache.data, k_cache.scale, v_cache.scale] if s8 else [k_cache, v_cache, None, None]
+    pointers += [cos, sin, slots, *caches, block_tables, lens]
     failed = library().decode_layer_blocks(*(None if t is None else t.data_ptr() for t in pointers), bits, m, hidden,
                                            heads, kv_heads, dim, inter, k_cache.shape[2], block_tables.shape[1], eps,
                                            scale)

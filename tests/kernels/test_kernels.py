@@ -347,6 +347,30 @@ def test_native_rotary_store_matches_the_reference(tokens):
     torch.testing.assert_close(q32, q.float(), rtol=2e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("tokens", [1, 40])
+def test_native_rotary_store_into_the_8bit_cache_quantizes_as_the_reference(tokens):
+    """Into kv8.Int8Cache the native pass rotates in place and stores each k and v row's codes and float16 scale
+    bit for bit as the reference store (kv8.quantize) does: zero rows, and rows so small their scale is a float16
+    subnormal, included."""
+    torch.manual_seed(tokens)
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    qkv = (torch.randn(tokens, heads + 2 * kv_heads, d) * 3).bfloat16()
+    qkv[0, heads + 1] = 0
+    qkv[-1, heads + kv_heads] *= 1e-6
+    angles = torch.rand(tokens, d // 2).repeat(1, 2) * 40
+    cos, sin = angles.cos().bfloat16(), angles.sin().bfloat16()
+    slots = torch.randperm(8 * bs)[:tokens]
+    expected, got = _int8_caches(8, kv_heads, bs, d), _int8_caches(8, kv_heads, bs, d)
+    expected_qk = reference.rotary(qkv[:, :heads + kv_heads], cos, sin)
+    reference.store_kv(expected_qk[:, heads:], qkv[:, heads + kv_heads:], *expected, slots, bs)
+    rows = qkv.clone()
+    q, _, _ = kernels.rotary_store(rows, heads, kv_heads, cos, sin, *got, slots)
+    assert q.data_ptr() == rows.data_ptr() and torch.equal(rows[:, :heads + kv_heads], expected_qk)
+    for a, b in zip(got, expected):
+        assert torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale)
+    assert expected[0].scale.abs().max() > 0 and 0 < expected[1].scale[slots[-1] // bs, 0, slots[-1] % bs] < 2 ** -14
+
+
 @pytest.mark.parametrize("rows", [1, 64, 300])
 def test_native_silu_and_mul_matches_the_reference(rows):
     torch.manual_seed(rows)
@@ -602,10 +626,10 @@ def test_paged_attention_over_the_8bit_cache_mixes_decodes_and_chunks():
         start += n
 
 
-@pytest.mark.parametrize("bits,first", [(4, False), (8, True)])
-def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first):
+@pytest.mark.parametrize("bits,first,kv8", [(4, False, False), (8, True, False), (4, False, True)])
+def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first, kv8):
     """kernels.decode_layer (cpu/layer.c) at every level: the same MLP output, residual stream and cache rows, bit
-    for bit, as the layer's kernels called one by one (the first layer: no residual yet)."""
+    for bit, as the layer's kernels called one by one (the first layer: no residual yet; the 8-bit KV cache)."""
     from types import SimpleNamespace
 
     from lmcli.kernels import int4, int8
@@ -618,6 +642,10 @@ def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first):
     x = torch.randn(m, hidden).bfloat16()
     residual = None if first else torch.randn(m, hidden).bfloat16()
     caches = [torch.randn(8, kv_heads, bs, dim).bfloat16() for _ in range(2)]
+    if kv8:
+        from lmcli.kernels.kv8 import Int8Cache, quantize
+
+        caches = [Int8Cache(*quantize(c)) for c in caches]
     lens, tables = torch.tensor([5, 16, 20]), torch.tensor([[6, 1], [2, 3], [4, 5]])
     slots = tables[torch.arange(m), (lens - 1) // bs] * bs + (lens - 1) % bs
     angles = torch.rand(m, dim // 2).repeat(1, 2) * 6
@@ -625,8 +653,10 @@ def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first):
     batch = SimpleNamespace(prefills=[], num_decode=m, slot_mapping=slots, decode_block_tables=tables,
                             decode_lens=lens)
     scale = dim ** -0.5
-    kc, vc = (c.clone() for c in caches)
-    before = kc.clone()
+    clone = (lambda c: Int8Cache(c.data.clone(), c.scale.clone())) if kv8 else (lambda c: c.clone())
+    same = (lambda a, b: torch.equal(a.data, b.data) and torch.equal(a.scale, b.scale)) if kv8 else torch.equal
+    kc, vc = (clone(c) for c in caches)
+    before = clone(kc)
     got = kernels.decode_layer(x, residual, norms, weights, cos, sin, batch, *caches, eps, scale, heads, kv_heads, dim)
     assert got is not None
     if residual is None:
@@ -639,7 +669,7 @@ def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first):
     h, res = kernels.add_rms_norm(kernels.quantized_linear(o.flatten(1), weights[1]), res, norms[1], eps)
     out = kernels.quantized_linear(kernels.silu_and_mul(kernels.quantized_linear(h, weights[2])), weights[3])
     assert torch.equal(got[0], out) and torch.equal(got[1], res)
-    assert torch.equal(caches[0], kc) and torch.equal(caches[1], vc) and not torch.equal(kc, before)
+    assert same(caches[0], kc) and same(caches[1], vc) and not same(kc, before)
     batch.prefills = [(0, 1, 1, tables[0])]  # a prefill chunk in the batch: op by op
     assert kernels.decode_layer(x, residual, norms, weights, cos, sin, batch, *caches, eps, scale, heads, kv_heads,
                                 dim) is None

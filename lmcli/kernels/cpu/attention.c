@@ -21,36 +21,11 @@
 #define MAX_DIM 256
 #define MAX_BLOCK 256
 #define SC (MAX_BLOCK + 16)  /* the stride of a head's scores */
-/* call(G) with G the constant equal to count (1..8; more: 8), so that G-sized loops unroll into registers */
-#define BY_COUNT(count, call) switch (count) { case 1: call(1); break; case 2: call(2); break; \
-    case 3: call(3); break; case 4: call(4); break; case 5: call(5); break; case 6: call(6); break; \
-    case 7: call(7); break; default: call(8); break; }
 
 
 #ifdef __AVX512F__
 static inline __m512 load16(const uint16_t *p) {  /* 16 bfloat16 -> 16 float32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
-}
-
-/* Lane 4k + j of the result is the sum of v[4j + k]'s lanes (a 4x4 transpose of the order: callers place key i
-   in slot SLOT(i), so that lane i holds key i). About 45 instructions for 16 sums instead of about 130. */
-#define SLOT(i) ((((i) & 3) << 2) | ((i) >> 2))
-static inline __m512 hsum16(const __m512 *v) {
-    __m512 t[8], u[4], w[2];
-    for (int i = 0; i < 8; i++)
-        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
-                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; i++)
-        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
-                             _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; i++)
-        w[i] = _mm512_add_ps(_mm512_unpacklo_ps(u[2 * i], u[2 * i + 1]), _mm512_unpackhi_ps(u[2 * i], u[2 * i + 1]));
-    const __m512d a = _mm512_castps_pd(w[0]), b = _mm512_castps_pd(w[1]);
-    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
-}
-
-static inline __mmask16 first_lanes(int64_t n) {  /* lanes 0..n-1 of 16 */
-    return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
 }
 
 /* Scores of the n (<= 16) key rows at k for one query head, key i in lane i, times c; lanes from n on: -1e30

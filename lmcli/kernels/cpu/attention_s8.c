@@ -4,7 +4,10 @@
    int8 and scales (blocks, kv_heads, block_size) float16, a row being codes * scale. A key's scale multiplies its
    scores (q . (s k) = s (q . k)), a value's scale its probabilities, so rows are only widened, never scaled. One
    task per (sequence, kv head) serves the kv head's group of query heads in one pass, online softmax per block,
-   float32 throughout. AVX2 widens 8 bytes at a time (also at the avx512 level); the portable body is plain loops. */
+   float32 throughout. With AVX-512 (head_dim a multiple of 16) as attention.c's body: scores 16 keys a vector (each
+   key row widened once for the group, its per-head sums added across lanes 16 at a time), a vector softmax in base
+   2, P.V with the rows widened once for the group. AVX2 widens 8 bytes at a time; the portable body is plain
+   loops. */
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -22,6 +25,96 @@
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __m256 widen8(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const void *)p)));
+}
+#endif
+
+#ifdef __AVX512F__
+#define SC (S8_BLOCK + 16)  /* the stride of a head's scores */
+
+static inline __m512 widen16(const int8_t *p) {  /* 16 bytes -> 16 float32 */
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
+}
+
+/* The 16 float16 scales at s, lanes from n on zero (read only below n) */
+static inline __m512 scales16(const uint16_t *s, int64_t n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), s));
+}
+
+/* acc[g][j:j+16C] += p[g][l] * v[l][j:j+16C] over the n rows at v (widened once for the group) */
+static inline __attribute__((always_inline)) void pv512_s8(const float *p, const int8_t *v, int64_t n, int64_t dim,
+                                                           int64_t j, const int G, const int C, float *acc) {
+    __m512 a[8][4];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) a[g][c] = _mm512_loadu_ps(acc + g * dim + j + 16 * c);
+    for (int64_t l = 0; l < n; l++) {
+        __m512 vv[4];
+        for (int c = 0; c < C; c++) vv[c] = widen16(v + l * dim + j + 16 * c);
+        for (int g = 0; g < G; g++) {
+            const __m512 pg = _mm512_set1_ps(p[g * SC + l]);
+            for (int c = 0; c < C; c++) a[g][c] = _mm512_fmadd_ps(pg, vv[c], a[g][c]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + g * dim + j + 16 * c, a[g][c]);
+}
+
+/* G (<= 8) query heads (qf: scaled by scale * log2(e)) of kv head h over one sequence's keys 0..len-1 */
+static inline __attribute__((always_inline)) void attend512_s8(const float *qf, const int8_t *k, const uint16_t *ks,
+        const int8_t *v, const uint16_t *vs, const int64_t *table, int64_t len, int64_t h, const int G,
+        int64_t kv_heads, int64_t dim, int64_t block_size, uint16_t **out) {
+    float acc[S8_GROUP * S8_DIM], sc[S8_GROUP * SC], mx[S8_GROUP], sum[S8_GROUP];
+    __m512 part[S8_GROUP][16];  /* a chunk's per-key sums, each head's 16 then added across lanes at once */
+    for (int g = 0; g < G; g++) mx[g] = -1e30f, sum[g] = 0.f;
+    memset(acc, 0, sizeof(float) * G * dim);
+    for (int64_t start = 0; start < len; start += block_size) {
+        const int64_t n = len - start < block_size ? len - start : block_size, chunks = (n + 15) / 16;
+        const int64_t row0 = (table[start / block_size] * kv_heads + h) * block_size;
+        const int8_t *kb = k + row0 * dim, *vb = v + row0 * dim;
+        for (int64_t i = 0; i < chunks; i++) {  /* scores: each key row widened once for the group */
+            for (int r = 0; r < 16; r++) {
+                __m512 a[8];
+                for (int g = 0; g < G; g++) a[g] = _mm512_setzero_ps();
+                if (16 * i + r < n)
+                    for (int64_t j = 0; j < dim; j += 16) {
+                        const __m512 kv = widen16(kb + (16 * i + r) * dim + j);
+                        for (int g = 0; g < G; g++) a[g] = _mm512_fmadd_ps(_mm512_loadu_ps(qf + g * dim + j), kv, a[g]);
+                    }
+                for (int g = 0; g < G; g++) part[g][SLOT(r)] = a[g];
+            }
+            const __m512 s = scales16(ks + row0 + 16 * i, n - 16 * i);
+            for (int g = 0; g < G; g++)
+                _mm512_storeu_ps(sc + g * SC + 16 * i, _mm512_mask_mul_ps(_mm512_set1_ps(-1e30f),
+                                                                       first_lanes(n - 16 * i), hsum16(part[g]), s));
+        }
+        for (int g = 0; g < G; g++) {
+            float *p = sc + g * SC;
+            __m512 top = _mm512_set1_ps(-1e30f);
+            for (int64_t i = 0; i < chunks; i++) top = _mm512_max_ps(top, _mm512_loadu_ps(p + 16 * i));
+            const float top1 = _mm512_reduce_max_ps(top), m = top1 > mx[g] ? top1 : mx[g];
+            if (m > mx[g]) {  /* a new maximum rescales what was summed so far */
+                const __m512 r = exp2v(_mm512_set1_ps(mx[g] - m));
+                sum[g] *= _mm512_cvtss_f32(r);
+                for (int64_t d = 0; d < dim; d += 16)
+                    _mm512_storeu_ps(acc + g * dim + d, _mm512_mul_ps(_mm512_loadu_ps(acc + g * dim + d), r));
+                mx[g] = m;
+            }
+            __m512 total = _mm512_setzero_ps();
+            for (int64_t i = 0; i < chunks; i++) {
+                const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(p + 16 * i), _mm512_set1_ps(m));
+                const __m512 e = _mm512_maskz_mov_ps(first_lanes(n - 16 * i), exp2v(d));
+                total = _mm512_add_ps(total, e);  /* the value's scale folded into its weight, not the sum */
+                _mm512_storeu_ps(p + 16 * i, _mm512_mul_ps(e, scales16(vs + row0 + 16 * i, n - 16 * i)));
+            }
+            sum[g] += _mm512_reduce_add_ps(total);
+        }
+        int64_t j = 0;
+        if (G <= 6)
+            for (; j + 64 <= dim; j += 64) pv512_s8(sc, vb, n, dim, j, G, 4, acc);
+        for (; j + 32 <= dim; j += 32) pv512_s8(sc, vb, n, dim, j, G, 2, acc);
+        for (; j < dim; j += 16) pv512_s8(sc, vb, n, dim, j, G, 1, acc);
+    }
+    for (int g = 0; g < G; g++)
+        for (int64_t d = 0; d < dim; d++) out[g][d] = f2bf16(sum[g] > 0.f ? acc[g * dim + d] / sum[g] : 0.f);
 }
 #endif
 
@@ -103,6 +196,15 @@ int paged_decode_attention_s8(const uint16_t *q, const int8_t *k, const uint16_t
             for (int64_t d = 0; d < dim; d++) qf[g * dim + d] = scale * bf16f(qb[g * dim + d]);
             o[g] = out + (s * heads + h * group + g) * dim;
         }
+#ifdef __AVX512F__
+        if (dim % 16 == 0) {
+            for (int64_t i = 0; i < group * dim; i++) qf[i] *= 1.44269504f;  /* scores in base 2 */
+#define ATTEND(G) attend512_s8(qf, k, ks, v, vs, block_tables + s * max_blocks, lens[s], h, G, kv_heads, dim, \
+                               block_size, o)
+            BY_COUNT(group, ATTEND)
+            continue;
+        }
+#endif
         attend_s8(qf, k, ks, v, vs, block_tables + s * max_blocks, lens[s], h, group, kv_heads, dim, block_size, o);
     }
     return 0;

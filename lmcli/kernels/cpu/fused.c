@@ -5,32 +5,69 @@
 
 #include "bf16.h"
 
-/* Rotary embedding (Hugging Face's half-split layout) of q and k in place, then k and v into the paged cache.
-   qkv (tokens, (heads + 2 * kv_heads) * dim): q heads, k heads, v heads; cos, sin (tokens, dim); slots (tokens,):
-   block * block_size + offset; caches (blocks, kv_heads, block_size, dim). As the reference: x * cos and
-   rotate(x) * sin each rounded to bfloat16, then their sum. */
+/* Rotary embedding (Hugging Face's half-split layout) of the first `count` heads of a token's row, in place; cos,
+   sin: the token's (dim,). As the reference: x * cos and rotate(x) * sin each rounded to bfloat16, then their sum. */
+static void rotate(uint16_t *row, const uint16_t *c, const uint16_t *s, int64_t count, int64_t dim) {
+    const int64_t half = dim / 2;
+    for (int64_t hd = 0; hd < count; hd++) {
+        uint16_t *x = row + hd * dim;
+        float a[512];
+        for (int64_t d = 0; d < dim; d++) a[d] = bf16f(x[d]);
+        for (int64_t d = 0; d < dim; d++) {
+            const float rot = d < half ? -a[d + half] : a[d - half];
+            x[d] = f2bf16(bf16f(f2bf16(a[d] * bf16f(c[d]))) + bf16f(f2bf16(rot * bf16f(s[d]))));
+        }
+    }
+}
+
+/* Rotary embedding of q and k in place, then k and v into the paged cache. qkv (tokens, (heads + 2 * kv_heads) *
+   dim): q heads, k heads, v heads; cos, sin (tokens, dim); slots (tokens,): block * block_size + offset; caches
+   (blocks, kv_heads, block_size, dim). */
 void rotary_store_bf16(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
                        uint16_t *k_cache, uint16_t *v_cache, int64_t tokens, int64_t heads, int64_t kv_heads,
                        int64_t dim, int64_t block_size) {
-    const int64_t half = dim / 2, width = (heads + 2 * kv_heads) * dim;
+    const int64_t width = (heads + 2 * kv_heads) * dim;
     #pragma omp parallel for schedule(static) if (tokens >= 32)
     for (int64_t t = 0; t < tokens; t++) {
         uint16_t *row = qkv + t * width;
-        const uint16_t *c = cos + t * dim, *s = sin + t * dim;
-        for (int64_t hd = 0; hd < heads + kv_heads; hd++) {
-            uint16_t *x = row + hd * dim;
-            float a[512];
-            for (int64_t d = 0; d < dim; d++) a[d] = bf16f(x[d]);
-            for (int64_t d = 0; d < dim; d++) {
-                const float rot = d < half ? -a[d + half] : a[d - half];
-                x[d] = f2bf16(bf16f(f2bf16(a[d] * bf16f(c[d]))) + bf16f(f2bf16(rot * bf16f(s[d]))));
-            }
-        }
+        rotate(row, cos + t * dim, sin + t * dim, heads + kv_heads, dim);
         const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t at = ((block * kv_heads + h) * block_size + offset) * dim;
             const uint16_t *k = row + (heads + h) * dim, *v = row + (heads + kv_heads + h) * dim;
             for (int64_t d = 0; d < dim; d++) k_cache[at + d] = k[d], v_cache[at + d] = v[d];
+        }
+    }
+}
+
+/* One row into the 8-bit cache as kernels/kv8.py's quantize: scale = its largest magnitude / 127 in float16,
+   codes = round(x / scale) (0 for a zero row) */
+static void store_s8(const uint16_t *x, int8_t *codes, uint16_t *scale, int64_t dim) {
+    float top = 0.f;
+    for (int64_t d = 0; d < dim; d++) top = fmaxf(top, fabsf(bf16f(x[d])));
+    *scale = f2f16(top / 127.f);
+    const float s = f16f(*scale);
+    for (int64_t d = 0; d < dim; d++) {
+        const float q = s > 0.f ? rintf(bf16f(x[d]) / s) : 0.f;
+        codes[d] = (int8_t)(q > 127.f ? 127.f : q < -127.f ? -127.f : q);
+    }
+}
+
+/* As rotary_store_bf16, into the 8-bit cache (kernels/kv8.py): codes (blocks, kv_heads, block_size, dim) int8,
+   scales (blocks, kv_heads, block_size) float16, for k and for v. */
+void rotary_store_s8(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots, int8_t *k_codes,
+                     uint16_t *k_scales, int8_t *v_codes, uint16_t *v_scales, int64_t tokens, int64_t heads,
+                     int64_t kv_heads, int64_t dim, int64_t block_size) {
+    const int64_t width = (heads + 2 * kv_heads) * dim;
+    #pragma omp parallel for schedule(static) if (tokens >= 32)
+    for (int64_t t = 0; t < tokens; t++) {
+        uint16_t *row = qkv + t * width;
+        rotate(row, cos + t * dim, sin + t * dim, heads + kv_heads, dim);
+        const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
+        for (int64_t h = 0; h < kv_heads; h++) {
+            const int64_t at = (block * kv_heads + h) * block_size + offset;
+            store_s8(row + (heads + h) * dim, k_codes + at * dim, k_scales + at, dim);
+            store_s8(row + (heads + kv_heads + h) * dim, v_codes + at * dim, v_scales + at, dim);
         }
     }
 }

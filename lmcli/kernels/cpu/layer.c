@@ -20,6 +20,13 @@ int paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uin
                            int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                            int64_t max_blocks, float scale);
 void silu_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n);
+void rotary_store_s8(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots, int8_t *k_codes,
+                     uint16_t *k_scales, int8_t *v_codes, uint16_t *v_scales, int64_t tokens, int64_t heads,
+                     int64_t kv_heads, int64_t dim, int64_t block_size);
+int paged_decode_attention_s8(const uint16_t *q, const int8_t *k, const uint16_t *ks, const int8_t *v,
+                              const uint16_t *vs, const int64_t *block_tables, const int64_t *lens, uint16_t *out,
+                              int64_t q_stride, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim,
+                              int64_t block_size, int64_t max_blocks, float scale);
 
 static int product(int64_t bits, const void *x, const uint8_t *codes, const void *scales, void *y, int64_t m,
                    int64_t n, int64_t k) {
@@ -32,19 +39,21 @@ static int product(int64_t bits, const void *x, const uint8_t *codes, const void
    stream after the attention), both (m, hidden); x and residual are left as they were. Weights: codes and scales of
    qkv ((heads + 2 kv_heads) dim, hidden), o (hidden, heads dim), gate and up (2 inter, hidden), down (hidden, inter)
    in cpu/blocks.c's layout, all of `bits` 4 or 8; norm weights (hidden,); cos, sin (m, dim); slots (m,); the paged
-   caches, block tables (m, max_blocks) and lens (m,) as paged_decode_attention takes them; the norms' eps.
+   caches, block tables (m, max_blocks) and lens (m,) as paged_decode_attention takes them, or with k_scales and
+   v_scales (not NULL) the 8-bit caches (int8 codes and their float16 scales: kernels/kv8.py); the norms' eps.
    0 on success; -1 where a shape is beyond the kernels or memory ran out: x and residual are as they were, so the
    caller runs the layer op by op instead (writing the same cache rows again). */
 int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x_out, uint16_t *res_out,
                         const uint16_t *norm1, const uint16_t *norm2, const uint8_t *qkv_c, const void *qkv_s,
                         const uint8_t *o_c, const void *o_s, const uint8_t *gu_c, const void *gu_s,
                         const uint8_t *down_c, const void *down_s, const uint16_t *cos, const uint16_t *sin,
-                        const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache, const int64_t *block_tables,
+                        const int64_t *slots, void *k_cache, void *v_cache, uint16_t *k_scales,
+                        uint16_t *v_scales, const int64_t *block_tables,
                         const int64_t *lens, int64_t bits, int64_t m, int64_t hidden, int64_t heads,
                         int64_t kv_heads, int64_t dim, int64_t inter, int64_t block_size, int64_t max_blocks,
                         float eps, float scale) {
-    if ((bits != 4 && bits != 8) || kv_heads < 1 || heads % kv_heads || heads / kv_heads > 16 || dim > 256 ||
-        dim % 2 || block_size > 256)
+    if ((bits != 4 && bits != 8) || kv_heads < 1 || heads % kv_heads || heads / kv_heads > (k_scales ? 8 : 16) ||
+        dim > 256 || dim % 2 || block_size > 256)
         return -1;
     const int64_t width = (heads + 2 * kv_heads) * dim;
     uint16_t *h = malloc(2 * (size_t)(m * hidden)), *qkv = malloc(2 * (size_t)(m * width));
@@ -61,9 +70,18 @@ int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x
         failed = product(bits, h, qkv_c, qkv_s, qkv, m, width, hidden);
     }
     if (!failed) {  /* from here the cache is written (a failure below still leaves x and residual unchanged) */
-        rotary_store_bf16(qkv, cos, sin, slots, k_cache, v_cache, m, heads, kv_heads, dim, block_size);
-        paged_decode_attention(qkv, k_cache, v_cache, block_tables, lens, att, width, m, heads, kv_heads, dim,
-                               block_size, max_blocks, scale);
+        if (k_scales) {
+            rotary_store_s8(qkv, cos, sin, slots, k_cache, k_scales, v_cache, v_scales, m, heads, kv_heads, dim,
+                            block_size);
+            failed = paged_decode_attention_s8(qkv, k_cache, k_scales, v_cache, v_scales, block_tables, lens, att,
+                                               width, m, heads, kv_heads, dim, block_size, max_blocks, scale);
+        } else {
+            rotary_store_bf16(qkv, cos, sin, slots, k_cache, v_cache, m, heads, kv_heads, dim, block_size);
+            failed = paged_decode_attention(qkv, k_cache, v_cache, block_tables, lens, att, width, m, heads,
+                                            kv_heads, dim, block_size, max_blocks, scale);
+        }
+    }
+    if (!failed) {
         failed = product(bits, att, o_c, o_s, o, m, hidden, heads * dim);
     }
     if (!failed) {
