@@ -24,10 +24,6 @@
 
 
 #ifdef __AVX512F__
-static inline __m512 load16(const uint16_t *p) {  /* 16 bfloat16 -> 16 float32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
-}
-
 /* Scores of the n (<= 16) key rows at k for one query head, key i in lane i, times c; lanes from n on: -1e30
    (q: dim float32, or bfloat16 pairs with AVX512-BF16) */
 static inline __m512 scores16(const float *qf, const uint16_t *qb, const uint16_t *k, int64_t n, int64_t dim,
@@ -50,25 +46,6 @@ static inline __m512 scores16(const float *qf, const uint16_t *qb, const uint16_
         acc[SLOT(i)] = a;
     }
     return _mm512_mask_mul_ps(_mm512_set1_ps(-1e30f), first_lanes(n), hsum16(acc), _mm512_set1_ps(c));
-}
-
-/* acc[g][j:j+16C] += p[g][l] * v[l][j:j+16C] over the n value rows at v: G * C accumulators in registers, each
-   value row widened once for the group (G <= 6 with C = 4, G <= 8 with C = 2) */
-static inline __attribute__((always_inline)) void pv512(const float *p, const uint16_t *v, int64_t n, int64_t dim,
-                                                        int64_t j, const int G, const int C, float *acc) {
-    __m512 a[8][4];
-    for (int g = 0; g < G; g++)
-        for (int c = 0; c < C; c++) a[g][c] = _mm512_loadu_ps(acc + g * dim + j + 16 * c);
-    for (int64_t l = 0; l < n; l++) {
-        __m512 vv[4];
-        for (int c = 0; c < C; c++) vv[c] = load16(v + l * dim + j + 16 * c);
-        for (int g = 0; g < G; g++) {
-            const __m512 pg = _mm512_set1_ps(p[g * SC + l]);
-            for (int c = 0; c < C; c++) a[g][c] = _mm512_fmadd_ps(pg, vv[c], a[g][c]);
-        }
-    }
-    for (int g = 0; g < G; g++)
-        for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + g * dim + j + 16 * c, a[g][c]);
 }
 
 /* AVX-512, head_dim a multiple of 32: G (<= 8) query heads of one kv head over one sequence's keys 0..len-1, as
@@ -98,14 +75,7 @@ static inline __attribute__((always_inline)) void attend512(const float *qf, con
                 _mm512_storeu_ps(s + 16 * i, v);
                 top = _mm512_max_ps(top, v);
             }
-            const float top1 = _mm512_reduce_max_ps(top), m = top1 > mx[g] ? top1 : mx[g];
-            if (m > mx[g]) {  /* a new maximum rescales what was summed so far */
-                const __m512 r = exp2v(_mm512_set1_ps(mx[g] - m));
-                sum[g] *= _mm512_cvtss_f32(r);
-                for (int64_t d = 0; d < dim; d += 16)
-                    _mm512_storeu_ps(acc + g * dim + d, _mm512_mul_ps(_mm512_loadu_ps(acc + g * dim + d), r));
-                mx[g] = m;
-            }
+            const float m = raise_max(_mm512_reduce_max_ps(top), mx + g, sum + g, acc + g * dim, dim);
             __m512 total = _mm512_setzero_ps();
             for (int64_t i = 0; i < chunks; i++) {
                 const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(s + 16 * i), _mm512_set1_ps(m));
@@ -117,8 +87,8 @@ static inline __attribute__((always_inline)) void attend512(const float *qf, con
         }
         int64_t j = 0;
         if (G <= 6)
-            for (; j + 64 <= dim; j += 64) pv512(sc, vb, n, dim, j, G, 4, acc);
-        for (; j < dim; j += 32) pv512(sc, vb, n, dim, j, G, 2, acc);
+            for (; j + 64 <= dim; j += 64) pv16(sc, SC, vb, 2, n, dim, j, G, 4, acc);
+        for (; j < dim; j += 32) pv16(sc, SC, vb, 2, n, dim, j, G, 2, acc);
     }
     for (int g = 0; g < G; g++)
         for (int64_t d = 0; d < dim; d++) out[g][d] = f2bf16(sum[g] > 0.f ? acc[g * dim + d] / sum[g] : 0.f);

@@ -31,31 +31,9 @@ static inline __m256 widen8(const int8_t *p) {
 #ifdef __AVX512F__
 #define SC (S8_BLOCK + 16)  /* the stride of a head's scores */
 
-static inline __m512 widen16(const int8_t *p) {  /* 16 bytes -> 16 float32 */
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
-}
-
 /* The 16 float16 scales at s, lanes from n on zero (read only below n) */
 static inline __m512 scales16(const uint16_t *s, int64_t n) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), s));
-}
-
-/* acc[g][j:j+16C] += p[g][l] * v[l][j:j+16C] over the n rows at v (widened once for the group) */
-static inline __attribute__((always_inline)) void pv512_s8(const float *p, const int8_t *v, int64_t n, int64_t dim,
-                                                           int64_t j, const int G, const int C, float *acc) {
-    __m512 a[8][4];
-    for (int g = 0; g < G; g++)
-        for (int c = 0; c < C; c++) a[g][c] = _mm512_loadu_ps(acc + g * dim + j + 16 * c);
-    for (int64_t l = 0; l < n; l++) {
-        __m512 vv[4];
-        for (int c = 0; c < C; c++) vv[c] = widen16(v + l * dim + j + 16 * c);
-        for (int g = 0; g < G; g++) {
-            const __m512 pg = _mm512_set1_ps(p[g * SC + l]);
-            for (int c = 0; c < C; c++) a[g][c] = _mm512_fmadd_ps(pg, vv[c], a[g][c]);
-        }
-    }
-    for (int g = 0; g < G; g++)
-        for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + g * dim + j + 16 * c, a[g][c]);
 }
 
 /* G (<= 8) query heads (qf: scaled by scale * log2(e)) of kv head h over one sequence's keys 0..len-1 */
@@ -90,14 +68,7 @@ static inline __attribute__((always_inline)) void attend512_s8(const float *qf, 
             float *p = sc + g * SC;
             __m512 top = _mm512_set1_ps(-1e30f);
             for (int64_t i = 0; i < chunks; i++) top = _mm512_max_ps(top, _mm512_loadu_ps(p + 16 * i));
-            const float top1 = _mm512_reduce_max_ps(top), m = top1 > mx[g] ? top1 : mx[g];
-            if (m > mx[g]) {  /* a new maximum rescales what was summed so far */
-                const __m512 r = exp2v(_mm512_set1_ps(mx[g] - m));
-                sum[g] *= _mm512_cvtss_f32(r);
-                for (int64_t d = 0; d < dim; d += 16)
-                    _mm512_storeu_ps(acc + g * dim + d, _mm512_mul_ps(_mm512_loadu_ps(acc + g * dim + d), r));
-                mx[g] = m;
-            }
+            const float m = raise_max(_mm512_reduce_max_ps(top), mx + g, sum + g, acc + g * dim, dim);
             __m512 total = _mm512_setzero_ps();
             for (int64_t i = 0; i < chunks; i++) {
                 const __m512 d = _mm512_sub_ps(_mm512_loadu_ps(p + 16 * i), _mm512_set1_ps(m));
@@ -109,9 +80,9 @@ static inline __attribute__((always_inline)) void attend512_s8(const float *qf, 
         }
         int64_t j = 0;
         if (G <= 6)
-            for (; j + 64 <= dim; j += 64) pv512_s8(sc, vb, n, dim, j, G, 4, acc);
-        for (; j + 32 <= dim; j += 32) pv512_s8(sc, vb, n, dim, j, G, 2, acc);
-        for (; j < dim; j += 16) pv512_s8(sc, vb, n, dim, j, G, 1, acc);
+            for (; j + 64 <= dim; j += 64) pv16(sc, SC, vb, 1, n, dim, j, G, 4, acc);
+        for (; j + 32 <= dim; j += 32) pv16(sc, SC, vb, 1, n, dim, j, G, 2, acc);
+        for (; j < dim; j += 16) pv16(sc, SC, vb, 1, n, dim, j, G, 1, acc);
     }
     for (int g = 0; g < G; g++)
         for (int64_t d = 0; d < dim; d++) out[g][d] = f2bf16(sum[g] > 0.f ? acc[g * dim + d] / sum[g] : 0.f);

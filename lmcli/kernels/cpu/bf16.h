@@ -108,5 +108,48 @@ static inline __m512 hsum16(const __m512 *v) {
 static inline __mmask16 first_lanes(int64_t n) {  /* lanes 0..n-1 of 16 */
     return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
 }
+static inline __m512 load16(const uint16_t *p) {  /* 16 bfloat16 -> 16 float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
+}
+
+static inline __m512 widen16(const int8_t *p) {  /* 16 signed bytes -> 16 float32 */
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
+}
+
+/* acc[g][j:j+16C] += p[g * stride + l] * v[l][j:j+16C] over the n value rows at v (bfloat16, or signed bytes where
+   bytes is 1): G * C accumulators in registers, each value row widened once for the group (G <= 6 with C = 4,
+   G <= 8 with C = 2) */
+static inline __attribute__((always_inline)) void pv16(const float *p, int64_t stride, const void *v, const int bytes,
+                                                       int64_t n, int64_t dim, int64_t j, const int G, const int C,
+                                                       float *acc) {
+    __m512 a[8][4];
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) a[g][c] = _mm512_loadu_ps(acc + g * dim + j + 16 * c);
+    for (int64_t l = 0; l < n; l++) {
+        __m512 vv[4];
+        for (int c = 0; c < C; c++)
+            vv[c] = bytes == 1 ? widen16((const int8_t *)v + l * dim + j + 16 * c)
+                               : load16((const uint16_t *)v + l * dim + j + 16 * c);
+        for (int g = 0; g < G; g++) {
+            const __m512 pg = _mm512_set1_ps(p[g * stride + l]);
+            for (int c = 0; c < C; c++) a[g][c] = _mm512_fmadd_ps(pg, vv[c], a[g][c]);
+        }
+    }
+    for (int g = 0; g < G; g++)
+        for (int c = 0; c < C; c++) _mm512_storeu_ps(acc + g * dim + j + 16 * c, a[g][c]);
+}
+
+/* The online softmax's running maximum of one head raised to include top (base 2): what was summed so far (sum and
+   the dim accumulators) is rescaled. Returns the new maximum. */
+static inline float raise_max(float top, float *mx, float *sum, float *acc, int64_t dim) {
+    const float m = top > *mx ? top : *mx;
+    if (m > *mx) {
+        const __m512 r = exp2v(_mm512_set1_ps(*mx - m));
+        *sum *= _mm512_cvtss_f32(r);
+        for (int64_t d = 0; d < dim; d += 16) _mm512_storeu_ps(acc + d, _mm512_mul_ps(_mm512_loadu_ps(acc + d), r));
+        *mx = m;
+    }
+    return m;
+}
 #endif
 #endif

@@ -2,6 +2,7 @@
    layers a step). Rounding follows the PyTorch reference op by op. Built by lmcli/kernels/native.py. */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "bf16.h"
 
@@ -20,26 +21,6 @@ static void rotate(uint16_t *row, const uint16_t *c, const uint16_t *s, int64_t 
     }
 }
 
-/* Rotary embedding of q and k in place, then k and v into the paged cache. qkv (tokens, (heads + 2 * kv_heads) *
-   dim): q heads, k heads, v heads; cos, sin (tokens, dim); slots (tokens,): block * block_size + offset; caches
-   (blocks, kv_heads, block_size, dim). */
-void rotary_store_bf16(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
-                       uint16_t *k_cache, uint16_t *v_cache, int64_t tokens, int64_t heads, int64_t kv_heads,
-                       int64_t dim, int64_t block_size) {
-    const int64_t width = (heads + 2 * kv_heads) * dim;
-    #pragma omp parallel for schedule(static) if (tokens >= 32)
-    for (int64_t t = 0; t < tokens; t++) {
-        uint16_t *row = qkv + t * width;
-        rotate(row, cos + t * dim, sin + t * dim, heads + kv_heads, dim);
-        const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
-        for (int64_t h = 0; h < kv_heads; h++) {
-            const int64_t at = ((block * kv_heads + h) * block_size + offset) * dim;
-            const uint16_t *k = row + (heads + h) * dim, *v = row + (heads + kv_heads + h) * dim;
-            for (int64_t d = 0; d < dim; d++) k_cache[at + d] = k[d], v_cache[at + d] = v[d];
-        }
-    }
-}
-
 /* One row into the 8-bit cache as kernels/kv8.py's quantize: scale = its largest magnitude / 127 in float16,
    codes = round(x / scale) (0 for a zero row) */
 static void store_s8(const uint16_t *x, int8_t *codes, uint16_t *scale, int64_t dim) {
@@ -53,11 +34,13 @@ static void store_s8(const uint16_t *x, int8_t *codes, uint16_t *scale, int64_t 
     }
 }
 
-/* As rotary_store_bf16, into the 8-bit cache (kernels/kv8.py): codes (blocks, kv_heads, block_size, dim) int8,
-   scales (blocks, kv_heads, block_size) float16, for k and for v. */
-void rotary_store_s8(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots, int8_t *k_codes,
-                     uint16_t *k_scales, int8_t *v_codes, uint16_t *v_scales, int64_t tokens, int64_t heads,
-                     int64_t kv_heads, int64_t dim, int64_t block_size) {
+/* Rotary embedding of q and k in place, then k and v into the paged caches: bfloat16 ones (k_scales NULL), or the
+   8-bit ones (kernels/kv8.py: int8 codes with the same layout, float16 scales (blocks, kv_heads, block_size)).
+   qkv (tokens, (heads + 2 * kv_heads) * dim): q heads, k heads, v heads; cos, sin (tokens, dim); slots (tokens,):
+   block * block_size + offset; caches (blocks, kv_heads, block_size, dim). */
+static void rotary_store(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots, void *k_cache,
+                         uint16_t *k_scales, void *v_cache, uint16_t *v_scales, int64_t tokens, int64_t heads,
+                         int64_t kv_heads, int64_t dim, int64_t block_size) {
     const int64_t width = (heads + 2 * kv_heads) * dim;
     #pragma omp parallel for schedule(static) if (tokens >= 32)
     for (int64_t t = 0; t < tokens; t++) {
@@ -66,10 +49,29 @@ void rotary_store_s8(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, co
         const int64_t block = slots[t] / block_size, offset = slots[t] % block_size;
         for (int64_t h = 0; h < kv_heads; h++) {
             const int64_t at = (block * kv_heads + h) * block_size + offset;
-            store_s8(row + (heads + h) * dim, k_codes + at * dim, k_scales + at, dim);
-            store_s8(row + (heads + kv_heads + h) * dim, v_codes + at * dim, v_scales + at, dim);
+            const uint16_t *k = row + (heads + h) * dim, *v = row + (heads + kv_heads + h) * dim;
+            if (k_scales) {
+                store_s8(k, (int8_t *)k_cache + at * dim, k_scales + at, dim);
+                store_s8(v, (int8_t *)v_cache + at * dim, v_scales + at, dim);
+            } else {
+                memcpy((uint16_t *)k_cache + at * dim, k, 2 * (size_t)dim);
+                memcpy((uint16_t *)v_cache + at * dim, v, 2 * (size_t)dim);
+            }
         }
     }
+}
+
+void rotary_store_bf16(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
+                       uint16_t *k_cache, uint16_t *v_cache, int64_t tokens, int64_t heads, int64_t kv_heads,
+                       int64_t dim, int64_t block_size) {
+    rotary_store(qkv, cos, sin, slots, k_cache, NULL, v_cache, NULL, tokens, heads, kv_heads, dim, block_size);
+}
+
+void rotary_store_s8(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots, int8_t *k_codes,
+                     uint16_t *k_scales, int8_t *v_codes, uint16_t *v_scales, int64_t tokens, int64_t heads,
+                     int64_t kv_heads, int64_t dim, int64_t block_size) {
+    rotary_store(qkv, cos, sin, slots, k_codes, k_scales, v_codes, v_scales, tokens, heads, kv_heads, dim,
+                 block_size);
 }
 
 /* out (rows, n) = silu(x[:, :n]) * x[:, n:], x (rows, 2n): silu rounded to bfloat16, then the product. */
