@@ -626,6 +626,28 @@ def test_paged_attention_over_the_8bit_cache_mixes_decodes_and_chunks():
         start += n
 
 
+@pytest.mark.parametrize("length,context", [(64, 64), (5, 40), (1, 1)])
+def test_chunks_over_the_8bit_cache_take_the_native_chunk_kernel(length, context, bf16_products, monkeypatch):
+    """With native bfloat16 products a chunk over the 8-bit cache widens its context's blocks to bfloat16 and runs
+    the native chunk kernel: naive attention over what the cache holds, rounded to bfloat16."""
+    torch.manual_seed(length + context)
+    heads, kv_heads, d, bs, num_blocks = 9, 3, 64, 16, 12
+    k_cache, v_cache = _int8_caches(num_blocks, kv_heads, bs, d)
+    reference.store_kv(torch.randn(num_blocks * bs, kv_heads, d), torch.randn(num_blocks * bs, kv_heads, d), k_cache,
+                       v_cache, torch.arange(num_blocks * bs), bs)
+    table = torch.randperm(num_blocks)[:-(-context // bs)]
+    q = torch.randn(length, heads, d).bfloat16()
+    calls = []
+    monkeypatch.setattr(native, "prefill_attention", lambda *a, f=native.prefill_attention: calls.append(1) or f(*a))
+    out = torch.empty_like(q)
+    assert kernels.s8_chunk_attention(q, k_cache, v_cache, table, context, d ** -0.5, out) and calls
+    keys, values = (c.index_select(0, table).transpose(0, 1).flatten(1, 2)[:, :context].transpose(0, 1)
+                    for c in (k_cache, v_cache))
+    # the widened rows are the cache's values rounded to bfloat16; the tolerance is the chunk kernel's own (above)
+    expected = naive_attention(q, keys.bfloat16(), values.bfloat16(), torch.arange(context - length, context))
+    torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("bits,first,kv8", [(4, False, False), (8, True, False), (4, False, True)])
 def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first, kv8):
     """kernels.decode_layer (cpu/layer.c) at every level: the same MLP output, residual stream and cache rows, bit
