@@ -8,6 +8,7 @@
 #   SERVERS="lm llama-server" THREADS=2 PARALLEL=64 benchmarks/compare.sh
 #   LM_ARGS="--quantization int8" SERVERS=lm benchmarks/compare.sh   # extra `lm serve api_server` options
 #   LM_CONVERT_ARGS="--quantization int4" SERVERS=lm benchmarks/compare.sh   # extra `lm convert` options
+#   LMCLI_CPU_ISA=avx2 LLAMA_SERVER=path/to/an/avx2/build/llama-server benchmarks/compare.sh  # both on AVX2 only
 #
 # Arguments go to `lm bench serve` (after --num-prompts $NUM_PROMPTS --concurrency $PARALLEL
 # --max-output-len $MAX_OUTPUT_LEN). The first run
@@ -35,7 +36,7 @@ export OMP_NUM_THREADS=$THREADS
 GGUF=$(python -c "from lmcli.known_models import fetch; print(fetch('smollm2'))")
 WORKSPACE=$WORK/workspace-$DTYPE$(echo "$LM_CONVERT_ARGS" | tr -c 'a-z0-9\n' -)
 HF_DIR=$WORK/hf-$DTYPE
-LLAMA_SERVER=$WORK/llama.cpp/build/bin/llama-server
+LLAMA_SERVER=${LLAMA_SERVER:-$WORK/llama.cpp/build/bin/llama-server}  # or another build (e.g. one for AVX2 only)
 
 log() { echo "== $*" >&2; }
 
