@@ -24,6 +24,14 @@ WIDEN_MIN_ROWS = 96
 AMX_WIDEN_MIN_ROWS = 512
 
 
+def _native_caches(k_cache, v_cache) -> bool:
+    """Whether the native kernels can read and write these caches in place: bfloat16 tensors, or kv8.Int8Cache
+    pairs (codes and scales contiguous on CPU)."""
+    if isinstance(k_cache, Int8Cache):
+        return all(t.is_contiguous() and t.device.type == "cpu" for c in (k_cache, v_cache) for t in (c.data, c.scale))
+    return _native_bf16(k_cache, v_cache)
+
+
 def _native_bf16(*tensors) -> bool:
     return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
             and native.library() is not None)
@@ -82,13 +90,7 @@ def decode_layer(x: torch.Tensor, residual, norms: tuple, weights: tuple, cos, s
     if len(bits) != 1 or None in bits or weights[0].shape[0] != (heads + 2 * kv_heads) * dim:
         return None
     tensors = (x, *norms, cos, sin) + (() if residual is None else (residual,))
-    if isinstance(k_cache, Int8Cache):
-        caches = (k_cache.data, k_cache.scale, v_cache.data, v_cache.scale)
-        if not all(c.is_contiguous() and c.device.type == "cpu" for c in caches):
-            return None
-    else:
-        tensors += (k_cache, v_cache)
-    if not _native_bf16(*tensors) or x.dim() != 2:
+    if not _native_bf16(*tensors) or not _native_caches(k_cache, v_cache) or x.dim() != 2:
         return None
     return native.decode_layer_blocks(x, residual, norms, weights, bits.pop(), cos, sin, batch.slot_mapping,
                                       k_cache, v_cache, batch.decode_block_tables, batch.decode_lens, eps, scale,
@@ -124,11 +126,8 @@ def rotary_store(qkv: torch.Tensor, heads: int, kv_heads: int, cos, sin, k_cache
     caches at slot_mapping. Returns q, k, v (tokens, heads or kv_heads, head_dim). bfloat16 on CPU: one native
     pass, in place (also into the 8-bit cache, quantizing each row as kv8.quantize does)."""
     dim = qkv.shape[-1]
-    s8 = isinstance(k_cache, Int8Cache)
-    caches = (k_cache.data, k_cache.scale, v_cache.data, v_cache.scale) if s8 else (k_cache, v_cache)
-    if _native_bf16(qkv, cos, sin) and all(c.is_contiguous() and c.device.type == "cpu" for c in caches) \
-            and dim % 2 == 0 and dim <= 512 and (s8 or _native_bf16(k_cache, v_cache)):
-        store = native.rotary_store_s8 if s8 else native.rotary_store_bf16
+    if _native_bf16(qkv, cos, sin) and _native_caches(k_cache, v_cache) and dim % 2 == 0 and dim <= 512:
+        store = native.rotary_store_s8 if isinstance(k_cache, Int8Cache) else native.rotary_store_bf16
         store(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, slot_mapping.contiguous())
         qk = qkv
     else:

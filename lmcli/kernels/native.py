@@ -18,6 +18,8 @@ from typing import Optional
 
 import torch
 
+from lmcli.kernels.kv8 import Int8Cache
+
 SOURCES = Path(__file__).parent / "cpu"
 FLAGS = ["-O3", "-ffast-math", "-fopenmp", "-shared", "-fPIC"]
 # The dispatch table, best first: a level's name, the CPU features it needs (/proc/cpuinfo flags), its compiler
@@ -301,7 +303,7 @@ def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms
     pointers = [x, residual, x_out, res_out, *norms]
     for w in weights:
         pointers += [w.codes, w.scales]
-    s8 = hasattr(k_cache, "scale")
+    s8 = isinstance(k_cache, Int8Cache)
     caches = [k_cache.data, v_cache.data, k_cache.scale, v_cache.scale] if s8 else [k_cache, v_cache, None, None]
     pointers += [cos, sin, slots, *caches, block_tables, lens]
     failed = library().decode_layer_blocks(*(None if t is None else t.data_ptr() for t in pointers), bits, m, hidden,

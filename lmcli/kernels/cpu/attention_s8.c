@@ -157,6 +157,12 @@ int paged_decode_attention_s8(const uint16_t *q, const int8_t *k, const uint16_t
                               int64_t block_size, int64_t max_blocks, float scale) {
     const int64_t group = heads / kv_heads;
     if (group > S8_GROUP || dim > S8_DIM || block_size > S8_BLOCK) return -1;
+#ifdef __AVX512F__
+    const int vector = dim % 16 == 0;
+#else
+    const int vector = 0;
+#endif
+    const float c = vector ? scale * 1.44269504f : scale;  /* the AVX-512 body scores in base 2 */
     #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < seqs * kv_heads; task++) {
         const int64_t s = task / kv_heads, h = task % kv_heads;
@@ -164,12 +170,11 @@ int paged_decode_attention_s8(const uint16_t *q, const int8_t *k, const uint16_t
         uint16_t *o[S8_GROUP];
         const uint16_t *qb = q + s * q_stride + h * group * dim;
         for (int64_t g = 0; g < group; g++) {
-            for (int64_t d = 0; d < dim; d++) qf[g * dim + d] = scale * bf16f(qb[g * dim + d]);
+            for (int64_t d = 0; d < dim; d++) qf[g * dim + d] = c * bf16f(qb[g * dim + d]);
             o[g] = out + (s * heads + h * group + g) * dim;
         }
 #ifdef __AVX512F__
-        if (dim % 16 == 0) {
-            for (int64_t i = 0; i < group * dim; i++) qf[i] *= 1.44269504f;  /* scores in base 2 */
+        if (vector) {
 #define ATTEND(G) attend512_s8(qf, k, ks, v, vs, block_tables + s * max_blocks, lens[s], h, G, kv_heads, dim, \
                                block_size, o)
             BY_COUNT(group, ATTEND)
