@@ -8,12 +8,11 @@
 
 static inline float bf16f(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 
-static inline uint16_t f2bf16(float f) {  /* round to nearest even (finite values) */
+static inline uint16_t f2bf16(float f) {  /* round to nearest even; inf and nan truncated (no branch: vectorizes) */
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7F800000u) == 0x7F800000u) return (uint16_t)(u >> 16);  /* inf, nan */
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    const uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
+    return (uint16_t)(((u & 0x7F800000u) == 0x7F800000u ? u : rounded) >> 16);
 }
 
 static inline float f16f(uint16_t h) {  /* IEEE half -> float, any compiler */
@@ -111,6 +110,28 @@ static inline __mmask16 first_lanes(int64_t n) {  /* lanes 0..n-1 of 16 */
 static inline __m512 load16(const uint16_t *p) {  /* 16 bfloat16 -> 16 float32 */
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
 }
+
+/* 16 float32 -> 16 bfloat16, rounded to nearest even as f2bf16 (with AVX512-BF16 one instruction, which keeps a
+   nan a nan where f2bf16 truncates it, and flushes float32 subnormals to zero) */
+static inline __m256i round16(__m512 v) {
+#ifdef __AVX512BF16__
+    return (__m256i)_mm512_cvtneps_pbh(v);
+#else
+    const __m512i u = _mm512_castps_si512(v), one = _mm512_set1_epi32(1), exp = _mm512_set1_epi32(0x7F800000);
+    const __m512i up = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF),
+                                                            _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+    const __mmask16 special = _mm512_cmpeq_epi32_mask(_mm512_and_si512(u, exp), exp);
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_mask_mov_epi32(up, special, u), 16));
+#endif
+}
+
+static inline __m512 widen_bf16(__m256i h) {  /* 16 bfloat16 -> float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline void store16(uint16_t *p, __m512 v) { _mm256_storeu_si256((void *)p, round16(v)); }
+
+static inline __m512 bf16_round(__m512 v) { return widen_bf16(round16(v)); }  /* v rounded to bfloat16 */
 
 static inline __m512 widen16(const int8_t *p) {  /* 16 signed bytes -> 16 float32 */
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const void *)p)));
