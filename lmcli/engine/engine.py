@@ -83,7 +83,9 @@ class Engine:
         if any(not 0 <= t < vocab for t in prompt_ids):
             raise UserError(f"token ids must be in [0, {vocab})")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
-            raise UserError(f"stop_token_ids must be in [0, {vocab})")
+            raise UserError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise UserError(f"logit_bias: token ids must be in [0, {vocab})", "logit_bias")
         session = None
         if session_id is not None:
             if params.n != 1:

@@ -35,7 +35,9 @@ def sampling_params(**kwargs) -> SamplingParams:
         key = ALIASES.get(key, key)
         if key not in names:
             raise TypeError(f"unknown sampling option {key!r}")
-        params[key] = tuple(value) if key in ("stop", "stop_token_ids") else value
+        if key == "logit_bias" and isinstance(value, dict):  # OpenAI's shape: {token id: bias}
+            value = tuple((int(t), float(b)) for t, b in value.items())
+        params[key] = tuple(value) if key in ("stop", "stop_token_ids", "logit_bias") else value
     return SamplingParams(**params)
 
 

@@ -1,5 +1,5 @@
-"""Batched sampling, every row with its own settings: penalties, greedy or temperature with top-k, top-p and
-min-p, per-sequence seeds, and logprobs.
+"""Batched sampling, every row with its own settings: logit_bias, penalties, greedy or temperature with top-k,
+top-p and min-p, per-sequence seeds, and logprobs.
 
 A sampled token is argmax(probs / noise) with noise ~ Exp(1) (the exponential race, equal in distribution to
 drawing from probs). Each seeded sequence draws its noise from its own generator, one vector per token, so
@@ -31,9 +31,12 @@ def _generator(seq) -> Optional[torch.Generator]:
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list, stop_ids: list[list[int]]) -> None:
-    """In place. stop_ids[i]: the tokens row i may not pick yet (min_tokens)."""
+    """In place: logit_bias, the penalties, and min_tokens (stop_ids[i]: the tokens row i may not pick yet)."""
     for i, seq in enumerate(seqs):
         p = seq.params
+        if p.logit_bias:
+            ids, bias = zip(*p.logit_bias)
+            logits[i].index_add_(0, torch.tensor(ids), torch.tensor(bias, dtype=logits.dtype))
         if p.repetition_penalty != 1.0:
             ids = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
             picked = logits[i, ids]
@@ -70,7 +73,8 @@ def sample(logits: torch.Tensor, seqs: list, stop_ids: list[list[int]]):
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw = logits.log_softmax(-1) if any(want_logprobs) else None  # logprobs of the model's own distribution
     plain = all(s.params.greedy and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
-                and not s.params.frequency_penalty and not s.params.min_tokens for s in seqs)
+                and not s.params.frequency_penalty and not s.params.min_tokens and not s.params.logit_bias
+                for s in seqs)
     if plain:
         tokens = kernels.argmax(logits)
     else:

@@ -24,6 +24,7 @@ class SamplingParams:
     n: int = 1
     logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
     skip_special_tokens: bool = True
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits, as OpenAI
 
     def __post_init__(self):
         checks = [
@@ -41,6 +42,8 @@ class SamplingParams:
             (self.seed is None or 0 <= self.seed < 2**63, "seed must be in [0, 2**63)"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (all(t >= 0 and -100 <= b <= 100 for t, b in self.logit_bias),
+             "logit_bias maps token ids to biases in [-100, 100]"),
         ]
         for ok, message in checks:
             if not ok:

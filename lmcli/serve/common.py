@@ -47,7 +47,7 @@ def user_error(e: Exception) -> APIError:
         return APIError(409, str(e), "session_id", "session_busy")
     if isinstance(e, EngineDead):
         return APIError(503, str(e), code="engine_dead")
-    return APIError(400, str(e))
+    return APIError(400, str(e), getattr(e, "param", None))
 
 
 async def start(engine, prompt_ids, params, request_id, session_id=None) -> RequestStream:

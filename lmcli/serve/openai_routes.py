@@ -36,7 +36,7 @@ def sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: Optio
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     try:
         return SamplingParams(
-            max_tokens=max_tokens, min_tokens=req.min_tokens,
+            max_tokens=max_tokens, min_tokens=min_tokens(req), logit_bias=logit_bias(req.logit_bias),
             temperature=_pick(req.temperature, defaults.get("temperature"), 1.0),
             top_p=_pick(req.top_p, defaults.get("top_p"), 1.0), top_k=_pick(req.top_k, defaults.get("top_k"), 0),
             min_p=_pick(req.min_p, defaults.get("min_p"), 0.0), repetition_penalty=req.repetition_penalty,
@@ -45,6 +45,28 @@ def sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: Optio
             logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
     except UserError as e:
         raise APIError(400, str(e)) from None
+
+
+def min_tokens(req: p.SamplingFields) -> int:
+    """min_tokens, or LMDeploy's min_new_tokens; both set to different values is a 400."""
+    if req.min_new_tokens is not None and req.min_tokens and req.min_new_tokens != req.min_tokens:
+        raise APIError(400, f"min_tokens ({req.min_tokens}) and min_new_tokens ({req.min_new_tokens}) disagree; "
+                            "send one", "min_new_tokens")
+    return req.min_new_tokens if req.min_new_tokens is not None else req.min_tokens
+
+
+def logit_bias(bias: Optional[dict[str, float]]) -> tuple[tuple[int, float], ...]:
+    """OpenAI's logit_bias (token ids as strings) as SamplingParams takes it; a key that is not a token id or a
+    bias outside [-100, 100] is a 400 naming the field (ids past the vocabulary: the engine's 400)."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        if not key.strip().isdigit():
+            raise APIError(400, f"logit_bias: {key!r} is not a token id (a non-negative integer)", "logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(400, f"logit_bias: the bias of token {key} must be in [-100, 100], not {value}",
+                           "logit_bias")
+        pairs.append((int(key), value))
+    return tuple(pairs)
 
 
 def _pick(value, default, fallback):

@@ -54,6 +54,10 @@ class SamplingFields(Strict):
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
     min_tokens: int = Field(0, ge=0, description="End-of-sequence and stop tokens are held off until this many "
                             "tokens are out.")
+    min_new_tokens: Optional[int] = Field(None, ge=0, description="LMDeploy's name for min_tokens.")
+    logit_bias: Optional[dict[str, float]] = Field(None, description="Token id (as a string) -> a bias in [-100, "
+                                                   "100] added to its logit before sampling: -100 bans the token, "
+                                                   "100 all but forces it.")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
     session_id: Optional[int] = Field(None, description="Names the request (LMDeploy): a second request with a "
                                       "session id in use gets 409. No history is kept; see /v1/chat/interactive.")

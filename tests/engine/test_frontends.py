@@ -28,6 +28,9 @@ def test_pipeline_strings_and_messages(pipe):
     assert capped.finish_reason == "length" and capped.generate_token_len == 5
     with pytest.raises(TypeError, match="bogus"):
         pipe("Hi", bogus=1)
+    forced = pipe("Name a fruit.", max_new_tokens=2, temperature=0, logit_bias={"21285": 100})  # " banana"
+    assert forced.token_ids == [21285, 21285]
+    assert pipe("Name a fruit.", max_new_tokens=2, temperature=0, logit_bias=[(21285, 100)]).token_ids == [21285] * 2
 
 
 def test_async_engine_streams_aborts_and_reports_errors(smollm2_workspace):

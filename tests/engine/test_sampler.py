@@ -47,6 +47,19 @@ def test_min_tokens_masks_stop_tokens_until_reached():
     assert tokens == [3, 2]
 
 
+def test_logit_bias_bans_and_forces_tokens_row_by_row():
+    row = [0.0, 1.0, 5.0, 2.0, 0.0, 0.0, 0.0, 0.0]
+    ban = seq(SamplingParams(temperature=0, logit_bias=((2, -100.0),)))  # 5 - 100: token 3 is the argmax now
+    force = seq(SamplingParams(temperature=0, logit_bias=((6, 100.0),)))
+    nudge = seq(SamplingParams(temperature=0, logit_bias=((3, 2.5),)))  # 2 + 2.5 < 5: still token 2
+    forced_sampling = seq(SamplingParams(seed=3, logit_bias=((7, 100.0),)))
+    free = seq(SamplingParams(temperature=0))
+    tokens, lps = sample(logits(*[row] * 5), [ban, force, nudge, forced_sampling, free], [[]] * 5)
+    assert tokens == [3, 6, 2, 7, 2]
+    banned_draws = draws(SamplingParams(seed=0, logit_bias=((0, -100.0), (1, -100.0))), [0.0] * 3 + [-50.0] * 5)
+    assert banned_draws == {2}
+
+
 def draws(params, row, n=300):
     s = seq(params)
     return {sample(logits(row), [s], [[]])[0][0] for _ in range(n)}

@@ -102,6 +102,25 @@ def test_stop_seed_n_and_logprobs(sdk):
     assert "".join(t.token for t in content) == lp.choices[0].message.content
 
 
+def test_logit_bias_bans_and_forces_tokens(sdk, server):
+    def one_id(text):
+        r = httpx.post(server.url + "/v1/encode", json={"input": text, "add_bos": False}, timeout=30).json()
+        assert r["length"] == 1, r
+        return r["input_ids"][0]
+
+    ask = dict(model=MODEL, messages=FRANCE, temperature=0, max_tokens=3, logprobs=True)
+    first = sdk.chat.completions.create(**ask).choices[0].logprobs.content[0].token
+    banned = sdk.chat.completions.create(**ask, logit_bias={str(one_id(first)): -100})
+    assert banned.choices[0].logprobs.content[0].token != first
+    forced = sdk.chat.completions.create(**ask, logit_bias={str(one_id(" banana")): 100})
+    assert [t.token for t in forced.choices[0].logprobs.content] == [" banana"] * 3
+    sampled = sdk.completions.create(model=MODEL, prompt="Fruit:", max_tokens=2, temperature=1.0, seed=1,
+                                     logit_bias={str(one_id(" banana")): 100})
+    assert sampled.choices[0].text.split() == ["banana", "banana"]
+    with pytest.raises(openai.BadRequestError, match="logit_bias"):
+        sdk.chat.completions.create(**ask, logit_bias={"49152": 5})  # past the vocabulary
+
+
 def test_completions_with_the_openai_sdk(sdk):
     r = sdk.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
     assert r.object == "text_completion" and "Paris" in r.choices[0].text
@@ -128,7 +147,7 @@ def test_errors_with_the_openai_sdk(sdk, server):
     with pytest.raises(openai.BadRequestError, match="context holds 8192"):
         sdk.completions.create(model=MODEL, prompt=[1] * 9000)
     with pytest.raises(openai.BadRequestError, match="logit_bias"):
-        sdk.chat.completions.create(model=MODEL, messages=FRANCE, logit_bias={"1": 1.0})
+        sdk.chat.completions.create(model=MODEL, messages=FRANCE, logit_bias={"1": 500.0})  # out of [-100, 100]
     with pytest.raises(openai.BadRequestError, match=r"token ids must be in \[0, 49152\)"):
         sdk.completions.create(model=MODEL, prompt=[1, 10**6])
     # values that once reached torch unchecked and killed the engine loop for everyone

@@ -92,6 +92,7 @@ def test_sampling_fields_reach_the_engine(client):
     body = {**CHAT, "temperature": 0.5, "top_p": 0.9, "top_k": 7, "min_p": 0.1, "max_tokens": 9, "stop": "xyz",
             "stop_token_ids": [5], "presence_penalty": 0.5, "frequency_penalty": -0.5, "repetition_penalty": 1.2,
             "seed": 42, "ignore_eos": True, "min_tokens": 2, "skip_special_tokens": False,
+            "logit_bias": {"7": -100, "12": 3.5},
             "messages": [{"role": "system", "content": "Be brief."},
                          {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]}
     assert client.post("/v1/chat/completions", json=body).status_code == 200
@@ -101,6 +102,16 @@ def test_sampling_fields_reach_the_engine(client):
     assert (params.stop, params.stop_token_ids, params.seed, params.ignore_eos) == (("xyz",), (5,), 42, True)
     assert (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) == (0.5, -0.5, 1.2)
     assert (params.min_tokens, params.skip_special_tokens, params.logprobs) == (2, False, None)
+    assert params.logit_bias == ((7, -100.0), (12, 3.5))
+
+
+def test_lmdeploy_min_new_tokens_is_min_tokens(client):
+    for extra, expected in [({"min_new_tokens": 3}, 3), ({"min_new_tokens": 3, "min_tokens": 3}, 3),
+                            ({"min_new_tokens": None, "min_tokens": 2}, 2), ({"min_new_tokens": 0}, 0)]:
+        assert client.post("/v1/chat/completions", json={**CHAT, **extra}).status_code == 200
+        assert client.engine.added[-1][2].min_tokens == expected
+        assert client.post("/v1/completions", json={"model": CHAT["model"], "prompt": "a", **extra}).status_code == 200
+        assert client.engine.added[-1][2].min_tokens == expected
 
 
 def test_meta_instruction_is_the_default_system_prompt():
@@ -176,7 +187,6 @@ BAD = [
     ({**CHAT, "messages": []}, 400, "messages", "invalid_value"),
     ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
     ({**CHAT, "messages": [{"role": "user", "content": 1}]}, 400, "messages.0.content", "invalid_value"),
-    ({**CHAT, "logit_bias": {"1": 5}}, 400, "logit_bias", "unsupported_field"),
     ({**CHAT, "tools": []}, 400, "tools", "unsupported_field"),
     ({**CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
     ({**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages", "context_length_exceeded"),
@@ -186,6 +196,10 @@ BAD = [
     ({**CHAT, "min_tokens": 9, "max_tokens": 3}, 400, None, None),
     ({**CHAT, "messages": [{"role": "user", "content": "RAISE"}]}, 400, "messages", None),
     ({**CHAT, "seed": 2**64}, 400, None, None),
+    ({**CHAT, "logit_bias": {"token": 5}}, 400, "logit_bias", None),
+    ({**CHAT, "logit_bias": {"5": 101}}, 400, "logit_bias", None),
+    ({**CHAT, "logit_bias": {"5": "high"}}, 400, "logit_bias.5", "invalid_value"),
+    ({**CHAT, "min_tokens": 2, "min_new_tokens": 3}, 400, "min_new_tokens", None),
     (b"[" * 100_000, 400, None, "invalid_json"),
 ]
 
