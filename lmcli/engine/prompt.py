@@ -13,6 +13,24 @@ def to_messages(prompt: Prompt, system: Optional[str] = None) -> list[dict]:
     return messages
 
 
+def plain_messages(messages: list[dict], template: Optional[str]) -> list[dict]:
+    """OpenAI-style messages as chat templates take them: content parts joined into one string; the `developer`
+    role (OpenAI's newer name for system) as `system`; a message's `name` passed on where the template reads it,
+    else written before the content ("name: ...") so that the model still sees who spoke."""
+    reads_name = bool(template) and any(k in template for k in (".name", "['name']", '["name"]'))
+    out = []
+    for m in messages:
+        content = m["content"] if isinstance(m["content"], str) else "".join(part["text"] for part in m["content"])
+        message = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
+        if m.get("name"):
+            if reads_name:
+                message["name"] = m["name"]
+            else:
+                message["content"] = f"{m['name']}: {content}"
+        out.append(message)
+    return out
+
+
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
 

@@ -9,7 +9,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from lmcli.engine.prompt import continue_chat, encode_chat, to_messages
+from lmcli.engine.prompt import continue_chat, encode_chat, plain_messages, to_messages
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
@@ -57,8 +57,7 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
     messages = to_messages([m.model_dump() for m in req.prompt] if isinstance(req.prompt, list) else req.prompt)
     if not messages or not any(m["content"] for m in messages):
         raise APIError(400, "the prompt is empty", "prompt")
-    messages = [{"role": m["role"], "content": m["content"] if isinstance(m["content"], str)
-                 else "".join(part["text"] for part in m["content"])} for m in messages]
+    messages = plain_messages(messages, state.tokenizer.chat_template)
     history_ids = await engine_call(engine, lambda e: e.session_tokens(sid)) if req.interactive_mode else []
     kept = state.histories.get(sid)
     history_messages = kept.messages(len(history_ids)) if kept and history_ids else []

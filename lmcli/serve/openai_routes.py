@@ -10,7 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from lmcli.engine.prompt import encode_chat
+from lmcli.engine.prompt import encode_chat, plain_messages
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
@@ -179,8 +179,7 @@ async def chat_completions(request: Request) -> Response:
     state, req, engine, include_usage = await opening(request, p.ChatCompletionRequest)
     if req.top_logprobs is not None and not req.logprobs:
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-    messages = [{"role": m.role, "content": m.content if isinstance(m.content, str)
-                 else "".join(part.text for part in m.content)} for m in req.messages]
+    messages = plain_messages([m.model_dump() for m in req.messages], state.tokenizer.chat_template)
     try:
         prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages, state.options.meta_instruction)
     except TEMPLATE_ERRORS as e:

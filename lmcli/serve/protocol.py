@@ -18,8 +18,11 @@ class TextPart(Strict):
 
 
 class Message(Strict):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="`developer` is OpenAI's newer "
+                                                                       "name for `system` and is rendered as it.")
     content: Union[str, list[TextPart]]
+    name: Optional[str] = Field(None, description="Who speaks: passed to the chat template where it reads it, "
+                                "else written before the content as `name: `.")
 
 
 class StreamOptions(Strict):

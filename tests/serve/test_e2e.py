@@ -121,6 +121,18 @@ def test_logit_bias_bans_and_forces_tokens(sdk, server):
         sdk.chat.completions.create(**ask, logit_bias={"49152": 5})  # past the vocabulary
 
 
+def test_developer_role_and_names_with_the_openai_sdk(sdk):
+    def greedy(messages):
+        r = sdk.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+        return r.choices[0].message.content
+
+    rule = "Answer in one word."
+    as_system = greedy([{"role": "system", "content": rule}, *FRANCE])
+    assert greedy([{"role": "developer", "content": rule}, *FRANCE]) == as_system  # rendered as system
+    named = greedy([{"role": "user", "content": "What is my name?", "name": "Ada"}])
+    assert named == greedy([{"role": "user", "content": "Ada: What is my name?"}])  # SmolLM2's template has no name
+
+
 def test_completions_with_the_openai_sdk(sdk):
     r = sdk.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
     assert r.object == "text_completion" and "Paris" in r.choices[0].text

@@ -105,6 +105,18 @@ def test_sampling_fields_reach_the_engine(client):
     assert params.logit_bias == ((7, -100.0), (12, 3.5))
 
 
+def test_developer_role_and_message_names(client):
+    msgs = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ada"},
+            {"role": "assistant", "content": "Hello", "name": None}, {"role": "user", "content": "Again"}]
+    assert client.post("/v1/chat/completions", json={**CHAT, "messages": msgs}).status_code == 200
+    prompt = "".join(map(chr, client.engine.added[-1][1]))
+    assert prompt == ("<system>Be brief.</system><user>ada: Hi</user><assistant>Hello</assistant>"
+                      "<user>Again</user><assistant>")
+    r = client.post("/v1/chat/interactive", json={"prompt": msgs[:2]})
+    assert r.status_code == 200, r.text
+    assert "".join(map(chr, client.engine.added[-1][1])) == "<system>Be brief.</system><user>ada: Hi</user><assistant>"
+
+
 def test_lmdeploy_min_new_tokens_is_min_tokens(client):
     for extra, expected in [({"min_new_tokens": 3}, 3), ({"min_new_tokens": 3, "min_tokens": 3}, 3),
                             ({"min_new_tokens": None, "min_tokens": 2}, 2), ({"min_new_tokens": 0}, 0)]:
@@ -186,6 +198,7 @@ BAD = [
     ({**CHAT, "stream": "yes"}, 400, "stream", "invalid_value"),
     ({**CHAT, "messages": []}, 400, "messages", "invalid_value"),
     ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
+    ({**CHAT, "messages": [{"role": "user", "content": "x", "name": 5}]}, 400, "messages.0.name", "invalid_value"),
     ({**CHAT, "messages": [{"role": "user", "content": 1}]}, 400, "messages.0.content", "invalid_value"),
     ({**CHAT, "tools": []}, 400, "tools", "unsupported_field"),
     ({**CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
