@@ -54,3 +54,35 @@ def smollm2_int4_workspace(smollm2_gguf, tmp_path_factory) -> Path:
     assert done.returncode == 0, done.stderr
     assert "linear layers int4" in done.stdout
     return dst
+
+
+LMDEPLOY_WHEEL = "lmdeploy==0.9.2.post1"  # LMDeploy's own APIClient, as its users run it
+
+
+@pytest.fixture(scope="session")
+def lmdeploy_api_client():
+    """LMDeploy's APIClient module from its wheel on PyPI (fetched once per machine with pip, no dependencies;
+    only serve/openai/api_client.py is loaded, with lmdeploy.utils.get_logger standing in for the package)."""
+    import importlib.util
+    import logging
+    import types
+    import zipfile
+
+    cache = Path.home() / ".cache" / "lmcli" / "lmdeploy"
+    source = cache / "api_client.py"
+    if not source.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
+                               LMDEPLOY_WHEEL], capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr
+        wheel = next(cache.glob("lmdeploy-*.whl"))
+        source.write_bytes(zipfile.ZipFile(wheel).read("lmdeploy/serve/openai/api_client.py"))
+        wheel.unlink()  # 100 MB; only this file is needed
+    package = sys.modules.setdefault("lmdeploy", types.ModuleType("lmdeploy"))
+    utils = sys.modules.setdefault("lmdeploy.utils", types.ModuleType("lmdeploy.utils"))
+    utils.get_logger = logging.getLogger
+    package.utils = utils
+    spec = importlib.util.spec_from_file_location("lmdeploy_api_client", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

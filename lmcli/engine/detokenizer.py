@@ -10,9 +10,12 @@ WINDOW = 5
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True, stop: tuple = ()):
+    def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool = True, stop: tuple = (),
+                 spaces_between_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
+        # kept special tokens set apart by spaces, as slow tokenizers and LMDeploy and vLLM do
+        self.special = set(getattr(tokenizer, "all_special_ids", ())) if spaces_between_special_tokens else set()
         self.ids = list(prompt_ids[-WINDOW:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -23,7 +26,19 @@ class Detokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+        if self.skip or not self.special or not self.special.intersection(ids):
+            return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
+        parts, run = [], []  # runs of text tokens and each special token, decoded apart, joined by spaces
+        for t in ids:
+            if t in self.special:
+                parts += [run] if run else []
+                parts.append([t])
+                run = []
+            else:
+                run.append(t)
+        parts += [run] if run else []
+        return " ".join(self.tokenizer.decode(part, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+                        for part in parts)
 
     def add(self, token_id: int) -> bool:
         """Add one output token; True when a stop string has appeared (the text is cut before it)."""

@@ -106,7 +106,8 @@ class Engine:
         seqs = []
         for i in range(params.n):
             seq = Sequence(tokens, params, request_id, i, max_len=self.max_len)
-            seq.detok = Detokenizer(self.tokenizer, tokens, params.skip_special_tokens, params.stop)
+            seq.detok = Detokenizer(self.tokenizer, tokens, params.skip_special_tokens, params.stop,
+                                   params.spaces_between_special_tokens)
             seq.session = session
             seqs.append(seq)
         self.requests[request_id] = seqs

@@ -24,6 +24,7 @@ class SamplingParams:
     n: int = 1
     logprobs: Optional[int] = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
     skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True  # with special tokens kept: a space between them and the text
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits, as OpenAI
 
     def __post_init__(self):

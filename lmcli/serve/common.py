@@ -42,6 +42,14 @@ async def parse(request: Request, model: type[M]) -> M:
         raise from_validation(e) from None
 
 
+def check_kwargs(kwargs: Optional[dict]) -> None:
+    """LMDeploy's APIClient posts its **kwargs as a field, `kwargs`; empty it means nothing (its server ignores
+    it), anything in it would be lost, so that is a 400."""
+    if kwargs:
+        raise APIError(400, f"kwargs: {sorted(kwargs)} would be ignored here; send them as fields of the request",
+                       "kwargs")
+
+
 def user_error(e: Exception) -> APIError:
     if isinstance(e, SessionBusy):
         return APIError(409, str(e), "session_id", "session_busy")

@@ -14,7 +14,7 @@ from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
 from lmcli.engine.async_engine import EngineDead
-from lmcli.serve.common import TEMPLATE_ERRORS, collected, merge, parse, start, user_error
+from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, collected, merge, parse, start, user_error
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import RequestTimer
 from lmcli.serve.state import History, ServerState
@@ -23,6 +23,11 @@ from lmcli.serve.state import History, ServerState
 async def chat_interactive(request: Request) -> Response:
     state: ServerState = request.app.state.server
     req = await parse(request, p.InteractiveRequest)
+    check_kwargs(req.kwargs)
+    if req.image_url is not None:
+        raise APIError(400, "this server's models read text only; send no image_url", "image_url")
+    if req.adapter_name is not None:
+        raise APIError(400, "no LoRA adapters are loaded on this server; send no adapter_name", "adapter_name")
     engine = state.ready()
     sid = req.session_id
     if req.cancel:
@@ -77,8 +82,9 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
     try:
         params = SamplingParams(max_tokens=state.output_len(req.request_output_len), temperature=req.temperature,
                                 top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
-                                ignore_eos=req.ignore_eos, stop=stop, seed=req.seed,
-                                skip_special_tokens=req.skip_special_tokens)
+                                ignore_eos=req.ignore_eos, stop=stop, seed=req.seed, min_p=req.min_p,
+                                min_tokens=req.min_new_tokens or 0, skip_special_tokens=req.skip_special_tokens,
+                                spaces_between_special_tokens=req.spaces_between_special_tokens)
     except UserError as e:
         raise APIError(400, str(e)) from None
     stream = await start(engine, prompt_ids, params, rid, sid if req.interactive_mode else None)

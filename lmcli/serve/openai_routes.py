@@ -14,7 +14,7 @@ from lmcli.engine.prompt import encode_chat, plain_messages
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
-from lmcli.serve.common import TEMPLATE_ERRORS, collected, merge, parse, sse, sse_error, start
+from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, collected, merge, parse, sse, sse_error, start
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import RequestTimer
 from lmcli.serve.state import ServerState
@@ -42,7 +42,8 @@ def sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: Optio
             min_p=_pick(req.min_p, defaults.get("min_p"), 0.0), repetition_penalty=req.repetition_penalty,
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
             stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, n=req.n,
-            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+            spaces_between_special_tokens=req.spaces_between_special_tokens)
     except UserError as e:
         raise APIError(400, str(e)) from None
 
@@ -159,6 +160,7 @@ async def opening(request: Request, model):
     """What both routes check first: the body, a loaded engine, the model's name, stream_options."""
     state: ServerState = request.app.state.server
     req = await parse(request, model)
+    check_kwargs(req.kwargs)
     engine = state.ready()
     state.check_model(req.model)
     return state, req, engine, check_stream_options(req)
@@ -177,8 +179,18 @@ def chunk_event(body, include_usage: bool) -> bytes:
 
 async def chat_completions(request: Request) -> Response:
     state, req, engine, include_usage = await opening(request, p.ChatCompletionRequest)
-    if req.top_logprobs is not None and not req.logprobs:
+    if req.top_logprobs and not req.logprobs:  # 0, LMDeploy's APIClient's default, asks for nothing
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
+    if req.tools:
+        raise APIError(400, "tool calling is not supported by this server yet; send no tools", "tools")
+    if req.tool_choice not in (None, "none", "auto"):
+        raise APIError(400, "tool_choice needs tools, and tool calling is not supported yet", "tool_choice")
+    if req.response_format is not None and req.response_format != {"type": "text"}:
+        raise APIError(400, "structured output (json_object, json_schema) is not supported by this server yet; "
+                            "only {\"type\": \"text\"}", "response_format")
+    if not req.do_preprocess:
+        raise APIError(400, "do_preprocess=false is not supported: messages are always rendered by the chat "
+                            "template (send raw text to /v1/completions)", "do_preprocess")
     messages = plain_messages([m.model_dump() for m in req.messages], state.tokenizer.chat_template)
     try:
         prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages, state.options.meta_instruction)

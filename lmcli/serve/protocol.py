@@ -62,6 +62,10 @@ class SamplingFields(Strict):
                                                    "100] added to its logit before sampling: -100 bans the token, "
                                                    "100 all but forces it.")
     skip_special_tokens: bool = Field(True, description="Leave special tokens out of the text.")
+    spaces_between_special_tokens: bool = Field(True, description="With skip_special_tokens=false: a space "
+                                                "between a special token and the text beside it (LMDeploy, vLLM).")
+    kwargs: Optional[dict] = Field(None, description="What LMDeploy's APIClient sends for its unused **kwargs; "
+                                   "must be empty (send options as fields).")
     session_id: Optional[int] = Field(None, description="Names the request (LMDeploy): a second request with a "
                                       "session id in use gets 409. No history is kept; see /v1/chat/interactive.")
     user: Optional[str] = Field(None, description="Your end user's id; written to the server log with the request.")
@@ -74,6 +78,13 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = Field(False, description="Return the log probability of each output token.")
     top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="With logprobs: this many most likely "
                                         "tokens at each position.")
+    tools: Optional[list[dict]] = Field(None, description="Tool calling is not built yet: null or [] only.")
+    tool_choice: Optional[Union[str, dict]] = Field(None, description="Without tools: null, \"none\" or \"auto\".")
+    parallel_tool_calls: Optional[bool] = Field(None, description="Without tools: any value, nothing to call.")
+    response_format: Optional[dict] = Field(None, description="Structured output is not built yet: null or "
+                                            "{\"type\": \"text\"} only.")
+    do_preprocess: bool = Field(True, description="LMDeploy: apply the chat template (false: refused, messages "
+                                "are always rendered by it).")
 
 
 class CompletionRequest(SamplingFields):
@@ -106,6 +117,15 @@ class InteractiveRequest(Strict):
     skip_special_tokens: bool = True
     cancel: bool = Field(False, description="Stop the session's running turn (prompt is then ignored).")
     seed: Optional[int] = Field(None, ge=0)
+    min_new_tokens: Optional[int] = Field(None, ge=0, description="End-of-sequence and stop tokens are held off "
+                                          "until this many tokens are out.")
+    min_p: float = Field(0.0, ge=0, le=1)
+    spaces_between_special_tokens: bool = True
+    image_url: Optional[Union[str, list]] = Field(None, description="LMDeploy's vision input: this server's "
+                                                  "models read text only, so null only.")
+    adapter_name: Optional[str] = Field(None, description="LMDeploy's LoRA adapter: none are loaded, so null only.")
+    kwargs: Optional[dict] = Field(None, description="What LMDeploy's APIClient sends for its unused **kwargs; "
+                                   "must be empty.")
 
 
 class EncodeRequest(Strict):

@@ -153,6 +153,22 @@ def test_detokenizer_multibyte_and_leading_spaces(engine):
     assert pieces[0].startswith(" ")
 
 
+def test_detokenizer_spaces_between_kept_special_tokens(engine):
+    tok = engine.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    ids = tok.encode("Hi", add_special_tokens=False) + [end] + tok.encode("there", add_special_tokens=False) + [end]
+
+    def text(**options):
+        det = Detokenizer(tok, tok.encode("Say:", add_special_tokens=False), **options)
+        for t in ids:
+            det.add(t)
+        return det.delta(final=True)
+
+    assert text(skip_special_tokens=False) == "Hi <|im_end|> there <|im_end|>"
+    assert text(skip_special_tokens=False, spaces_between_special_tokens=False) == "Hi<|im_end|>there<|im_end|>"
+    assert text() == text(spaces_between_special_tokens=False) == "Hithere"
+
+
 def test_kv_pool_is_sized_from_free_memory(smollm2_workspace):
     from lmcli.engine import model_runner
 

@@ -133,6 +133,27 @@ def test_developer_role_and_names_with_the_openai_sdk(sdk):
     assert named == greedy([{"role": "user", "content": "Ada: What is my name?"}])  # SmolLM2's template has no name
 
 
+def test_lmdeploys_own_api_client(server, lmdeploy_api_client):
+    # LMDeploy 0.9's APIClient posts every argument of its methods, defaults included, and its **kwargs as a field
+    client = lmdeploy_api_client.APIClient(server.url)
+    assert client.available_models == [MODEL]
+    (chat,) = client.chat_completions_v1(MODEL, FRANCE, temperature=0, max_tokens=8)
+    assert "Paris" in chat["choices"][0]["message"]["content"], chat
+    chunks = list(client.chat_completions_v1(MODEL, FRANCE, temperature=0, max_tokens=8, stream=True))
+    assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == \
+        chat["choices"][0]["message"]["content"]
+    (done,) = client.completions_v1(MODEL, "The capital of France is", temperature=0, max_tokens=4)
+    assert done["choices"][0]["text"] and done["usage"]["completion_tokens"] == 4, done
+    turns = [t for t in client.chat_interactive_v1("What is the capital of France?", session_id=77,
+                                                   interactive_mode=True, temperature=0, request_output_len=8)]
+    assert "Paris" in turns[-1]["text"] and turns[-1]["finish_reason"] in ("stop", "length"), turns
+    client.end_session(77)
+    ids, length = client.encode("Hello")
+    assert length == len(ids) > 0
+    (refused,) = client.chat_completions_v1(MODEL, FRANCE, max_tokens=4, tools_missing=1)  # into its kwargs
+    assert refused["error"]["param"] == "kwargs", refused
+
+
 def test_completions_with_the_openai_sdk(sdk):
     r = sdk.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=8)
     assert r.object == "text_completion" and "Paris" in r.choices[0].text

@@ -117,6 +117,26 @@ def test_developer_role_and_message_names(client):
     assert "".join(map(chr, client.engine.added[-1][1])) == "<system>Be brief.</system><user>ada: Hi</user><assistant>"
 
 
+def test_defaults_that_lmdeploy_and_openai_clients_send_are_accepted(client):
+    chat = {**CHAT, "tools": None, "tool_choice": "auto", "parallel_tool_calls": True, "kwargs": {},
+            "response_format": {"type": "text"}, "logprobs": False, "top_logprobs": 0, "do_preprocess": True,
+            "spaces_between_special_tokens": True, "min_new_tokens": None, "logit_bias": None, "stream_options": None}
+    assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    assert client.post("/v1/chat/completions", json={**CHAT, "tools": [], "tool_choice": "none"}).status_code == 200
+    completion = {"model": CHAT["model"], "prompt": "a", "suffix": None, "kwargs": {}, "top_k": 40,
+                  "spaces_between_special_tokens": False}
+    assert client.post("/v1/completions", json=completion).status_code == 200
+    assert client.engine.added[-1][2].spaces_between_special_tokens is False
+    interactive = {"prompt": "Hi", "image_url": None, "adapter_name": None, "kwargs": {}, "min_new_tokens": 2,
+                   "min_p": 0.05, "spaces_between_special_tokens": True, "request_output_len": None}
+    assert client.post("/v1/chat/interactive", json=interactive).status_code == 200
+    params = client.engine.added[-1][2]
+    assert (params.min_tokens, params.min_p) == (2, 0.05)
+    for field, value in [("image_url", "http://x/cat.png"), ("adapter_name", "lora"), ("kwargs", {"a": 1})]:
+        r = client.post("/v1/chat/interactive", json={"prompt": "Hi", field: value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
 def test_lmdeploy_min_new_tokens_is_min_tokens(client):
     for extra, expected in [({"min_new_tokens": 3}, 3), ({"min_new_tokens": 3, "min_tokens": 3}, 3),
                             ({"min_new_tokens": None, "min_tokens": 2}, 2), ({"min_new_tokens": 0}, 0)]:
@@ -200,7 +220,12 @@ BAD = [
     ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
     ({**CHAT, "messages": [{"role": "user", "content": "x", "name": 5}]}, 400, "messages.0.name", "invalid_value"),
     ({**CHAT, "messages": [{"role": "user", "content": 1}]}, 400, "messages.0.content", "invalid_value"),
-    ({**CHAT, "tools": []}, 400, "tools", "unsupported_field"),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
+    ({**CHAT, "tool_choice": "required"}, 400, "tool_choice", None),
+    ({**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    ({**CHAT, "do_preprocess": False}, 400, "do_preprocess", None),
+    ({**CHAT, "kwargs": {"session_len": 9}}, 400, "kwargs", None),
+    ({**CHAT, "enable_thinking": True}, 400, "enable_thinking", "unsupported_field"),
     ({**CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
     ({**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages", "context_length_exceeded"),
     ({**CHAT, "max_tokens": 250}, 400, "max_tokens", "context_length_exceeded"),
