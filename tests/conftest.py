@@ -56,33 +56,42 @@ def smollm2_int4_workspace(smollm2_gguf, tmp_path_factory) -> Path:
     return dst
 
 
-LMDEPLOY_WHEEL = "lmdeploy==0.9.2.post1"  # LMDeploy's own APIClient, as its users run it
+LMDEPLOY_WHEEL = "lmdeploy==0.9.2.post1"  # LMDeploy's own client and request models, as its users have them
 
 
 @pytest.fixture(scope="session")
-def lmdeploy_api_client():
-    """LMDeploy's APIClient module from its wheel on PyPI (fetched once per machine with pip, no dependencies;
-    only serve/openai/api_client.py is loaded, with lmdeploy.utils.get_logger standing in for the package)."""
-    import importlib.util
-    import logging
-    import types
+def lmdeploy_sources() -> Path:
+    """serve/openai/api_client.py and protocol.py from LMDeploy's wheel on PyPI, fetched once per machine with pip
+    (no dependencies; the 100 MB wheel is deleted once the two files are out)."""
     import zipfile
 
     cache = Path.home() / ".cache" / "lmcli" / "lmdeploy"
-    source = cache / "api_client.py"
-    if not source.exists():
+    names = ("api_client.py", "protocol.py")
+    if not all((cache / n).exists() for n in names):
         cache.mkdir(parents=True, exist_ok=True)
         done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache),
                                LMDEPLOY_WHEEL], capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stderr
         wheel = next(cache.glob("lmdeploy-*.whl"))
-        source.write_bytes(zipfile.ZipFile(wheel).read("lmdeploy/serve/openai/api_client.py"))
-        wheel.unlink()  # 100 MB; only this file is needed
+        for n in names:
+            (cache / n).write_bytes(zipfile.ZipFile(wheel).read(f"lmdeploy/serve/openai/{n}"))
+        wheel.unlink()
+    return cache
+
+
+@pytest.fixture(scope="session")
+def lmdeploy_api_client(lmdeploy_sources):
+    """LMDeploy's APIClient module (only api_client.py is loaded, with lmdeploy.utils.get_logger standing in for
+    the package)."""
+    import importlib.util
+    import logging
+    import types
+
     package = sys.modules.setdefault("lmdeploy", types.ModuleType("lmdeploy"))
     utils = sys.modules.setdefault("lmdeploy.utils", types.ModuleType("lmdeploy.utils"))
     utils.get_logger = logging.getLogger
     package.utils = utils
-    spec = importlib.util.spec_from_file_location("lmdeploy_api_client", source)
+    spec = importlib.util.spec_from_file_location("lmdeploy_api_client", lmdeploy_sources / "api_client.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -31,17 +31,21 @@ def plain_messages(messages: list[dict], template: Optional[str]) -> list[dict]:
     return out
 
 
-def render(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+def render(tokenizer, messages: list[dict], add_generation_prompt: bool = True, **template_kwargs) -> str:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False,
+                                         **template_kwargs)
 
 
-def encode_chat(tokenizer, prompt: Prompt, system: Optional[str] = None) -> list[int]:
-    """Apply the chat template (a model without one gets the plain text of a string prompt)."""
+def encode_chat(tokenizer, prompt: Prompt, system: Optional[str] = None,
+                template_kwargs: Optional[dict] = None) -> list[int]:
+    """Apply the chat template, with template_kwargs as more of its variables (a model without a template gets the
+    plain text of a string prompt)."""
     if tokenizer.chat_template is None:
         if not isinstance(prompt, str):
             raise ValueError("this model has no chat template; send a plain string prompt")
         return tokenizer.encode(prompt)
-    return tokenizer.encode(render(tokenizer, to_messages(prompt, system)), add_special_tokens=False)
+    text = render(tokenizer, to_messages(prompt, system), **(template_kwargs or {}))
+    return tokenizer.encode(text, add_special_tokens=False)
 
 
 def continue_chat(tokenizer, history_ids: list[int], messages: list[dict]) -> list[int]:

@@ -1,5 +1,6 @@
 """/v1/chat/completions and /v1/completions: OpenAI's wire format over the engine."""
 
+import json
 import re
 import time
 import uuid
@@ -72,6 +73,29 @@ def logit_bias(bias: Optional[dict[str, float]]) -> tuple[tuple[int, float], ...
 
 def _pick(value, default, fallback):
     return value if value is not None else default if default is not None else fallback
+
+
+# The chat fields of OpenAI and LMDeploy for what this server does not do: the values that ask for nothing
+NOT_YET = "not supported by this server yet"
+NEUTRAL = {
+    "tools": ((None, []), f"tool calling is {NOT_YET}"),
+    "tool_choice": ((None, "none", "auto"), f"tool calling is {NOT_YET}"),
+    "functions": ((None, []), f"function calling is {NOT_YET}"),
+    "function_call": ((None, "none", "auto"), f"function calling is {NOT_YET}"),
+    "response_format": ((None, {"type": "text"}), f"structured output (json_object, json_schema) is {NOT_YET}"),
+    "do_preprocess": ((True,), "messages always go through the chat template (raw text: /v1/completions)"),
+    "audio": ((None,), "audio output is not supported: the models here write text"),
+    "modalities": ((None, ["text"]), "the models here write text only"),
+    "moderation": ((None,), "this server runs no moderation"),
+    "prediction": ((None,), f"predicted outputs are {NOT_YET}"),
+    "prompt_cache_options": ((None,), "the prefix cache here has no options per request"),
+    "prompt_cache_retention": ((None,), "the prefix cache here keeps what memory allows"),
+    "reasoning_effort": ((None,), "the models here do not take a reasoning effort"),
+    "service_tier": ((None, "auto", "default"), "this server has one tier"),
+    "store": ((None, False), "completions are not stored here"),
+    "verbosity": ((None, "medium"), "the models here take no verbosity"),
+    "web_search_options": ((None,), "this server does not search the web"),
+}
 
 
 def check_stream_options(req: p.SamplingFields) -> bool:
@@ -181,19 +205,15 @@ async def chat_completions(request: Request) -> Response:
     state, req, engine, include_usage = await opening(request, p.ChatCompletionRequest)
     if req.top_logprobs and not req.logprobs:  # 0, LMDeploy's APIClient's default, asks for nothing
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-    if req.tools:
-        raise APIError(400, "tool calling is not supported by this server yet; send no tools", "tools")
-    if req.tool_choice not in (None, "none", "auto"):
-        raise APIError(400, "tool_choice needs tools, and tool calling is not supported yet", "tool_choice")
-    if req.response_format is not None and req.response_format != {"type": "text"}:
-        raise APIError(400, "structured output (json_object, json_schema) is not supported by this server yet; "
-                            "only {\"type\": \"text\"}", "response_format")
-    if not req.do_preprocess:
-        raise APIError(400, "do_preprocess=false is not supported: messages are always rendered by the chat "
-                            "template (send raw text to /v1/completions)", "do_preprocess")
+    for field, (neutral, why) in NEUTRAL.items():
+        if getattr(req, field) not in neutral:
+            raise APIError(400, f"{field}: {why}; send {' or '.join(json.dumps(v) for v in neutral)}", field)
     messages = plain_messages([m.model_dump() for m in req.messages], state.tokenizer.chat_template)
     try:
-        prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages, state.options.meta_instruction)
+        template_kwargs = {**(req.chat_template_kwargs or {}),
+                           **({} if req.enable_thinking is None else {"enable_thinking": req.enable_thinking})}
+        prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages, state.options.meta_instruction,
+                                             template_kwargs)
     except TEMPLATE_ERRORS as e:
         raise APIError(400, f"the chat template refused the messages: {e}", "messages") from None
     if req.max_tokens is not None and req.max_completion_tokens is not None and \
@@ -211,7 +231,7 @@ async def chat_completions(request: Request) -> Response:
         claim.release()
         raise
     created, tally = int(time.time()), Tally(state, "chat")
-    log_user(request, req.user, rid)
+    log_user(request, req.user or getattr(req, "safety_identifier", None), rid)
 
     def finish() -> None:
         claim.release()
@@ -274,6 +294,9 @@ def log_user(request: Request, user: Optional[str], rid: str) -> None:
 
 async def completions(request: Request) -> Response:
     state, req, engine, include_usage = await opening(request, p.CompletionRequest)
+    if req.best_of is not None and req.best_of != req.n:
+        raise APIError(400, f"best_of ({req.best_of}) must equal n ({req.n}) or be null: choices are not ranked "
+                            "here; ask for n choices and pick", "best_of")
     if req.suffix is not None:
         raise APIError(400, f"suffix is not supported: {state.model_name} has no fill-in-the-middle tokens",
                        "suffix", "unsupported_field")
@@ -297,7 +320,7 @@ async def completions(request: Request) -> Response:
         claim.release()
         raise
     created, tally, n = int(time.time()), Tally(state, "completions"), req.n
-    log_user(request, req.user, rid)
+    log_user(request, req.user or getattr(req, "safety_identifier", None), rid)
 
     def finish() -> None:
         claim.release()

@@ -1,15 +1,26 @@
 """The bodies of the HTTP API as pydantic models: they check requests (strict types, ranges, no unknown fields)
 and they are the OpenAPI schema. Field names follow OpenAI, and LMDeploy for /v1/chat/interactive."""
 
-from typing import Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 # ---- requests ----
 
 
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
+    null_is_a_value: ClassVar[frozenset] = frozenset()  # fields where null means something other than the default
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_the_default(cls, data):
+        """OpenAI's API takes null for any optional field and means its default: so does this one."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k in cls.null_is_a_value
+                    or k not in cls.model_fields or cls.model_fields[k].is_required()
+                    or cls.model_fields[k].default is None}
+        return data
 
 
 class TextPart(Strict):
@@ -78,16 +89,38 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = Field(False, description="Return the log probability of each output token.")
     top_logprobs: Optional[int] = Field(None, ge=0, le=20, description="With logprobs: this many most likely "
                                         "tokens at each position.")
-    tools: Optional[list[dict]] = Field(None, description="Tool calling is not built yet: null or [] only.")
-    tool_choice: Optional[Union[str, dict]] = Field(None, description="Without tools: null, \"none\" or \"auto\".")
-    parallel_tool_calls: Optional[bool] = Field(None, description="Without tools: any value, nothing to call.")
-    response_format: Optional[dict] = Field(None, description="Structured output is not built yet: null or "
-                                            "{\"type\": \"text\"} only.")
-    do_preprocess: bool = Field(True, description="LMDeploy: apply the chat template (false: refused, messages "
-                                "are always rendered by it).")
+    enable_thinking: Optional[bool] = Field(None, description="LMDeploy, Qwen 3 style: passed to the chat template "
+                                            "(templates that do not read it ignore it).")
+    chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="More variables for the chat "
+                                                           "template (vLLM).")
+    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted: there are no tools to call yet.")
+    metadata: Optional[dict[str, str]] = Field(None, description="Accepted: it tags stored completions, and none "
+                                               "are stored.")
+    prompt_cache_key: Optional[str] = Field(None, description="Accepted: the prefix cache here needs no key.")
+    safety_identifier: Optional[str] = Field(None, description="Your end user's id, as user.")
+    # OpenAI's and LMDeploy's fields for what this server does not do (yet): accepted with the value that asks for
+    # nothing, else a 400 naming the field (openai_routes.NEUTRAL says which values and why)
+    tools: Optional[list[dict]] = None
+    tool_choice: Optional[Union[str, dict]] = None
+    response_format: Optional[dict] = None
+    do_preprocess: Any = True
+    audio: Any = None
+    modalities: Any = None
+    functions: Any = None
+    function_call: Any = None
+    moderation: Any = None
+    prediction: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_retention: Any = None
+    reasoning_effort: Any = None
+    service_tier: Any = None
+    store: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
 
 
 class CompletionRequest(SamplingFields):
+    null_is_a_value: ClassVar[frozenset] = frozenset({"max_tokens"})  # null: what is left of the context
     model: str = Field(description="One of the ids from /v1/models.")
     prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
         description="Text, texts, token ids, or lists of token ids; each prompt gets n choices.")
@@ -98,6 +131,8 @@ class CompletionRequest(SamplingFields):
                                     "token and this many most likely tokens.")
     suffix: Optional[str] = Field(None, description="Text after the completion (fill in the middle); refused: no "
                                   "supported model does it.")
+    best_of: Optional[int] = Field(None, ge=1, description="Only equal to n (or null): choices are not ranked "
+                                   "here.")
 
 
 class InteractiveRequest(Strict):

@@ -27,10 +27,11 @@ class FakeTokenizer:
     def decode(self, ids, skip_special_tokens: bool = True, **kwargs) -> str:
         return "".join(chr(i) for i in ids if not (skip_special_tokens and i == EOS))
 
-    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False):
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, **variables):
         if any(m["content"] == "RAISE" for m in messages):  # as templates that insist on alternating roles
             raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
         text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        text += "".join(f"<{k}={v}>" for k, v in sorted(variables.items()))  # a template's extra variables
         return text + ("<assistant>" if add_generation_prompt else "")
 
 

@@ -137,6 +137,13 @@ def test_defaults_that_lmdeploy_and_openai_clients_send_are_accepted(client):
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
 
 
+def test_enable_thinking_and_chat_template_kwargs_reach_the_template(client):
+    body = {**CHAT, "enable_thinking": False, "chat_template_kwargs": {"style": "terse"}}
+    assert client.post("/v1/chat/completions", json=body).status_code == 200
+    prompt = "".join(map(chr, client.engine.added[-1][1]))
+    assert prompt == "<user>Hi</user><enable_thinking=False><style=terse><assistant>"
+
+
 def test_lmdeploy_min_new_tokens_is_min_tokens(client):
     for extra, expected in [({"min_new_tokens": 3}, 3), ({"min_new_tokens": 3, "min_tokens": 3}, 3),
                             ({"min_new_tokens": None, "min_tokens": 2}, 2), ({"min_new_tokens": 0}, 0)]:
@@ -221,11 +228,14 @@ BAD = [
     ({**CHAT, "messages": [{"role": "user", "content": "x", "name": 5}]}, 400, "messages.0.name", "invalid_value"),
     ({**CHAT, "messages": [{"role": "user", "content": 1}]}, 400, "messages.0.content", "invalid_value"),
     ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
+    ({**CHAT, "audio": {"voice": "alloy", "format": "mp3"}}, 400, "audio", None),
+    ({**CHAT, "modalities": ["text", "audio"]}, 400, "modalities", None),
+    ({**CHAT, "store": True}, 400, "store", None),
+    ({**CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort", None),
     ({**CHAT, "tool_choice": "required"}, 400, "tool_choice", None),
     ({**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", None),
     ({**CHAT, "do_preprocess": False}, 400, "do_preprocess", None),
     ({**CHAT, "kwargs": {"session_len": 9}}, 400, "kwargs", None),
-    ({**CHAT, "enable_thinking": True}, 400, "enable_thinking", "unsupported_field"),
     ({**CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
     ({**CHAT, "messages": [{"role": "user", "content": "x" * 300}]}, 400, "messages", "context_length_exceeded"),
     ({**CHAT, "max_tokens": 250}, 400, "max_tokens", "context_length_exceeded"),

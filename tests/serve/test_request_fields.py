@@ -1,0 +1,96 @@
+"""Every request field of both client families, read from their own sources (the installed openai SDK's create
+parameters, LMDeploy 0.9's request models from its wheel), is accepted with its default, and with a real value
+is answered 200 or refused with a 400 that names it: never refused as unknown, never a 5xx. A field either family
+adds later fails here until the server takes it."""
+
+import ast
+
+import pytest
+from openai.types import completion_create_params as completion_params
+from openai.types.chat import completion_create_params as chat_params
+from starlette.testclient import TestClient
+
+from test_http_layer import CHAT, make_app
+
+COMPLETION = {"model": "fake-model", "prompt": "Hi"}
+FUNCTION = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+# a value that asks for something, for each OpenAI field (some need a companion field, in COMPANIONS)
+REAL = {
+    "audio": {"voice": "alloy", "format": "wav"}, "best_of": 2, "echo": True, "frequency_penalty": 0.5,
+    "function_call": {"name": "f"}, "functions": [FUNCTION["function"]], "logit_bias": {"5": 10},
+    "logprobs": True, "max_completion_tokens": 5, "max_tokens": 5, "metadata": {"k": "v"},
+    "modalities": ["text", "audio"], "moderation": {"model": "omni-moderation-latest"}, "n": 2,
+    "parallel_tool_calls": False, "prediction": {"type": "content", "content": "Hi"}, "presence_penalty": 0.5,
+    "prompt_cache_key": "k1", "prompt_cache_options": {"mode": "auto"}, "prompt_cache_retention": "24h",
+    "reasoning_effort": "low", "response_format": {"type": "json_object"}, "safety_identifier": "u1", "seed": 1,
+    "service_tier": "flex", "stop": ["x"], "store": True, "stream": True, "stream_options": {"include_usage": True},
+    "suffix": "!", "temperature": 0.5, "tool_choice": "required", "tools": [FUNCTION], "top_logprobs": 2,
+    "top_p": 0.5, "user": "u1", "verbosity": "low", "web_search_options": {},
+}
+COMPANIONS = {"stream_options": {"stream": True}, "top_logprobs": {"logprobs": True}}
+REQUIRED = {"model", "messages", "prompt"}
+
+
+def openai_fields(params) -> list[str]:
+    return sorted(set(params.CompletionCreateParamsBase.__annotations__) - REQUIRED)
+
+
+@pytest.fixture(scope="module")
+def client():
+    app, _ = make_app()
+    with TestClient(app) as c:
+        yield c
+
+
+def answered(r, field: str) -> None:
+    assert r.status_code == 200 or (r.status_code == 400 and r.json()["error"]["param"] == field), (field, r.text)
+    if r.status_code == 400:  # refused for its value, with the reason; not as a field the server does not know
+        assert "does not accept it" not in r.json()["error"]["message"], (field, r.text)
+
+
+@pytest.mark.parametrize("route,base,params", [("/v1/chat/completions", CHAT, chat_params),
+                                               ("/v1/completions", COMPLETION, completion_params)])
+def test_every_openai_create_parameter(client, route, base, params):
+    fields = openai_fields(params)
+    assert len(fields) > 10 and not set(fields) - set(REAL), set(fields) - set(REAL)  # a new field needs a value
+    for field in fields:
+        r = client.post(route, json={**base, field: None})
+        assert r.status_code == 200, (field, r.text)  # null is the default: never refused
+        answered(client.post(route, json={**base, **COMPANIONS.get(field, {}), field: REAL[field]}), field)
+
+
+def lmdeploy_defaults(protocol_source: str, model: str) -> dict:
+    """LMDeploy's request model `model`: each field with its default as LMDeploy's server fills it in."""
+    tree = ast.parse(protocol_source)
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == model]
+    out = {}
+    for stmt in cls.body:
+        if not isinstance(stmt, ast.AnnAssign) or stmt.value is None:
+            continue
+        value = stmt.value
+        if isinstance(value, ast.Call) and getattr(value.func, "id", "") == "Field":
+            value = next((k.value for k in value.keywords if k.arg == "default"), value.args[0] if value.args else None)
+            if value is None:
+                continue
+        out[stmt.target.id] = ast.literal_eval(value)
+    return out
+
+
+@pytest.mark.parametrize("model,route,base", [("ChatCompletionRequest", "/v1/chat/completions", CHAT),
+                                              ("CompletionRequest", "/v1/completions", COMPLETION),
+                                              ("GenerateRequest", "/v1/chat/interactive", {"prompt": "Hi"}),
+                                              ("EncodeRequest", "/v1/encode", {"input": "Hi"})])
+def test_every_lmdeploy_request_field_with_its_default(client, lmdeploy_sources, model, route, base):
+    defaults = lmdeploy_defaults((lmdeploy_sources / "protocol.py").read_text(), model)
+    assert len(defaults) >= 2, defaults
+    for field, value in defaults.items():
+        if field in base or field == "model":
+            continue
+        body = {**base, field: value}
+        if field == "session_id" and route != "/v1/chat/interactive":
+            body[field] = None if value == -1 else value  # -1 in LMDeploy's chat models means none
+        r = client.post(route, json=body)
+        assert r.status_code == 200, (model, field, value, r.text)
+    r = client.post(route, json={**base, **{k: v for k, v in defaults.items() if k not in base and k != "model"
+                                             and not (k == "session_id" and route != "/v1/chat/interactive")}})
+    assert r.status_code == 200, (model, r.text)  # all of them at once, as LMDeploy's server fills them in
