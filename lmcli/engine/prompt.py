@@ -20,7 +20,11 @@ def plain_messages(messages: list[dict], template: Optional[str]) -> list[dict]:
     reads_name = bool(template) and any(k in template for k in (".name", "['name']", '["name"]'))
     out = []
     for m in messages:
-        content = m["content"] if isinstance(m["content"], str) else "".join(part["text"] for part in m["content"])
+        content = m.get("content")
+        if content is None:  # an assistant's refusal stands for its content
+            content = m.get("refusal") or ""
+        elif not isinstance(content, str):
+            content = "".join(part.get("text") or part.get("refusal") or "" for part in content)
         message = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
         if m.get("name"):
             if reads_name:

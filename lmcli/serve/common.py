@@ -42,6 +42,27 @@ async def parse(request: Request, model: type[M]) -> M:
         raise from_validation(e) from None
 
 
+def check_messages(messages: list, field: str = "messages") -> None:
+    """What the messages ask that this server cannot do yet, or at all, as a 400 naming the part at fault:
+    tool results and tool calls (until tool calling is built), audio, and content other than text."""
+    for i, m in enumerate(messages):
+        at = f"{field}.{i}"
+        if m.role in ("tool", "function"):
+            raise APIError(400, f"{m.role} messages carry tool results, and tool calling is not supported by this "
+                                "server yet", f"{at}.role")
+        for name in ("tool_calls", "function_call", "audio"):
+            if getattr(m, name):
+                raise APIError(400, f"{name} in a message is not supported by this server yet (tool calling, "
+                                    "audio)", f"{at}.{name}")
+        if m.content is None and m.refusal is None:
+            raise APIError(400, "a message needs content (or, from the assistant, a refusal)", f"{at}.content")
+        for k, part in enumerate(m.content if isinstance(m.content, list) else []):
+            if part.type not in ("text", "refusal"):
+                raise APIError(400, f"the models here read text only, not {part.type}", f"{at}.content.{k}")
+            if (part.text if part.type == "text" else part.refusal) is None:
+                raise APIError(400, f"a {part.type} part needs its {part.type}", f"{at}.content.{k}.{part.type}")
+
+
 def check_kwargs(kwargs: Optional[dict]) -> None:
     """LMDeploy's APIClient posts its **kwargs as a field, `kwargs`; empty it means nothing (its server ignores
     it), anything in it would be lost, so that is a 400."""

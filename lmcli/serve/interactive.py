@@ -14,7 +14,8 @@ from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
 from lmcli.engine.async_engine import EngineDead
-from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, collected, merge, parse, start, user_error
+from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, collected, merge, parse, start,
+                                user_error)
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import RequestTimer
 from lmcli.serve.state import History, ServerState
@@ -59,6 +60,8 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
         claim.release()
         return JSONResponse(p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
                                                   finish_reason="stop", session_id=sid).model_dump())
+    if isinstance(req.prompt, list):
+        check_messages(req.prompt, "prompt")
     messages = to_messages([m.model_dump() for m in req.prompt] if isinstance(req.prompt, list) else req.prompt)
     if not messages or not any(m["content"] for m in messages):
         raise APIError(400, "the prompt is empty", "prompt")

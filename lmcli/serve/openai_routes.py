@@ -15,7 +15,8 @@ from lmcli.engine.prompt import encode_chat, plain_messages
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
-from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, collected, merge, parse, sse, sse_error, start
+from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, collected, merge, parse, sse, sse_error,
+                                start)
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import RequestTimer
 from lmcli.serve.state import ServerState
@@ -208,6 +209,7 @@ async def chat_completions(request: Request) -> Response:
     for field, (neutral, why) in NEUTRAL.items():
         if getattr(req, field) not in neutral:
             raise APIError(400, f"{field}: {why}; send {' or '.join(json.dumps(v) for v in neutral)}", field)
+    check_messages(req.messages)
     messages = plain_messages([m.model_dump() for m in req.messages], state.tokenizer.chat_template)
     try:
         template_kwargs = {**(req.chat_template_kwargs or {}),

@@ -23,17 +23,30 @@ class Strict(BaseModel):
         return data
 
 
-class TextPart(Strict):
-    type: Literal["text"]
-    text: str
+class ContentPart(Strict):
+    type: Literal["text", "refusal", "image_url", "input_audio", "file"] = Field(
+        description="text (and an assistant's refusal) is read; images, audio and files are a 400: the models "
+                    "here read text only.")
+    text: Optional[str] = None
+    refusal: Optional[str] = None
+    image_url: Optional[dict] = None
+    input_audio: Optional[dict] = None
+    file: Optional[dict] = None
 
 
 class Message(Strict):
-    role: Literal["system", "developer", "user", "assistant"] = Field(description="`developer` is OpenAI's newer "
-                                                                       "name for `system` and is rendered as it.")
-    content: Union[str, list[TextPart]]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
+        description="`developer` is OpenAI's newer name for `system` and is rendered as it; `tool` and `function` "
+                    "(results of tool calls) are a 400 until tool calling is built.")
+    content: Optional[Union[str, list[ContentPart]]] = Field(None, description="A string or parts; null only "
+                                                             "beside an assistant's refusal.")
     name: Optional[str] = Field(None, description="Who speaks: passed to the chat template where it reads it, "
                                 "else written before the content as `name: `.")
+    refusal: Optional[str] = Field(None, description="An assistant's earlier refusal, read as its content.")
+    tool_calls: Optional[list[dict]] = Field(None, description="Null or [] until tool calling is built.")
+    function_call: Optional[dict] = Field(None, description="Null until function calling is built.")
+    tool_call_id: Optional[str] = Field(None, description="Only on tool messages, which are a 400 for now.")
+    audio: Optional[dict] = Field(None, description="Null: the models here read and write text only.")
 
 
 class StreamOptions(Strict):

@@ -131,6 +131,11 @@ def test_developer_role_and_names_with_the_openai_sdk(sdk):
     assert greedy([{"role": "developer", "content": rule}, *FRANCE]) == as_system  # rendered as system
     named = greedy([{"role": "user", "content": "What is my name?", "name": "Ada"}])
     assert named == greedy([{"role": "user", "content": "Ada: What is my name?"}])  # SmolLM2's template has no name
+    refused = [*FRANCE, {"role": "assistant", "content": None, "refusal": "I cannot say."},
+               {"role": "user", "content": "Why not?"}]
+    assert greedy(refused) == greedy([*FRANCE, {"role": "assistant", "content": "I cannot say."}, refused[-1]])
+    with pytest.raises(openai.BadRequestError, match="text only"):
+        greedy([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x/cat.png"}}]}])
 
 
 def test_lmdeploys_own_api_client(server, lmdeploy_api_client):

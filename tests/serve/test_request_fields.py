@@ -4,6 +4,7 @@ is answered 200 or refused with a 400 that names it: never refused as unknown, n
 adds later fails here until the server takes it."""
 
 import ast
+import typing
 
 import pytest
 from openai.types import completion_create_params as completion_params
@@ -94,3 +95,52 @@ def test_every_lmdeploy_request_field_with_its_default(client, lmdeploy_sources,
     r = client.post(route, json={**base, **{k: v for k, v in defaults.items() if k not in base and k != "model"
                                              and not (k == "session_id" and route != "/v1/chat/interactive")}})
     assert r.status_code == 200, (model, r.text)  # all of them at once, as LMDeploy's server fills them in
+
+
+# each OpenAI message type: a message of it with every field, and for each field a value that asks for something
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+MESSAGES = {
+    "ChatCompletionSystemMessageParam": ({"role": "system", "content": "Be brief."}, {"name": "rules"}),
+    "ChatCompletionDeveloperMessageParam": ({"role": "developer", "content": "Be brief."}, {"name": "rules"}),
+    "ChatCompletionUserMessageParam": ({"role": "user", "content": "Hi"}, {"name": "ada"}),
+    "ChatCompletionAssistantMessageParam": ({"role": "assistant", "content": "Hello"}, {
+        "name": "bot", "refusal": "I cannot.", "audio": {"id": "a1"}, "tool_calls": [CALL],
+        "function_call": {"name": "f", "arguments": "{}"}}),
+    "ChatCompletionToolMessageParam": ({"role": "tool", "content": "42", "tool_call_id": "c1"}, {}),
+    "ChatCompletionFunctionMessageParam": ({"role": "function", "content": "42", "name": "f"}, {}),
+}
+PARTS = {"text": {"type": "text", "text": "Hi"}, "image_url": {"type": "image_url", "image_url": {"url": "x"}},
+         "input_audio": {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}},
+         "file": {"type": "file", "file": {"file_id": "f1"}}}
+
+
+def test_every_openai_message_field_and_content_part(client):
+    from openai.types import chat
+
+    def send(message):
+        return client.post("/v1/chat/completions", json={**CHAT, "messages": [message, CHAT["messages"][0]]})
+
+    for name, (message, real) in MESSAGES.items():
+        fields = set(getattr(chat, name).__annotations__)
+        assert fields <= set(message) | set(real), (name, fields - set(message) - set(real))  # new: give a value
+        plain = send(message)
+        refused_role = message["role"] in ("tool", "function")
+        assert plain.status_code == (400 if refused_role else 200), (name, plain.text)
+        if refused_role:
+            assert plain.json()["error"]["param"] == "messages.0.role" and "tool" in plain.json()["error"]["message"]
+            continue
+        for field in fields - {"role", "content"}:
+            assert send({**message, field: None}).status_code == 200, (name, field)
+            r = send({**message, field: real[field]})
+            assert r.status_code == 200 or r.json()["error"]["param"] == f"messages.0.{field}", (name, field, r.text)
+    assert send({"role": "assistant", "content": None, "refusal": "I cannot."}).status_code == 200
+    assert send({"role": "assistant", "content": None}).json()["error"]["param"] == "messages.0.content"
+    parts = {typing.get_args(typing.get_type_hints(cls)["type"])[0]
+             for cls in typing.get_args(chat.ChatCompletionContentPartParam)}
+    assert parts <= set(PARTS), parts - set(PARTS)
+    for kind, part in PARTS.items():
+        r = send({"role": "user", "content": [part]})
+        if kind == "text":
+            assert r.status_code == 200, r.text
+        else:
+            assert r.json()["error"]["param"] == "messages.0.content.0" and "text only" in r.text, (kind, r.text)
