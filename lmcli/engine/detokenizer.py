@@ -15,7 +15,8 @@ class Detokenizer:
         self.tokenizer = tokenizer
         self.skip = skip_special_tokens
         # kept special tokens set apart by spaces, as slow tokenizers and LMDeploy and vLLM do
-        self.special = set(getattr(tokenizer, "all_special_ids", ())) if spaces_between_special_tokens else set()
+        spaced = spaces_between_special_tokens and not skip_special_tokens
+        self.special = set(getattr(tokenizer, "all_special_ids", ())) if spaced else set()
         self.ids = list(prompt_ids[-WINDOW:])
         self.prefix_offset = 0
         self.read_offset = len(self.ids)
@@ -26,7 +27,7 @@ class Detokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        if self.skip or not self.special or not self.special.intersection(ids):
+        if not self.special.intersection(ids):
             return self.tokenizer.decode(ids, skip_special_tokens=self.skip, clean_up_tokenization_spaces=False)
         parts, run = [], []  # runs of text tokens and each special token, decoded apart, joined by spaces
         for t in ids:

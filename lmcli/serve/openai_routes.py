@@ -233,7 +233,7 @@ async def chat_completions(request: Request) -> Response:
         claim.release()
         raise
     created, tally = int(time.time()), Tally(state, "chat")
-    log_user(request, req.user or getattr(req, "safety_identifier", None), rid)
+    log_user(request, req.user or req.safety_identifier, rid)
 
     def finish() -> None:
         claim.release()
@@ -322,7 +322,7 @@ async def completions(request: Request) -> Response:
         claim.release()
         raise
     created, tally, n = int(time.time()), Tally(state, "completions"), req.n
-    log_user(request, req.user or getattr(req, "safety_identifier", None), rid)
+    log_user(request, req.user, rid)
 
     def finish() -> None:
         claim.release()

@@ -74,7 +74,7 @@ static inline int32_t hsum8_epi32(__m256i v) {
 #endif
 
 #ifdef __AVX512F__
-static inline __m512 exp2v(__m512 x) {  /* 2^x for x <= 0: a degree-5 polynomial on the fraction, scaled */
+static inline __m512 exp2v(__m512 x) {  /* 2^x (x >= -127): a degree-5 polynomial on the fraction, scaled */
     x = _mm512_max_ps(x, _mm512_set1_ps(-127.f));
     const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m512 f = _mm512_sub_ps(x, n);
@@ -107,8 +107,13 @@ static inline __m512 hsum16(const __m512 *v) {
 static inline __mmask16 first_lanes(int64_t n) {  /* lanes 0..n-1 of 16 */
     return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
 }
+
+static inline __m512 widen_bf16(__m256i h) {  /* 16 bfloat16 -> float32 */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
 static inline __m512 load16(const uint16_t *p) {  /* 16 bfloat16 -> 16 float32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const void *)p)), 16));
+    return widen_bf16(_mm256_loadu_si256((const void *)p));
 }
 
 /* 16 float32 -> 16 bfloat16, rounded to nearest even as f2bf16 (with AVX512-BF16 one instruction, which keeps a
@@ -125,9 +130,6 @@ static inline __m256i round16(__m512 v) {
 #endif
 }
 
-static inline __m512 widen_bf16(__m256i h) {  /* 16 bfloat16 -> float32 */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
 
 static inline void store16(uint16_t *p, __m512 v) { _mm256_storeu_si256((void *)p, round16(v)); }
 

@@ -29,8 +29,10 @@ void add_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16
                 acc = _mm512_fmadd_ps(v, v, acc);
             }
             const __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps));
-            for (int64_t d = 0; d < dim; d += 16)
-                store16(out + r * dim + d, _mm512_mul_ps(load16(weight + d), bf16_round(_mm512_mul_ps(load16(s + d), inv))));
+            for (int64_t d = 0; d < dim; d += 16) {
+                const __m512 normed = bf16_round(_mm512_mul_ps(load16(s + d), inv));
+                store16(out + r * dim + d, _mm512_mul_ps(load16(weight + d), normed));
+            }
             continue;
         }
 #endif
