@@ -1,5 +1,6 @@
 """Kernels against plain PyTorch written the obvious way."""
 
+import os
 import subprocess
 import sys
 
@@ -381,6 +382,45 @@ def test_native_silu_and_mul_matches_the_reference(rows):
     # land one step away (here only gate 5.9375), then times up
     torch.testing.assert_close(got.float(), expected.float(), rtol=2 ** -6, atol=1e-6)
     assert (got != expected).float().mean() < 1e-2
+
+
+ROUND16_CHECK = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include "bf16.h"
+int main(void) {  /* round16 against f2bf16 on random bit patterns, every 7th an inf or a nan */
+    long differ = 0, n = 0;
+    srand(1);
+    for (long it = 0; it < 200000; it++) {
+        float f[16];
+        uint16_t got[16];
+        for (int i = 0; i < 16; i++) {
+            uint32_t u = ((uint32_t)rand() << 16) ^ (uint32_t)rand();
+            if (it % 7 == 0) u = (u & 0x807FFFFFu) | 0x7F800000u;
+            memcpy(&f[i], &u, 4);
+        }
+        _mm256_storeu_si256((void *)got, round16(_mm512_loadu_ps(f)));
+        for (int i = 0; i < 16; i++, n++) differ += got[i] != f2bf16(f[i]);
+    }
+    printf("%ld %ld\n", differ, n);
+    return 0;
+}
+"""
+
+
+def test_avx512_rounding_without_bf16_instructions_is_f2bf16(tmp_path):
+    """The vector bfloat16 rounding of the elementwise passes on AVX-512 CPUs without AVX512-BF16 (Skylake to Ice
+    Lake): built here with those instructions turned off, it must give f2bf16's bits, specials included."""
+    missing = native.missing_features("avx512")
+    if missing:
+        pytest.skip(f"needs AVX-512 ({', '.join(missing)} missing)")
+    (tmp_path / "r16.c").write_text(ROUND16_CHECK)
+    cc = os.environ.get("CC", "cc")
+    subprocess.run([cc, "-O2", "-march=native", "-mno-avx512bf16", f"-I{native.SOURCES}", str(tmp_path / "r16.c"),
+                    "-o", str(tmp_path / "r16")], check=True)
+    differ, n = map(int, subprocess.run([str(tmp_path / "r16")], capture_output=True, text=True,
+                                        check=True).stdout.split())
+    assert n == 3_200_000 and differ == 0
 
 
 @pytest.mark.parametrize("rows,n", [(1, 1), (3, 7), (64, 49152), (2, 100003)])
