@@ -4,20 +4,20 @@ the prompt on its own. Streamed as one JSON object per line (application/x-ndjso
 
 import random
 import uuid
+from typing import Optional
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from lmcli.engine.prompt import continue_chat, encode_chat, plain_messages, to_messages
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
 from lmcli.engine.async_engine import EngineDead
-from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, collected, merge, parse, start,
-                                user_error)
+from lmcli.serve.answer import Choice, Format, Job, Piece, check_context, respond
+from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, check_messages, parse, user_error
 from lmcli.serve.errors import APIError
-from lmcli.serve.metrics import RequestTimer
 from lmcli.serve.state import History, ServerState
 
 
@@ -78,63 +78,55 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
             prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages)
     except TEMPLATE_ERRORS as e:
         raise APIError(400, f"the chat template refused the prompt: {e}", "prompt") from None
-    if not history_ids and len(prompt_ids) >= state.max_len:
-        raise APIError(400, f"the prompt has {len(prompt_ids)} tokens, but this model's context holds "
-                            f"{state.max_len}", "prompt", "context_length_exceeded")
+    max_tokens = state.output_len(req.request_output_len)
+    if not history_ids:  # a session's later turns: the engine checks the whole history
+        check_context(state, len(prompt_ids), None, "prompt")  # an answer asked too long ends at the context
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     try:
-        params = SamplingParams(max_tokens=state.output_len(req.request_output_len), temperature=req.temperature,
+        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
                                 top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
                                 ignore_eos=req.ignore_eos, stop=stop, seed=req.seed, min_p=req.min_p,
                                 min_tokens=req.min_new_tokens or 0, skip_special_tokens=req.skip_special_tokens,
                                 spaces_between_special_tokens=req.spaces_between_special_tokens)
     except UserError as e:
         raise APIError(400, str(e)) from None
-    stream = await start(engine, prompt_ids, params, rid, sid if req.interactive_mode else None)
-    timer = RequestTimer(state.metrics, "interactive")
-    turn = {"text": "", "tokens": 0, "prompt": len(prompt_ids), "reason": None, "message": None}
+    job = Job(state, "interactive", rid, claim)
+    await job.start(engine, [(prompt_ids, params)], sid if req.interactive_mode else None)
+    if req.interactive_mode:  # the next turn sees from the engine's token count whether this one joined
+        job.closing.append(lambda: state.histories.__setitem__(sid, History(
+            history_messages, history_messages + messages + [{"role": "assistant", "content": job.choices[0].text}],
+            len(history_ids))))
+    return await respond(request, job, InteractiveFormat(job, sid), req.stream)
 
-    def result(text: str) -> p.InteractiveResponse:
-        return p.InteractiveResponse(text=text, tokens=turn["tokens"], input_tokens=len(prompt_ids),
-                                     history_tokens=turn["prompt"] - len(prompt_ids), finish_reason=turn["reason"],
-                                     session_id=sid, message=turn["message"])
 
-    def take(out) -> None:
-        turn["text"] += out.text
-        turn["tokens"] = out.num_output_tokens
-        turn["prompt"] = out.num_prompt_tokens
-        turn["reason"], turn["message"] = out.finish_reason, out.finish_message
-        timer.tokens(len(out.token_ids))
+class InteractiveFormat(Format):
+    """LMDeploy's: one JSON object per line, each with the new text and the counts so far."""
 
-    def finish() -> None:
-        if req.interactive_mode:  # the next turn sees from the engine's token count whether this one joined
-            state.histories[sid] = History(history_messages, history_messages + messages +
-                                           [{"role": "assistant", "content": turn["text"]}], len(history_ids))
-        claim.release()
-        timer.done(turn["reason"], len(prompt_ids))
+    media_type = "application/x-ndjson"
+    headers = {}
 
-    if req.stream:
-        async def lines():
-            try:
-                async for _, out in merge([stream]):
-                    take(out)
-                    if out.text or out.finish_reason:
-                        yield (result(out.text).model_dump_json() + "\n").encode()
-            except Exception as e:
-                err = e if isinstance(e, APIError) else user_error(e)
-                yield (JSONResponse(err.body()).body + b"\n")
-            finally:
-                stream.close()
-                finish()
+    def __init__(self, job: Job, session_id: int):
+        super().__init__(job)
+        self.session_id = session_id
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+    def result(self, text: str) -> p.InteractiveResponse:
+        c, input_tokens = self.job.choices[0], self.job.prompt_lens[0]
+        return p.InteractiveResponse(text=text, tokens=c.num_output_tokens, input_tokens=input_tokens,
+                                     history_tokens=max(c.num_prompt_tokens - input_tokens, 0),
+                                     finish_reason=c.finish_reason, session_id=self.session_id,
+                                     message=c.finish_message)
 
-    async def collect() -> p.InteractiveResponse:
-        async for _, out in merge([stream]):
-            take(out)
-        return result(turn["text"])
+    def piece(self, choice: Choice, piece: Piece) -> Optional[bytes]:
+        if piece.text or piece.finish_reason:
+            return (self.result(piece.text).model_dump_json() + "\n").encode()
+        return None
 
-    return await collected(request, collect(), lambda: (stream.close(), finish()))
+    def error(self, e: Exception) -> bytes:
+        err = e if isinstance(e, APIError) else user_error(e)
+        return JSONResponse(err.body()).body + b"\n"
+
+    def body(self) -> p.InteractiveResponse:
+        return self.result(self.job.choices[0].text)
 
 
 async def engine_call(engine, fn):

@@ -460,7 +460,7 @@ def test_an_interrupted_turn_keeps_the_session_readable(server):
 
 
 def test_logprob_bytes_rebuild_multibyte_characters(smollm2_workspace):
-    from lmcli.serve.openai_routes import token_bytes
+    from lmcli.serve.openai_format import token_bytes
     from lmcli.workspace import Workspace
 
     tok = Workspace.load(smollm2_workspace).tokenizer()

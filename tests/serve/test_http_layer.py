@@ -269,6 +269,8 @@ def test_bad_chat_requests(client, body, status, param, code):
     ("/v1/completions", {"model": "fake-model", "prompt": "x", "echo": True, "logprobs": 1}, "echo"),
     ("/v1/completions", {"model": "fake-model", "prompt": []}, "prompt"),
     ("/v1/completions", {"model": "fake-model", "prompt": {"a": 1}}, "prompt"),
+    ("/v1/completions", {"model": "fake-model", "prompt": "x" * 300}, "prompt"),  # longer than the context
+    ("/v1/chat/interactive", {"prompt": "x" * 300}, "prompt"),
     ("/v1/chat/interactive", {"prompt": ""}, "prompt"),
     ("/v1/chat/interactive", {"prompt": "x", "session_id": -5}, "session_id"),
     ("/v1/chat/interactive", {"prompt": "x", "cancel": True}, "session_id"),
