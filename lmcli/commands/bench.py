@@ -349,3 +349,49 @@ def quality(
         table.add_row(r.name, f"{r.perplexity:.3f}", f"{(r.perplexity / reference.perplexity - 1) * 100:+.2f}%",
                       f"{share * 100:.1f}%", f"{whole}/{len(prompts)}")
     Console(width=120).print(table)
+
+
+@app.command()
+def structured(
+    workspace: Annotated[Path, typer.Argument(help="The workspace made by `lm convert`.", show_default=False)],
+    concurrency: Annotated[int, typer.Option(min=1, help="Requests at once, in each run (constrained, free).")] = 64,
+    output_len: Annotated[int, typer.Option(min=1, help="Tokens per answer (the schema wants more: every answer "
+                                                        "runs to this length, as the free ones do).")] = 128,
+    dtype: Annotated[DType, typer.Option(help="Weights and compute dtype.")] = DType.bfloat16,
+    quant_policy: Annotated[int, typer.Option(help="KV cache: 0 in the model's dtype, 8 in 8-bit.")] = 0,
+    repeat: Annotated[int, typer.Option(min=1, help="Rounds, each a free run then a constrained one; medians are "
+                                                    "shown.")] = 3,
+) -> None:
+    """Structured output's costs: a JSON schema's compile time (cold, cached), the grammar's mask per decode step at
+    1 and CONCURRENCY sequences, and the throughput of JSON-schema requests against free requests of the same
+    prompts and lengths, in interleaved rounds."""
+    from rich.console import Console
+
+    from lmcli.bench import structured as bench
+    from lmcli.bench.throughput import medians
+    from lmcli.engine.engine import Engine
+    from lmcli.errors import UserError
+
+    try:
+        engine = Engine(workspace, dtype=dtype.value, max_batch_size=concurrency, quant_policy=quant_policy)
+    except UserError as e:
+        raise fail("bench structured", str(e))
+    console = Console(width=120)
+    times = bench.compile_times(engine)
+    console.print(f"compile: llguidance's tokenizer {times['tokenizer']:.0f} ms (once per server); a schema cold "
+                  f"{times['cold']:.2f} ms, cached {times['cached']:.3f} ms, another schema {times['another']:.2f} ms")
+    for rows in sorted({1, concurrency}):
+        cost = bench.mask_cost(engine, rows)
+        console.print(f"mask per decode step, {rows} sequence{'s' * (rows > 1)}: fill {cost['fill']:.3f} ms, apply "
+                      f"{cost['apply']:.3f} ms, consume {cost['consume']:.3f} ms")
+    prompt_ids = bench.prompts(engine, concurrency)
+    bench.run(engine, prompt_ids[:2], 4, True)  # warm up
+    runs = []
+    for _ in range(repeat):
+        runs += [bench.run(engine, prompt_ids, output_len, False), bench.run(engine, prompt_ids, output_len, True)]
+    engine.close()
+    free, constrained = medians(runs)
+    for r in (free, constrained):
+        console.print(f"{r.name:>12}: {r.output_tokens} tokens in {r.seconds:.2f} s, {r.rate:.1f} tokens/s")
+    console.print(f"constrained throughput: {100 * constrained.rate / free.rate:.1f}% of free ({concurrency} at once, "
+                  f"{output_len} tokens each, medians of {repeat} interleaved rounds)")

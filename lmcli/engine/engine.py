@@ -3,9 +3,12 @@
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
+import torch
+
 from lmcli.engine.block_manager import BlockManager
 from lmcli.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig
 from lmcli.engine.detokenizer import Detokenizer
+from lmcli.engine.grammar import Grammars
 from lmcli.engine.sampler import TokenLogprobs, sample
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.engine.scheduler import Scheduler
@@ -64,6 +67,7 @@ class Engine:
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         gen = self.workspace.generation
         self.model_stop_ids = set(gen.eos_token_ids) | set(gen.stop_token_ids)
+        self.grammars = Grammars(self.tokenizer, self.workspace.config.vocab_size, self.model_stop_ids)
         self.requests: dict[str, list[Sequence]] = {}
         self.num_computed_tokens = 0  # all tokens run through the model (prefill and decode)
 
@@ -106,6 +110,8 @@ class Engine:
         seqs = []
         for i in range(params.n):
             seq = Sequence(tokens, params, request_id, i, max_len=self.max_len)
+            if params.grammar is not None:
+                seq.matcher = self.grammars.matcher(params.grammar)
             seq.detok = Detokenizer(self.tokenizer, tokens, params.skip_special_tokens, params.stop,
                                    params.spaces_between_special_tokens)
             seq.session = session
@@ -177,9 +183,17 @@ class Engine:
                 self.block_manager.commit(seq)
                 self.num_computed_tokens += n
             if to_sample:
-                tokens, logprobs = sample(logits, to_sample, [self._stop_ids(s) for s in to_sample])
+                tokens, logprobs = sample(logits, to_sample, [self._stop_ids(s) for s in to_sample],
+                                          self._allowed(to_sample))
                 outputs += [self._append(s, t, lp) for s, t, lp in zip(to_sample, tokens, logprobs)]
         return outputs
+
+    def _allowed(self, seqs: list[Sequence]):
+        """The sampler's grammar masks: (rows, their bitmasks) for the sequences with a grammar, else None."""
+        rows = [i for i, s in enumerate(seqs) if s.matcher is not None]
+        if not rows:
+            return None
+        return torch.tensor(rows), self.grammars.masks([seqs[i].matcher for i in rows])
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
         ids = set(seq.params.stop_token_ids)
@@ -194,10 +208,15 @@ class Engine:
             reason = "stop"  # a stop token's text is not part of the answer
         elif seq.detok.add(token):
             reason = "stop"
+        message = None
+        if seq.matcher is not None and not seq.matcher.consume_token(token) and reason is None:
+            reason, message = "stop", f"the grammar refused a token: {seq.matcher.get_error()}"
+        elif seq.matcher is not None and seq.matcher.is_stopped() and reason is None:
+            reason = "stop"  # the grammar is complete: nothing but an end-of-sequence token could follow
         if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_len):
             reason = "length"
         if reason is not None:
-            self.scheduler.finish(seq, reason)
+            self.scheduler.finish(seq, reason, message)
         return self._output(seq, [token], [logprobs] if logprobs is not None else [])
 
     def _output(self, seq: Sequence, tokens: list[int], logprobs: list) -> Output:

@@ -1,5 +1,5 @@
-"""Batched sampling, every row with its own settings: logit_bias, penalties, greedy or temperature with top-k,
-top-p and min-p, per-sequence seeds, and logprobs.
+"""Batched sampling, every row with its own settings: logit_bias, penalties, a grammar's allowed tokens, greedy or
+temperature with top-k, top-p and min-p, per-sequence seeds, and logprobs.
 
 A sampled token is argmax(probs / noise) with noise ~ Exp(1) (the exponential race, equal in distribution to
 drawing from probs). Each seeded sequence draws its noise from its own generator, one vector per token, so
@@ -68,18 +68,23 @@ def _filter(logits: torch.Tensor, seqs: list) -> torch.Tensor:
     return logits.softmax(-1)
 
 
-def sample(logits: torch.Tensor, seqs: list, stop_ids: list[list[int]]):
-    """logits (rows, vocab) float32, one row per sequence. Returns (token ids, [TokenLogprobs or None])."""
+@torch.inference_mode()  # the runner's logits are inference tensors: changed in place only in this mode
+def sample(logits: torch.Tensor, seqs: list, stop_ids: list[list[int]], allowed=None):
+    """logits (rows, vocab) float32, one row per sequence, changed in place (no copy: 12.6 MB at 64 rows of
+    SmolLM2); allowed: None, or (rows, bitmask) where a grammar limits those rows to the tokens their bitmask rows
+    allow (kernels.mask_logits). Returns (token ids, [TokenLogprobs or None]); logprobs are the model's own,
+    before penalties and masks."""
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw = logits.log_softmax(-1) if any(want_logprobs) else None  # logprobs of the model's own distribution
     plain = all(s.params.greedy and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
                 and not s.params.frequency_penalty and not s.params.min_tokens and not s.params.logit_bias
                 for s in seqs)
-    if plain:
+    if plain and allowed is None:
         tokens = kernels.argmax(logits)
     else:
-        logits = logits.clone()
         apply_penalties(logits, seqs, stop_ids)
+        if allowed is not None:
+            kernels.mask_logits(logits, *allowed)
         tokens = kernels.argmax(logits)
         rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if rows:

@@ -26,6 +26,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True  # with special tokens kept: a space between them and the text
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits, as OpenAI
+    grammar: Optional[str] = None  # structured output: the output stays inside this grammar (engine/grammar.py)
 
     def __post_init__(self):
         checks = [
@@ -49,6 +50,9 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        if self.grammar is not None and self.min_tokens:
+            raise UserError("min_tokens cannot be combined with structured output: the grammar decides where the "
+                            "answer ends", "min_tokens")
 
     @property
     def greedy(self) -> bool:

@@ -37,6 +37,7 @@ class Sequence:
         self.session = None  # the Session this turn belongs to, if any
         self.detok = None  # the engine's Detokenizer for this sequence's output
         self.generator = None  # the sampler's torch.Generator, for a seeded sequence
+        self.matcher = None  # with a grammar: its llguidance matcher, which has seen the output so far
 
     @property
     def num_tokens(self) -> int:

@@ -108,6 +108,15 @@ def argmax(x: torch.Tensor) -> torch.Tensor:
     return x.argmax(-1)
 
 
+def mask_logits(x: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: row rows[i] of the logits x (rows, vocab) keeps the tokens that bitmask row i allows (int32 words,
+    bit t % 32 of word t // 32 for token t), the others become -inf (structured output's grammar)."""
+    if x.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu" and native.library() is not None:
+        native.mask_logits_f32(x, rows.to(torch.int64).contiguous(), bitmask.contiguous())
+        return
+    reference.mask_logits(x, rows, bitmask)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if _native_bf16(x, weight) and x.dim() == 2:
         return native.add_rms_norm_bf16(x, None, weight, eps)[0]

@@ -33,7 +33,7 @@ LEVELS = (
     ("portable", (), []),
 )
 FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c", "unpack.c",
-         "layer.c", "amx.c", "argmax.c")
+         "layer.c", "amx.c", "argmax.c", "mask.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then the types of any more arguments, result type)
 SIGNATURES = {
@@ -52,6 +52,7 @@ SIGNATURES = {
     "paged_decode_attention_s8": (8, 7, (ctypes.c_float,), ctypes.c_int),
     "amx_rows": (0, 0, (), ctypes.c_int),
     "argmax_f32": (2, 2, (), ctypes.c_int),
+    "mask_logits_f32": (3, 3, (), None),
 }
 
 
@@ -165,6 +166,12 @@ def argmax_f32(x: torch.Tensor) -> Optional[torch.Tensor]:
     None where a row holds NaN."""
     out = torch.empty(x.shape[0], dtype=torch.int64)
     return None if library().argmax_f32(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1]) else out
+
+
+def mask_logits_f32(x: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: row rows[i] of x (float32 contiguous) keeps the tokens bitmask row i (int32 words) allows."""
+    library().mask_logits_f32(x.data_ptr(), bitmask.data_ptr(), rows.data_ptr(), rows.shape[0], x.shape[1],
+                              bitmask.shape[1])
 
 
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

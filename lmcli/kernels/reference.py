@@ -111,3 +111,15 @@ def decode_attention(q, k_cache, v_cache, batch, scale):
     probs = scores.softmax(-1).to(work).view(b, kv_heads, group, nb, bs).permute(0, 3, 1, 2, 4)
     out = torch.matmul(probs, values).sum(1)  # (seqs, kv_heads, group, head_dim)
     return out.reshape(b, kv_heads * group, d).to(q.dtype)
+
+
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def mask_logits(x: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> None:
+    """In place: row rows[i] of x keeps the tokens whose bit is set in bitmask row i (int32 words, bit t % 32 of
+    word t // 32), the others become -inf."""
+    bitmask = bitmask.to(x.device)
+    allowed = ((bitmask.unsqueeze(-1) >> _BITS.to(x.device)) & 1).bool().view(bitmask.shape[0], -1)[:, :x.shape[1]]
+    rows = rows.to(x.device)
+    x[rows] = x[rows].masked_fill(~allowed, float("-inf"))

@@ -89,7 +89,7 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
                                 min_tokens=req.min_new_tokens or 0, skip_special_tokens=req.skip_special_tokens,
                                 spaces_between_special_tokens=req.spaces_between_special_tokens)
     except UserError as e:
-        raise APIError(400, str(e)) from None
+        raise user_error(e) from None
     job = Job(state, "interactive", rid, claim)
     await job.start(engine, [(prompt_ids, params)], sid if req.interactive_mode else None)
     if req.interactive_mode:  # the next turn sees from the engine's token count whether this one joined

@@ -10,19 +10,20 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
+from lmcli.engine import grammar
 from lmcli.engine.prompt import encode_chat, plain_messages
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
 from lmcli.serve.answer import Job, check_context, respond
-from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, check_messages, parse
+from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, check_messages, parse, user_error
 from lmcli.serve.errors import APIError
 from lmcli.serve.openai_format import ChatFormat, CompletionFormat
 from lmcli.serve.state import ServerState
 
 
 def sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: Optional[int], prompt_len: int,
-                    prompt_field: str, logprobs: Optional[int]) -> SamplingParams:
+                    prompt_field: str, logprobs: Optional[int], grammar: Optional[str]) -> SamplingParams:
     max_tokens = state.output_len(max_tokens)
     check_context(state, prompt_len, max_tokens, prompt_field)
     defaults = state.generation.sampling
@@ -36,9 +37,21 @@ def sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: Optio
             presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty, seed=req.seed,
             stop=stop, stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos, n=req.n,
             logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
-            spaces_between_special_tokens=req.spaces_between_special_tokens)
+            spaces_between_special_tokens=req.spaces_between_special_tokens, grammar=grammar)
     except UserError as e:
-        raise APIError(400, str(e)) from None
+        raise user_error(e) from None
+
+
+async def structured_output(state: ServerState, response_format: Optional[dict]) -> Optional[str]:
+    """The grammar that response_format asks for, compiled here (a worker thread, not the engine's loop), so a
+    schema that cannot be enforced is a 400 before anything starts; None for plain text."""
+    try:
+        text = grammar.grammar_of(response_format)
+        if text is not None and state.grammars is not None:
+            await run_in_threadpool(state.grammars.compile, text)
+    except UserError as e:
+        raise user_error(e) from None
+    return text
 
 
 def min_tokens(req: p.SamplingFields) -> int:
@@ -74,7 +87,6 @@ NEUTRAL = {
     "tool_choice": ((None, "none", "auto"), f"tool calling is {NOT_YET}"),
     "functions": ((None, []), f"function calling is {NOT_YET}"),
     "function_call": ((None, "none", "auto"), f"function calling is {NOT_YET}"),
-    "response_format": ((None, {"type": "text"}), f"structured output (json_object, json_schema) is {NOT_YET}"),
     "do_preprocess": ((True,), "messages always go through the chat template (raw text: /v1/completions)"),
     "audio": ((None,), "audio output is not supported: the models here write text"),
     "modalities": ((None, ["text"]), "the models here write text only"),
@@ -135,7 +147,8 @@ async def chat_completions(request: Request) -> Response:
         raise APIError(400, "max_tokens and max_completion_tokens differ; send one", "max_tokens")
     max_tokens = req.max_completion_tokens or req.max_tokens
     params = sampling_params(state, req, max_tokens, len(prompt_ids), "messages",
-                             (req.top_logprobs or 0) if req.logprobs else None)
+                             (req.top_logprobs or 0) if req.logprobs else None,
+                             await structured_output(state, req.response_format))
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     job = Job(state, "chat", rid, state.claim(req.session_id, [rid]), req.n)
     await job.start(engine, [(prompt_ids, params)])
@@ -159,7 +172,8 @@ async def completions(request: Request) -> Response:
         raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
     prompts = await run_in_threadpool(prompt_ids_of, state.tokenizer, req.prompt)
     echo = [state.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts] if req.echo else None
-    params = [sampling_params(state, req, req.max_tokens, len(ids), "prompt", req.logprobs) for ids in prompts]
+    rules = await structured_output(state, req.response_format)  # one grammar for every prompt
+    params = [sampling_params(state, req, req.max_tokens, len(ids), "prompt", req.logprobs, rules) for ids in prompts]
     if len(prompts) * req.n > 64:
         raise APIError(400, "at most 64 choices per request (prompts times n)", "prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"

@@ -95,6 +95,13 @@ class SamplingFields(Strict):
     user: Optional[str] = Field(None, description="Your end user's id; written to the server log with the request.")
 
 
+RESPONSE_FORMAT = Field(None, description="Structured output, enforced token by token: {\"type\": \"text\"} "
+                        "(the default), {\"type\": \"json_object\"} (any JSON object), {\"type\": \"json_schema\", "
+                        "\"json_schema\": {\"name\": ..., \"schema\": {...}, \"strict\": true}} (JSON valid against "
+                        "the schema), or LMDeploy's {\"type\": \"regex_schema\", \"regex_schema\": \"...\"}. A "
+                        "schema keyword that cannot be enforced is a 400, never ignored.")
+
+
 class ChatCompletionRequest(SamplingFields):
     model: str = Field(description="One of the ids from /v1/models.")
     messages: list[Message] = Field(min_length=1)
@@ -111,11 +118,11 @@ class ChatCompletionRequest(SamplingFields):
                                                "are stored.")
     prompt_cache_key: Optional[str] = Field(None, description="Accepted: the prefix cache here needs no key.")
     safety_identifier: Optional[str] = Field(None, description="Your end user's id, as user.")
+    response_format: Optional[dict] = RESPONSE_FORMAT
     # OpenAI's and LMDeploy's fields for what this server does not do (yet): accepted with the value that asks for
     # nothing, else a 400 naming the field (openai_routes.NEUTRAL says which values and why)
     tools: Optional[list[dict]] = None
     tool_choice: Optional[Union[str, dict]] = None
-    response_format: Optional[dict] = None
     do_preprocess: Any = True
     audio: Any = None
     modalities: Any = None
@@ -146,6 +153,7 @@ class CompletionRequest(SamplingFields):
                                   "supported model does it.")
     best_of: Optional[int] = Field(None, ge=1, description="Only equal to n (or null): choices are not ranked "
                                    "here.")
+    response_format: Optional[dict] = RESPONSE_FORMAT  # vLLM's and LMDeploy's, not OpenAI's
 
 
 class InteractiveRequest(Strict):

@@ -55,6 +55,7 @@ class ServerState:
         if self.options.chat_template:
             self.tokenizer.chat_template = self.options.chat_template
         self.max_len = e.max_len
+        self.grammars = getattr(e, "grammars", None)  # structured output (engine/grammar.py)
         self.generation = e.workspace.generation
         self.model_name = self.options.model_name or e.workspace.model_name
         self.engine = engine

@@ -206,3 +206,42 @@ def test_a_stop_string_before_an_incomplete_character_is_found_and_never_sent():
     cut.add(0)
     cut.add(1)
     assert cut.add(2) and cut.delta(final=True) == "cab"
+
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "city"],
+          "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0},
+                         "city": {"enum": ["Paris", "Rome", "Oslo"]}}}
+
+
+def test_a_json_schema_holds_for_greedy_and_sampled_choices_beside_a_free_request(engine):
+    import json
+
+    import jsonschema
+
+    from lmcli.engine import grammar
+
+    rules = grammar.json_schema(PERSON)
+    ids = chat(engine, "Describe a person.")
+    out = run(engine, {"greedy": (ids, SamplingParams(temperature=0, max_tokens=60, grammar=rules)),
+                       "sampled": (ids, SamplingParams(temperature=1.0, seed=7, n=3, max_tokens=60, grammar=rules)),
+                       "free": (ids, SamplingParams(temperature=0, max_tokens=12))})
+    answers = [out["greedy"][0]] + [out["sampled"][i] for i in range(3)]
+    for tokens, text, last in answers:
+        assert last.finish_reason == "stop", text  # the grammar ended it: no end-of-sequence step needed
+        jsonschema.validate(json.loads(text), PERSON)
+    assert not out["free"][0][1].lstrip().startswith("{")  # the free request beside them was not constrained
+    digits = run(engine, {"r": (ids, SamplingParams(temperature=1.0, seed=1, max_tokens=10,
+                                                    grammar=grammar.regex("[0-9]{3}-[a-z]{2}")))})["r"][0]
+    assert len(digits[1]) == 6 and digits[1][:3].isdigit() and digits[1][3] == "-" and digits[1][4:].islower()
+
+
+def test_a_grammar_that_cannot_be_enforced_is_refused(engine):
+    from lmcli.engine import grammar
+
+    with pytest.raises(UserError) as e:  # "not" is a keyword the grammar library does not implement
+        engine.add_request("bad", [1, 2, 3], SamplingParams(grammar=grammar.json_schema({"not": {"type": "null"}})))
+    assert e.value.param == "response_format" and "not" in str(e.value)
+    with pytest.raises(UserError) as e:
+        SamplingParams(grammar=grammar.json_object(), min_tokens=2)
+    assert e.value.param == "min_tokens"
+    assert not engine.has_work

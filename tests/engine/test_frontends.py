@@ -90,6 +90,17 @@ def test_bench_throughput_prints_both_engines(smollm2_workspace):
     assert re.search(r"batch throughput: [\d.]+x transformers' best", done.stdout)
 
 
+def test_bench_structured_prints_compile_mask_and_both_throughputs(smollm2_workspace):
+    done = run_lm("bench", "structured", smollm2_workspace, "--concurrency", "3", "--output-len", "6", "--repeat", "1",
+                  "--dtype", "float32")
+    assert done.returncode == 0, done.stderr
+    assert re.search(r"a schema cold [\d.]+ ms, cached [\d.]+ ms", done.stdout)
+    for rows in ("1 sequence:", "3 sequences:"):
+        assert re.search(rows + r" fill [\d.]+ ms, apply [\d.]+ ms, consume [\d.]+ ms", done.stdout), done.stdout
+    assert re.search(r"free: 18 tokens in", done.stdout) and re.search(r"json_schema: 18 tokens in", done.stdout)
+    assert re.search(r"constrained throughput: [\d.]+% of free", done.stdout)
+
+
 def test_bench_medians_pick_the_middle_run_per_name():
     from lmcli.bench.throughput import Result, medians
 

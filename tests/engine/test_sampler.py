@@ -94,3 +94,14 @@ def test_logprobs_are_the_model_distribution_with_top_alternatives():
     assert abs(lps[0].logprob - expected[2].item()) < 1e-6
     assert [t for t, _ in lps[0].top] == [2, 3]
     assert abs(lps[0].top[1][1] - expected[3].item()) < 1e-6
+
+
+def test_grammar_masks_limit_their_rows_and_leave_logprobs_the_models():
+    row = [0.0, 1.0, 5.0, 2.0, 0.0, 0.0, 0.0, 0.0]
+    seqs = [seq(SamplingParams(temperature=0, logprobs=2)), seq(SamplingParams(temperature=0, logprobs=2)),
+            seq(SamplingParams(temperature=1.0, seed=3))]
+    bitmask = torch.tensor([[0b1010], [0b10000000]], dtype=torch.int32)  # row 1: tokens 1 and 3; row 2: token 7
+    tokens, lps = sample(logits(row, row, row), seqs, [[], [], []], (torch.tensor([1, 2]), bitmask))
+    assert tokens == [2, 3, 7]  # the free row takes its argmax; the greedy masked row its best allowed token
+    raw = logits(row).log_softmax(-1)[0]
+    assert lps[1].logprob == raw[3].item() and [t for t, _ in lps[1].top] == [2, 3]  # the model's, finite

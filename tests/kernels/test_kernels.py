@@ -735,3 +735,25 @@ def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first, kv8):
     batch.prefills = [(0, 1, 1, tables[0])]  # a prefill chunk in the batch: op by op
     assert kernels.decode_layer(x, residual, norms, weights, cos, sin, batch, *caches, eps, scale, heads, kv_heads,
                                 dim) is None
+
+
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 33), (64, 49152), (2, 100003)])
+def test_native_mask_logits_is_the_reference(rows, n, monkeypatch):
+    """A grammar's bitmask on some rows of the logits: the native kernel writes exactly what the torch reference
+    does (-inf where a bit is clear, every other logit untouched), whatever the vocabulary's remainder mod 32."""
+    torch.manual_seed(n)
+    x = torch.randn(rows + 2, n)
+    picked = torch.arange(rows) + 1  # rows 0 and rows + 1 have no grammar
+    bitmask = torch.randint(-2**31, 2**31 - 1, (rows, (n + 31) // 32), dtype=torch.int32)
+    bitmask[0, 0] = 0b101  # tokens 0 and 2 of the first masked row; token 1 not
+    expected = x.clone()
+    reference.mask_logits(expected, picked, bitmask)
+    called = []
+    monkeypatch.setattr(native, "mask_logits_f32", lambda *a, f=native.mask_logits_f32: called.append(1) or f(*a))
+    got = x.clone()
+    kernels.mask_logits(got, picked, bitmask)
+    assert called and torch.equal(got, expected)
+    assert torch.equal(got[0], x[0]) and torch.equal(got[-1], x[-1])
+    assert got[1, 0] == x[1, 0] and (n < 2 or got[1, 1] == float("-inf"))
+    bits = ((bitmask.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).view(rows, -1)[:, :n].bool()
+    assert torch.equal(got[1:-1].isinf(), ~bits)

@@ -10,9 +10,12 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Literal
 
 import httpx
+import jsonschema
 import openai
+import pydantic
 import pytest
 
 from conftest import REPO
@@ -175,6 +178,44 @@ def test_completions_with_the_openai_sdk(sdk):
                                          stream=True, logprobs=2))
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
     assert sum(len(c.choices[0].logprobs.tokens) for c in chunks) == 8
+
+
+class Person(pydantic.BaseModel):
+    name: str
+    age: int
+    city: Literal["Paris", "Rome", "Oslo"]
+
+
+def test_structured_output_with_the_openai_sdk(sdk, server):
+    ask = [{"role": "user", "content": "Describe a person who lives in Europe."}]
+    parsed = sdk.chat.completions.parse(model=MODEL, messages=ask, response_format=Person, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Person) and parsed.choices[0].finish_reason == "stop"
+    schema = Person.model_json_schema()
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    both = sdk.chat.completions.create(model=MODEL, messages=ask, response_format=response_format, n=2,
+                                       temperature=1.0, seed=3, max_tokens=80)
+    streamed = sdk.chat.completions.create(model=MODEL, messages=ask, response_format=response_format, n=2,
+                                           temperature=1.0, seed=4, max_tokens=80, stream=True)
+    texts = ["", ""]
+    for chunk in streamed:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    texts += [c.message.content for c in both.choices]
+    for text in texts:
+        jsonschema.validate(json.loads(text), schema)
+    regex = {"type": "regex_schema", "regex_schema": "1[89][0-9]{2}"}  # LMDeploy's, on /v1/completions as vLLM
+    year = sdk.completions.create(model=MODEL, prompt="The year the Eiffel Tower was finished:", max_tokens=8,
+                                  extra_body={"response_format": regex})
+    assert re.fullmatch("1[89][0-9]{2}", year.choices[0].text), year.choices[0].text
+    anything = sdk.chat.completions.create(model=MODEL, messages=ask, response_format={"type": "json_object"},
+                                           temperature=0, max_tokens=100)
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+    unenforceable = {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "array", "items": {"type": "integer"}, "uniqueItems": True}}}
+    with pytest.raises(openai.BadRequestError, match="uniqueItems") as e:
+        sdk.chat.completions.create(model=MODEL, messages=ask, response_format=unenforceable)
+    assert e.value.body["param"] == "response_format"
+    pool_is_full(server)
 
 
 def test_errors_with_the_openai_sdk(sdk, server):

@@ -105,6 +105,20 @@ def test_sampling_fields_reach_the_engine(client):
     assert params.logit_bias == ((7, -100.0), (12, 3.5))
 
 
+def test_response_format_reaches_the_engine_as_a_grammar(client):
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+    formats = [({"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}, "answer"),
+               ({"type": "json_object", "json_schema": None, "regex_schema": None}, "object"),  # LMDeploy's nulls
+               ({"type": "regex_schema", "regex_schema": "[0-9]+"}, "[0-9]+"),
+               ({"type": "text"}, None), (None, None)]
+    for route, base in (("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "fake-model", "prompt": "a"})):
+        for response_format, part in formats:
+            r = client.post(route, json={**base, "response_format": response_format})
+            assert r.status_code == 200, r.text
+            grammar = client.engine.added[-1][2].grammar
+            assert grammar is None if part is None else part in grammar, (response_format, grammar)
+
+
 def test_developer_role_and_message_names(client):
     msgs = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ada"},
             {"role": "assistant", "content": "Hello", "name": None}, {"role": "user", "content": "Again"}]
@@ -233,7 +247,14 @@ BAD = [
     ({**CHAT, "store": True}, 400, "store", None),
     ({**CHAT, "reasoning_effort": "high"}, 400, "reasoning_effort", None),
     ({**CHAT, "tool_choice": "required"}, 400, "tool_choice", None),
-    ({**CHAT, "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    ({**CHAT, "response_format": {"type": "xml"}}, 400, "response_format.type", None),
+    ({**CHAT, "response_format": {"type": "json_object", "schema": {}}}, 400, "response_format", None),
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {"type": "string"}}}}},
+     400, "response_format", None),  # a keyword the grammar cannot enforce: never ignored
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}}, 400,
+     "response_format.json_schema", None),
+    ({**CHAT, "response_format": {"type": "regex_schema", "regex_schema": "(unclosed"}}, 400, "response_format", None),
+    ({**CHAT, "response_format": {"type": "json_object"}, "min_tokens": 3}, 400, "min_tokens", None),
     ({**CHAT, "do_preprocess": False}, 400, "do_preprocess", None),
     ({**CHAT, "kwargs": {"session_len": 9}}, 400, "kwargs", None),
     ({**CHAT, "model": "gpt-4"}, 404, "model", "model_not_found"),
