@@ -12,7 +12,9 @@ import typer
 
 from lmcli.commands.options import (ChatTemplateOption, DType, DTypeOption, ModelNameOption, QuantizationOption,
                                     QuantPolicyOption, fail)
+from lmcli.serve.tool_parsers import PARSERS
 
+ToolCallParser = Enum("ToolCallParser", {name: name for name in PARSERS}, type=str)
 NAME = "serve api_server"
 
 
@@ -47,6 +49,10 @@ def api_server(
     chat_template: ChatTemplateOption = None,
     meta_instruction: Annotated[Optional[str], typer.Option(
         help="The system prompt of chats that send none.", show_default=False)] = None,
+    tool_call_parser: Annotated[Optional[ToolCallParser], typer.Option(
+        help="How the model writes tool calls: hermes (<tool_call>{json}</tool_call>: Hermes, Qwen, and what a "
+             "model whose chat template has no tool format is taught) or llama3_json (Llama 3.1+'s JSON calls). "
+             "Default: picked from the chat template.", show_default=False)] = None,
     api_keys: Annotated[Optional[list[str]], typer.Option(
         "--api-keys", help="Accepted API keys (Bearer tokens) for /v1/ paths; repeat the option or separate keys "
         "with commas. Default: no key needed.", show_default=False)] = None,
@@ -115,6 +121,7 @@ def api_server(
 
     keys = tuple(k for value in api_keys or () for k in value.split(",") if k)
     options = ServerOptions(model_name=model_name, chat_template=template, meta_instruction=meta_instruction,
+                            tool_call_parser=tool_call_parser and tool_call_parser.value,
                             api_keys=keys, max_concurrent_requests=max_concurrent_requests,
                             max_output_len=max_output_len,
                             allow_origins=tuple(allow_origins or ()), allow_credentials=allow_credentials,

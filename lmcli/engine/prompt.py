@@ -26,6 +26,9 @@ def plain_messages(messages: list[dict], template: Optional[str]) -> list[dict]:
         elif not isinstance(content, str):
             content = "".join(part.get("text") or part.get("refusal") or "" for part in content)
         message = {"role": "system" if m["role"] == "developer" else m["role"], "content": content}
+        for key in ("tool_calls", "tool_call_id"):  # the tools module writes them as the template takes them
+            if m.get(key):
+                message[key] = m[key]
         if m.get("name"):
             if reads_name:
                 message["name"] = m["name"]

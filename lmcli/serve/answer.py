@@ -17,6 +17,7 @@ from lmcli.serve.common import collected, merge, start
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import RequestTimer
 from lmcli.serve.state import Claim, ServerState
+from lmcli.serve.tool_parsers import ToolParser
 
 
 def check_context(state: ServerState, prompt_len: int, max_tokens: Optional[int], field: str) -> None:
@@ -32,12 +33,14 @@ def check_context(state: ServerState, prompt_len: int, max_tokens: Optional[int]
 
 @dataclass
 class Piece:
-    """What one engine output adds to a choice."""
+    """What one engine output adds to a choice: text (content, with a tool parser: what is not a call), tool call
+    deltas."""
 
     text: str
     token_ids: list[int]
     logprobs: list
     finish_reason: Optional[str]
+    tool_calls: list = field(default_factory=list)
 
 
 @dataclass
@@ -52,23 +55,36 @@ class Choice:
     finish_message: Optional[str] = None
     num_prompt_tokens: int = 0  # with an interactive session: its history too
     num_output_tokens: int = 0
+    parser: Optional[ToolParser] = None  # with tools: finds the calls in the text
+
+    @property
+    def tool_calls(self) -> list:
+        return self.parser.calls if self.parser is not None else []
 
     def add(self, out: Output) -> Piece:
-        self.text += out.text
+        text, calls = out.text, []
+        if self.parser is not None:
+            text, calls = self.parser.feed(out.text, final=out.finish_reason is not None)
+        reason = out.finish_reason
+        if reason == "stop" and self.tool_calls:
+            reason = "tool_calls"
+        self.text += text
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs
-        self.finish_reason = out.finish_reason or self.finish_reason
+        self.finish_reason = reason or self.finish_reason
         self.finish_message = out.finish_message or self.finish_message
         self.num_prompt_tokens, self.num_output_tokens = out.num_prompt_tokens, out.num_output_tokens
-        return Piece(out.text, out.token_ids, out.logprobs, out.finish_reason)
+        return Piece(text, out.token_ids, out.logprobs, reason, calls)
 
 
 class Job:
     """One HTTP request's engine requests (one per prompt, each with n choices) and what ends with them: the
     claim (its engine request ids, one per prompt), the metrics, callbacks."""
 
-    def __init__(self, state: ServerState, endpoint: str, rid: str, claim: Claim, n: int = 1):
+    def __init__(self, state: ServerState, endpoint: str, rid: str, claim: Claim, n: int = 1,
+                 parser: Optional[Callable[[], ToolParser]] = None):
         self.state, self.endpoint, self.rid, self.claim, self.n = state, endpoint, rid, claim, n
+        self.parser = parser  # makes each choice's tool parser
         self.created = int(time.time())
         self.streams: list = []
         self.choices: list[Choice] = []
@@ -89,7 +105,7 @@ class Job:
             raise
         self.prompt_lens = [len(ids) for ids, _ in prompts]
         self.cached = [0] * len(prompts)
-        self.choices = [Choice(i) for i in range(len(prompts) * self.n)]
+        self.choices = [Choice(i, parser=self.parser() if self.parser else None) for i in range(len(prompts) * self.n)]
         self.timer = RequestTimer(self.state.metrics, self.endpoint)
 
     async def run(self) -> AsyncIterator[tuple[Choice, Piece]]:

@@ -43,19 +43,27 @@ async def parse(request: Request, model: type[M]) -> M:
 
 
 def check_messages(messages: list, field: str = "messages") -> None:
-    """What the messages ask that this server cannot do yet, or at all, as a 400 naming the part at fault:
-    tool results and tool calls (until tool calling is built), audio, and content other than text."""
+    """What the messages ask that this server cannot do, as a 400 naming the part at fault: the deprecated
+    function role and function_call, audio, content other than text, malformed tool calls."""
     for i, m in enumerate(messages):
         at = f"{field}.{i}"
-        if m.role in ("tool", "function"):
-            raise APIError(400, f"{m.role} messages carry tool results, and tool calling is not supported by this "
-                                "server yet", f"{at}.role")
-        for name in ("tool_calls", "function_call", "audio"):
+        if m.role == "function":
+            raise APIError(400, "function messages belong to the deprecated functions API; send tool messages",
+                           f"{at}.role")
+        for name in ("function_call", "audio"):
             if getattr(m, name):
-                raise APIError(400, f"{name} in a message is not supported by this server yet (tool calling, "
-                                    "audio)", f"{at}.{name}")
-        if m.content is None and m.refusal is None:
-            raise APIError(400, "a message needs content (or, from the assistant, a refusal)", f"{at}.content")
+                raise APIError(400, f"{name} in a message is not supported here (the deprecated functions API: "
+                                    "use tool_calls; audio: the models read text)", f"{at}.{name}")
+        for k, call in enumerate(m.tool_calls or []):
+            fn = call.get("function") if isinstance(call, dict) else None
+            if m.role != "assistant" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                    not isinstance(fn.get("arguments"), str) or call.get("type", "function") != "function":
+                raise APIError(400, "tool_calls are an assistant's: [{\"id\", \"type\": \"function\", "
+                                    "\"function\": {\"name\": ..., \"arguments\": \"JSON text\"}}]",
+                               f"{at}.tool_calls.{k}")
+        if m.content is None and m.refusal is None and not m.tool_calls:
+            raise APIError(400, "a message needs content (or, from the assistant, a refusal or tool_calls)",
+                           f"{at}.content")
         for k, part in enumerate(m.content if isinstance(m.content, list) else []):
             if part.type not in ("text", "refusal"):
                 raise APIError(400, f"the models here read text only, not {part.type}", f"{at}.content.{k}")

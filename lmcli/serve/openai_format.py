@@ -87,7 +87,7 @@ class OpenAIFormat(Format):
         return sse(data)
 
     def wanted(self, piece: Piece) -> bool:
-        return bool(piece.text or piece.finish_reason or (self.logprobs and piece.token_ids))
+        return bool(piece.text or piece.tool_calls or piece.finish_reason or (self.logprobs and piece.token_ids))
 
     def tail(self) -> list[bytes]:
         return [self.chunk([], self.job.usage())] if self.include_usage else []
@@ -109,16 +109,26 @@ class ChatFormat(OpenAIFormat):
         if not self.wanted(piece):
             return None
         lp = chat_logprobs(self.tokenizer, piece.token_ids, piece.logprobs) if self.logprobs else None
-        return self.chunk([p.ChatChunkChoice(index=choice.index, delta=p.Delta(content=piece.text), logprobs=lp,
+        calls = [p.ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
+                                 function=p.FunctionDelta(name=d.name, arguments=d.arguments))
+                 for d in piece.tool_calls] or None
+        delta = p.Delta(content=piece.text if piece.text or not calls else None, tool_calls=calls)
+        return self.chunk([p.ChatChunkChoice(index=choice.index, delta=delta, logprobs=lp,
                                              finish_reason=piece.finish_reason)])
 
     def body(self) -> p.ChatCompletionResponse:
-        choices = [p.ChatChoice(index=c.index, message=p.ChatMessage(content=c.text), finish_reason=c.finish_reason,
+        choices = [p.ChatChoice(index=c.index, message=message(c), finish_reason=c.finish_reason,
                                 logprobs=chat_logprobs(self.tokenizer, c.token_ids, c.logprobs)
                                 if self.logprobs else None)
                    for c in self.job.choices]
         return p.ChatCompletionResponse(id=self.job.rid, created=self.job.created, model=self.model,
                                         choices=choices, usage=self.job.usage())
+
+
+def message(c: Choice) -> p.ChatMessage:
+    """A choice's message: its text, and its tool calls (text that is only whitespace beside them: null)."""
+    calls = [p.ToolCall(id=t.id, function=p.FunctionCall(name=t.name, arguments=t.arguments)) for t in c.tool_calls]
+    return p.ChatMessage(content=None if calls and not c.text.strip() else c.text, tool_calls=calls or None)
 
 
 class CompletionFormat(OpenAIFormat):

@@ -18,7 +18,9 @@ from lmcli.serve import protocol as p
 from lmcli.serve.answer import Job, check_context, respond
 from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, check_messages, parse, user_error
 from lmcli.serve.errors import APIError
+from lmcli.serve import tools
 from lmcli.serve.openai_format import ChatFormat, CompletionFormat
+from lmcli.serve.tool_parsers import PARSERS
 from lmcli.serve.state import ServerState
 
 
@@ -43,15 +45,23 @@ def sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: Optio
 
 
 async def structured_output(state: ServerState, response_format: Optional[dict]) -> Optional[str]:
-    """The grammar that response_format asks for, compiled here (a worker thread, not the engine's loop), so a
-    schema that cannot be enforced is a 400 before anything starts; None for plain text."""
+    """The grammar that response_format asks for, compiled; None for plain text."""
     try:
-        text = grammar.grammar_of(response_format)
-        if text is not None and state.grammars is not None:
-            await run_in_threadpool(state.grammars.compile, text)
+        rules = grammar.grammar_of(response_format)
     except UserError as e:
         raise user_error(e) from None
-    return text
+    return await compiled(state, rules, "response_format")
+
+
+async def compiled(state: ServerState, rules: Optional[str], field: str) -> Optional[str]:
+    """Compile a grammar here (a worker thread, not the engine's loop), so that one that cannot be enforced is a
+    400 naming `field` before anything starts."""
+    if rules is not None and state.grammars is not None:
+        try:
+            await run_in_threadpool(state.grammars.compile, rules, field)
+        except UserError as e:
+            raise user_error(e) from None
+    return rules
 
 
 def min_tokens(req: p.SamplingFields) -> int:
@@ -83,10 +93,8 @@ def _pick(value, default, fallback):
 # The chat fields of OpenAI and LMDeploy for what this server does not do: the values that ask for nothing
 NOT_YET = "not supported by this server yet"
 NEUTRAL = {
-    "tools": ((None, []), f"tool calling is {NOT_YET}"),
-    "tool_choice": ((None, "none", "auto"), f"tool calling is {NOT_YET}"),
-    "functions": ((None, []), f"function calling is {NOT_YET}"),
-    "function_call": ((None, "none", "auto"), f"function calling is {NOT_YET}"),
+    "functions": ((None, []), "the deprecated functions API is not served; send tools"),
+    "function_call": ((None, "none", "auto"), "the deprecated functions API is not served; send tool_choice"),
     "do_preprocess": ((True,), "messages always go through the chat template (raw text: /v1/completions)"),
     "audio": ((None,), "audio output is not supported: the models here write text"),
     "modalities": ((None, ["text"]), "the models here write text only"),
@@ -134,10 +142,20 @@ async def chat_completions(request: Request) -> Response:
         if getattr(req, field) not in neutral:
             raise APIError(400, f"{field}: {why}; send {' or '.join(json.dumps(v) for v in neutral)}", field)
     check_messages(req.messages)
-    messages = plain_messages([m.model_dump() for m in req.messages], state.tokenizer.chat_template)
+    template = state.tokenizer.chat_template
+    plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls, state.tool_parser)
+    if plan.calls_tools and req.response_format not in (None, {"type": "text"}):
+        raise APIError(400, "response_format cannot be combined with tools unless tool_choice is \"none\"",
+                       "response_format")
+    messages = plain_messages([m.model_dump() for m in req.messages], template)
+    messages = tools.history(messages, template, plan.parser)
+    template_kwargs = {**(req.chat_template_kwargs or {}),
+                       **({} if req.enable_thinking is None else {"enable_thinking": req.enable_thinking})}
+    if plan.calls_tools and tools.renders_tools(template):
+        template_kwargs["tools"] = plan.tools
+    elif plan.calls_tools:
+        messages = tools.with_tools(messages, plan.tools, state.options.meta_instruction)
     try:
-        template_kwargs = {**(req.chat_template_kwargs or {}),
-                           **({} if req.enable_thinking is None else {"enable_thinking": req.enable_thinking})}
         prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages, state.options.meta_instruction,
                                              template_kwargs)
     except TEMPLATE_ERRORS as e:
@@ -146,11 +164,14 @@ async def chat_completions(request: Request) -> Response:
             req.max_tokens != req.max_completion_tokens:
         raise APIError(400, "max_tokens and max_completion_tokens differ; send one", "max_tokens")
     max_tokens = req.max_completion_tokens or req.max_tokens
+    parallel = req.parallel_tool_calls is not False
+    forced = tools.forced_grammar(plan, parallel)  # a call, for tool_choice required or a named function
+    rules = await compiled(state, forced, "tools") if forced else await structured_output(state, req.response_format)
     params = sampling_params(state, req, max_tokens, len(prompt_ids), "messages",
-                             (req.top_logprobs or 0) if req.logprobs else None,
-                             await structured_output(state, req.response_format))
+                             (req.top_logprobs or 0) if req.logprobs else None, rules)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    job = Job(state, "chat", rid, state.claim(req.session_id, [rid]), req.n)
+    parser = (lambda: PARSERS[plan.parser](single=not parallel)) if plan.calls_tools else None
+    job = Job(state, "chat", rid, state.claim(req.session_id, [rid]), req.n, parser)
     await job.start(engine, [(prompt_ids, params)])
     log_user(req.user or req.safety_identifier, rid)
     fmt = ChatFormat(job, state.tokenizer, state.model_name, include_usage, req.logprobs)

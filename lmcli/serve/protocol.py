@@ -3,7 +3,7 @@ and they are the OpenAPI schema. Field names follow OpenAI, and LMDeploy for /v1
 
 from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 # ---- requests ----
 
@@ -43,9 +43,12 @@ class Message(Strict):
     name: Optional[str] = Field(None, description="Who speaks: passed to the chat template where it reads it, "
                                 "else written before the content as `name: `.")
     refusal: Optional[str] = Field(None, description="An assistant's earlier refusal, read as its content.")
-    tool_calls: Optional[list[dict]] = Field(None, description="Null or [] until tool calling is built.")
-    function_call: Optional[dict] = Field(None, description="Null until function calling is built.")
-    tool_call_id: Optional[str] = Field(None, description="Only on tool messages, which are a 400 for now.")
+    tool_calls: Optional[list[dict]] = Field(None, description="An assistant's earlier calls, as this server "
+                                             "answered them: [{\"id\", \"type\": \"function\", \"function\": "
+                                             "{\"name\", \"arguments\"}}].")
+    function_call: Optional[dict] = Field(None, description="The deprecated functions API: null only (use "
+                                          "tool_calls).")
+    tool_call_id: Optional[str] = Field(None, description="On a tool message: the call it answers.")
     audio: Optional[dict] = Field(None, description="Null: the models here read and write text only.")
 
 
@@ -113,16 +116,22 @@ class ChatCompletionRequest(SamplingFields):
                                             "(templates that do not read it ignore it).")
     chat_template_kwargs: Optional[dict[str, Any]] = Field(None, description="More variables for the chat "
                                                            "template (vLLM).")
-    parallel_tool_calls: Optional[bool] = Field(None, description="Accepted: there are no tools to call yet.")
+    parallel_tool_calls: Optional[bool] = Field(None, description="false: at most one tool call per answer. "
+                                                "Default: true.")
     metadata: Optional[dict[str, str]] = Field(None, description="Accepted: it tags stored completions, and none "
                                                "are stored.")
     prompt_cache_key: Optional[str] = Field(None, description="Accepted: the prefix cache here needs no key.")
     safety_identifier: Optional[str] = Field(None, description="Your end user's id, as user.")
     response_format: Optional[dict] = RESPONSE_FORMAT
+    tools: Optional[list[dict]] = Field(None, description="Functions the model may call: [{\"type\": \"function\", "
+                                        "\"function\": {\"name\", \"description\", \"parameters\": a JSON "
+                                        "schema}}].")
+    tool_choice: Optional[Union[str, dict]] = Field(None, description="\"none\", \"auto\" (the default with "
+                                                    "tools), \"required\" (at least one call, enforced), or "
+                                                    "{\"type\": \"function\", \"function\": {\"name\": ...}} "
+                                                    "(that function, enforced).")
     # OpenAI's and LMDeploy's fields for what this server does not do (yet): accepted with the value that asks for
     # nothing, else a 400 naming the field (openai_routes.NEUTRAL says which values and why)
-    tools: Optional[list[dict]] = None
-    tool_choice: Optional[Union[str, dict]] = None
     do_preprocess: Any = True
     audio: Any = None
     modalities: Any = None
@@ -242,16 +251,38 @@ class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str = Field(description="The arguments as JSON text, as the model wrote them.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str] = Field(description="Null when the answer is only tool calls.")
+    tool_calls: Optional[list[ToolCall]] = Field(None, description="Left out when there are none, as OpenAI does.")
+
+    @model_serializer(mode="wrap")
+    def _without_empty_calls(self, handler):
+        data = handler(self)
+        if data.get("tool_calls") is None:
+            data.pop("tool_calls", None)
+        return data
+
+
+FinishReason = Literal["stop", "length", "abort", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int
     message: ChatMessage
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Literal["stop", "length", "abort"]
+    finish_reason: FinishReason
 
 
 class ChatCompletionResponse(BaseModel):
@@ -263,16 +294,31 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class FunctionDelta(BaseModel):
+    name: Optional[str] = None
+    arguments: Optional[str] = None
+
+
+class ToolCallDelta(BaseModel):
+    """A call's first delta has its id, type and name (arguments empty); the later ones fragments of arguments."""
+
+    index: int
+    id: Optional[str] = None
+    type: Optional[Literal["function"]] = None
+    function: FunctionDelta
+
+
 class Delta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCallDelta]] = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int
     delta: Delta
     logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length", "abort"]] = None
+    finish_reason: Optional[FinishReason] = None
 
 
 class ChatCompletionChunk(BaseModel):

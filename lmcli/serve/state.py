@@ -8,6 +8,7 @@ from typing import Optional
 from lmcli.engine.async_engine import AsyncEngine
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import Metrics
+from lmcli.serve.tool_parsers import default_parser
 
 
 @dataclass(frozen=True)
@@ -15,6 +16,7 @@ class ServerOptions:
     model_name: Optional[str] = None  # default: the workspace's
     chat_template: Optional[str] = None  # the template's text, instead of the model's own
     meta_instruction: Optional[str] = None  # the system prompt of requests that have none
+    tool_call_parser: Optional[str] = None  # tool_parsers.PARSERS name; default: picked from the chat template
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: Optional[int] = None
     max_output_len: Optional[int] = None  # the most tokens one answer gets, whatever it asks
@@ -56,6 +58,7 @@ class ServerState:
             self.tokenizer.chat_template = self.options.chat_template
         self.max_len = e.max_len
         self.grammars = getattr(e, "grammars", None)  # structured output (engine/grammar.py)
+        self.tool_parser = self.options.tool_call_parser or default_parser(self.tokenizer.chat_template)
         self.generation = e.workspace.generation
         self.model_name = self.options.model_name or e.workspace.model_name
         self.engine = engine

@@ -43,8 +43,9 @@ class FakeRequest:
 
 
 class FakeEngine:
-    def __init__(self, max_len: int = 256, step_delay: float = 0.0, fail_after: int = -1):
+    def __init__(self, max_len: int = 256, step_delay: float = 0.0, fail_after: int = -1, answer: str = ANSWER):
         self.tokenizer = FakeTokenizer()
+        self.answer = answer  # what every request gets, a character a step
         self.max_len = max_len
         self.step_delay = step_delay  # seconds per step, to keep requests running
         self.fail_after = fail_after  # raise in this step (a dead engine)
@@ -88,7 +89,7 @@ class FakeEngine:
                     continue
                 p = r.params
                 pos = len(r.out)
-                tok = ord(ANSWER[pos]) if pos < len(ANSWER) else ord("x") if p.ignore_eos else EOS
+                tok = ord(self.answer[pos]) if pos < len(self.answer) else ord("x") if p.ignore_eos else EOS
                 r.out.append(tok)
                 text = "" if tok == EOS else chr(tok)
                 reason = None

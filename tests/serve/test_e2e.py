@@ -218,6 +218,51 @@ def test_structured_output_with_the_openai_sdk(sdk, server):
     pool_is_full(server)
 
 
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city today.",
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "The time in a time zone.",
+                                         "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                                                        "required": ["zone"]}}}
+
+
+def test_tool_calls_with_the_openai_sdk(sdk, server):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in (WEATHER, TIME)}
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        # one call: a small model offered more keeps calling until max_tokens
+        done = sdk.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, TIME], tool_choice=choice,
+                                           temperature=0, max_tokens=120, parallel_tool_calls=False)
+        c = done.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls, c
+        for call in c.message.tool_calls:
+            jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+        if isinstance(choice, dict):
+            assert {call.function.name for call in c.message.tool_calls} == {"get_weather"}
+        stream = sdk.chat.completions.create(model=MODEL, messages=ask, tools=[WEATHER, TIME], tool_choice=choice,
+                                             temperature=0, max_tokens=120, stream=True, parallel_tool_calls=False)
+        calls, reasons = {}, []
+        for chunk in stream:
+            for ch in chunk.choices:
+                reasons.append(ch.finish_reason)
+                for d in ch.delta.tool_calls or []:
+                    if d.id:
+                        calls[d.index] = [d.function.name, ""]
+                    calls[d.index][1] += d.function.arguments or ""
+        assert "tool_calls" in reasons and calls
+        assert [[call.function.name, call.function.arguments] for call in c.message.tool_calls] == \
+            [calls[i] for i in sorted(calls)]  # greedy: the same calls, streamed or not
+    first = c.message.tool_calls[0]
+    answer = sdk.chat.completions.create(model=MODEL, temperature=0, max_tokens=40, tools=[WEATHER], messages=ask + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": first.id, "type": "function", "function": {"name": first.function.name,
+                                                              "arguments": first.function.arguments}}]},
+        {"role": "tool", "tool_call_id": first.id, "content": '{"temperature": 21, "sky": "sunny"}'}])
+    assert answer.choices[0].message.content or answer.choices[0].message.tool_calls
+    pool_is_full(server)
+
+
 def test_errors_with_the_openai_sdk(sdk, server):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         sdk.chat.completions.create(model="gpt-4", messages=FRANCE)

@@ -18,6 +18,7 @@ from lmcli.serve.state import ServerOptions
 from servers import serve_in_thread
 
 CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 
 def make_app(engine=None, **options):
@@ -241,7 +242,18 @@ BAD = [
     ({**CHAT, "messages": [{"role": "robot", "content": "x"}]}, 400, "messages.0.role", "invalid_value"),
     ({**CHAT, "messages": [{"role": "user", "content": "x", "name": 5}]}, 400, "messages.0.name", "invalid_value"),
     ({**CHAT, "messages": [{"role": "user", "content": 1}]}, 400, "messages.0.content", "invalid_value"),
-    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", None),
+    ({**CHAT, "tools": [{"type": "custom", "custom": {"name": "f"}}]}, 400, "tools.0", None),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}, 400, "tools.0.function.name", None),
+    ({**CHAT, "tools": [TOOL, TOOL]}, 400, "tools", None),
+    ({**CHAT, "tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice",
+     None),
+    ({**CHAT, "tools": [TOOL], "tool_choice": "sometimes"}, 400, "tool_choice", None),
+    ({**CHAT, "tools": [TOOL], "response_format": {"type": "json_object"}}, 400, "response_format", None),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties":
+        {"a": {"type": "array", "uniqueItems": True}}}}}], "tool_choice": "required"}, 400, "tools", None),
+    ({**CHAT, "messages": [{"role": "function", "name": "f", "content": "1"}]}, 400, "messages.0.role", None),
+    ({**CHAT, "messages": [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}]}, 400,
+     "messages.0.tool_calls.0", None),
     ({**CHAT, "audio": {"voice": "alloy", "format": "mp3"}}, 400, "audio", None),
     ({**CHAT, "modalities": ["text", "audio"]}, 400, "modalities", None),
     ({**CHAT, "store": True}, 400, "store", None),
@@ -570,3 +582,73 @@ def test_close_waits_for_the_step_in_flight():
     engine.release.set()
     closer.join(60)
     assert not closer.is_alive() and engine.events == ["step ended", "closed"]
+
+
+CALLING = 'Sure.<tool_call>\n{"name": "f", "arguments": {"x": [1, "}"]}}\n</tool_call>'
+
+
+def tool_client():
+    app, engine = make_app(FakeEngine(max_len=4096, answer=CALLING))
+    client = TestClient(app)
+    client.engine = engine.engine
+    return client
+
+
+def test_tool_calls_in_the_answer_and_the_history():
+    history = [{"role": "user", "content": "Hi"},
+               {"role": "assistant", "content": None, "tool_calls": [
+                   {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 2}'}}]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+    with tool_client() as client:
+        r = client.post("/v1/chat/completions", json={**CHAT, "messages": history, "tools": [TOOL]})
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Sure."
+        (call,) = choice["message"]["tool_calls"]
+        assert call["type"] == "function" and call["id"].startswith("call_")
+        assert call["function"] == {"name": "f", "arguments": '{"x": [1, "}"]}'}
+        prompt = "".join(map(chr, client.engine.added[-1][1]))
+        assert prompt.startswith("<system>You can call functions") and '"name": "f"' in prompt  # the tools taught
+        assert '<assistant><tool_call>\n{"name": "f", "arguments": {"x": 2}}\n</tool_call></assistant>' in prompt
+        assert "<user><tool_response>\n42\n</tool_response></user>" in prompt
+        plain = client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL], "tool_choice": "none"}).json()
+        assert plain["choices"][0]["message"] == {"role": "assistant", "content": CALLING}  # none: no parsing
+        assert "You can call" not in "".join(map(chr, client.engine.added[-1][1]))
+
+
+def test_streamed_tool_calls_follow_openais_format():
+    with tool_client() as client:
+        r = client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL], "stream": True, "n": 2})
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        for i in (0, 1):
+            deltas = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == i]
+            assert "".join(d["delta"].get("content") or "" for d in deltas) == "Sure."
+            calls = [d["delta"]["tool_calls"] for d in deltas if "tool_calls" in d["delta"]]
+            assert all(len(c) == 1 and c[0]["index"] == 0 for c in calls)  # never an empty array
+            first, rest = calls[0][0], [c[0] for c in calls[1:]]
+            assert first["id"].startswith("call_") and first["type"] == "function"
+            assert first["function"] == {"name": "f", "arguments": ""}
+            assert all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"} for c in rest)
+            assert "".join(c["function"]["arguments"] for c in rest) == '{"x": [1, "}"]}'
+            assert len(rest) > 1  # the arguments stream as they come
+            assert deltas[-1]["finish_reason"] == "tool_calls"
+            assert all("content" not in d["delta"] for d in deltas if "tool_calls" in d["delta"])
+
+
+def test_forced_tool_choice_sends_a_grammar_and_parallel_false_keeps_one_call():
+    with tool_client() as client:
+        for choice in ("required", {"type": "function", "function": {"name": "f"}}):
+            r = client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL], "tool_choice": choice,
+                                                          "parallel_tool_calls": False})
+            assert r.status_code == 200, r.text
+            rules = client.engine.added[-1][2].grammar
+            assert "<tool_call>" in rules and '"const": "f"' in rules and "call)*" not in rules
+        assert client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL]}).status_code == 200
+        assert client.engine.added[-1][2].grammar is None  # auto: the model decides
+    app, _ = make_app(FakeEngine(max_len=4096, answer=CALLING + "<tool_call>{\"name\": \"f\", \"arguments\": {}}"
+                                                                "</tool_call>"))
+    with TestClient(app) as client:
+        both = client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL]}).json()
+        one = client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL], "parallel_tool_calls": False}).json()
+        assert len(both["choices"][0]["message"]["tool_calls"]) == 2
+        assert len(one["choices"][0]["message"]["tool_calls"]) == 1

@@ -11,6 +11,7 @@ from openai.types import completion_create_params as completion_params
 from openai.types.chat import completion_create_params as chat_params
 from starlette.testclient import TestClient
 
+from fake_engine import FakeEngine
 from test_http_layer import CHAT, make_app
 
 COMPLETION = {"model": "fake-model", "prompt": "Hi"}
@@ -38,7 +39,7 @@ def openai_fields(params) -> list[str]:
 
 @pytest.fixture(scope="module")
 def client():
-    app, _ = make_app()
+    app, _ = make_app(FakeEngine(max_len=4096))  # room for the tools' description in the prompt
     with TestClient(app) as c:
         yield c
 
@@ -106,7 +107,7 @@ MESSAGES = {
     "ChatCompletionAssistantMessageParam": ({"role": "assistant", "content": "Hello"}, {
         "name": "bot", "refusal": "I cannot.", "audio": {"id": "a1"}, "tool_calls": [CALL],
         "function_call": {"name": "f", "arguments": "{}"}}),
-    "ChatCompletionToolMessageParam": ({"role": "tool", "content": "42", "tool_call_id": "c1"}, {}),
+    "ChatCompletionToolMessageParam": ({"role": "tool", "content": "42"}, {"tool_call_id": "c1"}),
     "ChatCompletionFunctionMessageParam": ({"role": "function", "content": "42", "name": "f"}, {}),
 }
 PARTS = {"text": {"type": "text", "text": "Hi"}, "image_url": {"type": "image_url", "image_url": {"url": "x"}},
@@ -124,7 +125,7 @@ def test_every_openai_message_field_and_content_part(client):
         fields = set(getattr(chat, name).__annotations__)
         assert fields <= set(message) | set(real), (name, fields - set(message) - set(real))  # new: give a value
         plain = send(message)
-        refused_role = message["role"] in ("tool", "function")
+        refused_role = message["role"] == "function"  # the deprecated functions API
         assert plain.status_code == (400 if refused_role else 200), (name, plain.text)
         if refused_role:
             assert plain.json()["error"]["param"] == "messages.0.role" and "tool" in plain.json()["error"]["message"]
@@ -135,6 +136,7 @@ def test_every_openai_message_field_and_content_part(client):
             assert r.status_code == 200 or r.json()["error"]["param"] == f"messages.0.{field}", (name, field, r.text)
     assert send({"role": "assistant", "content": None, "refusal": "I cannot."}).status_code == 200
     assert send({"role": "assistant", "content": None}).json()["error"]["param"] == "messages.0.content"
+    assert send({"role": "assistant", "content": None, "tool_calls": [CALL]}).status_code == 200
     parts = {typing.get_args(typing.get_type_hints(cls)["type"])[0]
              for cls in typing.get_args(chat.ChatCompletionContentPartParam)}
     assert parts <= set(PARTS), parts - set(PARTS)
