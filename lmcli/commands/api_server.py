@@ -12,9 +12,11 @@ import typer
 
 from lmcli.commands.options import (ChatTemplateOption, DType, DTypeOption, ModelNameOption, QuantizationOption,
                                     QuantPolicyOption, fail)
+from lmcli.serve.reasoning import REASONING_PARSERS
 from lmcli.serve.tool_parsers import PARSERS
 
 ToolCallParser = Enum("ToolCallParser", {name: name for name in PARSERS}, type=str)
+ReasoningParser = Enum("ReasoningParser", {name: name for name in REASONING_PARSERS}, type=str)
 NAME = "serve api_server"
 
 
@@ -53,6 +55,10 @@ def api_server(
         help="How the model writes tool calls: hermes (<tool_call>{json}</tool_call>: Hermes, Qwen, and what a "
              "model whose chat template has no tool format is taught) or llama3_json (Llama 3.1+'s JSON calls). "
              "Default: picked from the chat template.", show_default=False)] = None,
+    reasoning_parser: Annotated[Optional[ReasoningParser], typer.Option(
+        help="Put the model's reasoning in reasoning_content: think (a <think>...</think> block opening the answer: "
+             "Qwen 3, QwQ) or deepseek_r1 (the answer starts in reasoning until </think>). Default: none, the "
+             "reasoning stays in content.", show_default=False)] = None,
     api_keys: Annotated[Optional[list[str]], typer.Option(
         "--api-keys", help="Accepted API keys (Bearer tokens) for /v1/ paths; repeat the option or separate keys "
         "with commas. Default: no key needed.", show_default=False)] = None,
@@ -122,6 +128,7 @@ def api_server(
     keys = tuple(k for value in api_keys or () for k in value.split(",") if k)
     options = ServerOptions(model_name=model_name, chat_template=template, meta_instruction=meta_instruction,
                             tool_call_parser=tool_call_parser and tool_call_parser.value,
+                            reasoning_parser=reasoning_parser and reasoning_parser.value,
                             api_keys=keys, max_concurrent_requests=max_concurrent_requests,
                             max_output_len=max_output_len,
                             allow_origins=tuple(allow_origins or ()), allow_credentials=allow_credentials,

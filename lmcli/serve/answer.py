@@ -17,6 +17,7 @@ from lmcli.serve.common import collected, merge, start
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import RequestTimer
 from lmcli.serve.state import Claim, ServerState
+from lmcli.serve.reasoning import ThinkParser
 from lmcli.serve.tool_parsers import ToolParser
 
 
@@ -41,6 +42,7 @@ class Piece:
     logprobs: list
     finish_reason: Optional[str]
     tool_calls: list = field(default_factory=list)
+    reasoning: str = ""
 
 
 @dataclass
@@ -56,25 +58,30 @@ class Choice:
     num_prompt_tokens: int = 0  # with an interactive session: its history too
     num_output_tokens: int = 0
     parser: Optional[ToolParser] = None  # with tools: finds the calls in the text
+    reasoner: Optional[ThinkParser] = None  # with --reasoning-parser: takes the reasoning out of the text
+    reasoning: str = ""
 
     @property
     def tool_calls(self) -> list:
         return self.parser.calls if self.parser is not None else []
 
     def add(self, out: Output) -> Piece:
-        text, calls = out.text, []
+        text, calls, reasoning, final = out.text, [], "", out.finish_reason is not None
+        if self.reasoner is not None:
+            reasoning, text = self.reasoner.feed(text, final)
         if self.parser is not None:
-            text, calls = self.parser.feed(out.text, final=out.finish_reason is not None)
+            text, calls = self.parser.feed(text, final)
         reason = out.finish_reason
         if reason == "stop" and self.tool_calls:
             reason = "tool_calls"
         self.text += text
+        self.reasoning += reasoning
         self.token_ids += out.token_ids
         self.logprobs += out.logprobs
         self.finish_reason = reason or self.finish_reason
         self.finish_message = out.finish_message or self.finish_message
         self.num_prompt_tokens, self.num_output_tokens = out.num_prompt_tokens, out.num_output_tokens
-        return Piece(text, out.token_ids, out.logprobs, reason, calls)
+        return Piece(text, out.token_ids, out.logprobs, reason, calls, reasoning)
 
 
 class Job:
@@ -82,9 +89,10 @@ class Job:
     claim (its engine request ids, one per prompt), the metrics, callbacks."""
 
     def __init__(self, state: ServerState, endpoint: str, rid: str, claim: Claim, n: int = 1,
-                 parser: Optional[Callable[[], ToolParser]] = None):
+                 parser: Optional[Callable[[], ToolParser]] = None,
+                 reasoner: Optional[Callable[[], ThinkParser]] = None):
         self.state, self.endpoint, self.rid, self.claim, self.n = state, endpoint, rid, claim, n
-        self.parser = parser  # makes each choice's tool parser
+        self.parser, self.reasoner = parser, reasoner  # make each choice's tool and reasoning parsers
         self.created = int(time.time())
         self.streams: list = []
         self.choices: list[Choice] = []
@@ -105,7 +113,9 @@ class Job:
             raise
         self.prompt_lens = [len(ids) for ids, _ in prompts]
         self.cached = [0] * len(prompts)
-        self.choices = [Choice(i, parser=self.parser() if self.parser else None) for i in range(len(prompts) * self.n)]
+        self.choices = [Choice(i, parser=self.parser() if self.parser else None,
+                               reasoner=self.reasoner() if self.reasoner else None)
+                        for i in range(len(prompts) * self.n)]
         self.timer = RequestTimer(self.state.metrics, self.endpoint)
 
     async def run(self) -> AsyncIterator[tuple[Choice, Piece]]:

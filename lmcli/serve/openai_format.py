@@ -87,7 +87,8 @@ class OpenAIFormat(Format):
         return sse(data)
 
     def wanted(self, piece: Piece) -> bool:
-        return bool(piece.text or piece.tool_calls or piece.finish_reason or (self.logprobs and piece.token_ids))
+        return bool(piece.text or piece.reasoning or piece.tool_calls or piece.finish_reason
+                    or (self.logprobs and piece.token_ids))
 
     def tail(self) -> list[bytes]:
         return [self.chunk([], self.job.usage())] if self.include_usage else []
@@ -112,7 +113,8 @@ class ChatFormat(OpenAIFormat):
         calls = [p.ToolCallDelta(index=d.index, id=d.id, type="function" if d.id else None,
                                  function=p.FunctionDelta(name=d.name, arguments=d.arguments))
                  for d in piece.tool_calls] or None
-        delta = p.Delta(content=piece.text if piece.text or not calls else None, tool_calls=calls)
+        delta = p.Delta(content=piece.text if piece.text or not (calls or piece.reasoning) else None,
+                        reasoning_content=piece.reasoning or None, tool_calls=calls)
         return self.chunk([p.ChatChunkChoice(index=choice.index, delta=delta, logprobs=lp,
                                              finish_reason=piece.finish_reason)])
 
@@ -128,7 +130,8 @@ class ChatFormat(OpenAIFormat):
 def message(c: Choice) -> p.ChatMessage:
     """A choice's message: its text, and its tool calls (text that is only whitespace beside them: null)."""
     calls = [p.ToolCall(id=t.id, function=p.FunctionCall(name=t.name, arguments=t.arguments)) for t in c.tool_calls]
-    return p.ChatMessage(content=None if calls and not c.text.strip() else c.text, tool_calls=calls or None)
+    return p.ChatMessage(content=None if calls and not c.text.strip() else c.text,
+                         reasoning_content=c.reasoning or None if c.reasoner else None, tool_calls=calls or None)
 
 
 class CompletionFormat(OpenAIFormat):

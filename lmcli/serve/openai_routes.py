@@ -20,6 +20,7 @@ from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, check_messages, pa
 from lmcli.serve.errors import APIError
 from lmcli.serve import tools
 from lmcli.serve.openai_format import ChatFormat, CompletionFormat
+from lmcli.serve.reasoning import REASONING_PARSERS
 from lmcli.serve.tool_parsers import PARSERS
 from lmcli.serve.state import ServerState
 
@@ -171,7 +172,9 @@ async def chat_completions(request: Request) -> Response:
                              (req.top_logprobs or 0) if req.logprobs else None, rules)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     parser = (lambda: PARSERS[plan.parser](single=not parallel)) if plan.calls_tools else None
-    job = Job(state, "chat", rid, state.claim(req.session_id, [rid]), req.n, parser)
+    name = state.options.reasoning_parser
+    job = Job(state, "chat", rid, state.claim(req.session_id, [rid]), req.n, parser,
+              REASONING_PARSERS[name] if name else None)
     await job.start(engine, [(prompt_ids, params)])
     log_user(req.user or req.safety_identifier, rid)
     fmt = ChatFormat(job, state.tokenizer, state.model_name, include_usage, req.logprobs)

@@ -265,13 +265,16 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: Optional[str] = Field(description="Null when the answer is only tool calls.")
+    reasoning_content: Optional[str] = Field(None, description="With --reasoning-parser: the model's reasoning. "
+                                             "Left out when there is none.")
     tool_calls: Optional[list[ToolCall]] = Field(None, description="Left out when there are none, as OpenAI does.")
 
     @model_serializer(mode="wrap")
-    def _without_empty_calls(self, handler):
+    def _without_empty_fields(self, handler):
         data = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
+        for key in ("reasoning_content", "tool_calls"):
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -311,6 +314,7 @@ class ToolCallDelta(BaseModel):
 class Delta(BaseModel):
     role: Optional[Literal["assistant"]] = None
     content: Optional[str] = None
+    reasoning_content: Optional[str] = None
     tool_calls: Optional[list[ToolCallDelta]] = None
 
 

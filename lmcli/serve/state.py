@@ -17,6 +17,7 @@ class ServerOptions:
     chat_template: Optional[str] = None  # the template's text, instead of the model's own
     meta_instruction: Optional[str] = None  # the system prompt of requests that have none
     tool_call_parser: Optional[str] = None  # tool_parsers.PARSERS name; default: picked from the chat template
+    reasoning_parser: Optional[str] = None  # reasoning.REASONING_PARSERS name; default: none
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: Optional[int] = None
     max_output_len: Optional[int] = None  # the most tokens one answer gets, whatever it asks

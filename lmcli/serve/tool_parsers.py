@@ -168,7 +168,7 @@ class HermesParser(ToolParser):
             if self.state == "text":
                 at = self.buffer.find(self.START)
                 if at < 0:
-                    keep = 0 if final else _partial_suffix(self.buffer, self.START)
+                    keep = 0 if final else partial_suffix(self.buffer, self.START)
                     content += self.buffer[:len(self.buffer) - keep]
                     self.buffer = self.buffer[len(self.buffer) - keep:]
                     break
@@ -248,7 +248,7 @@ class Llama3JsonParser(ToolParser):
         return content, deltas
 
 
-def _partial_suffix(text: str, tag: str) -> int:
+def partial_suffix(text: str, tag: str) -> int:
     """The length of the longest end of text that begins tag."""
     for n in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:n]):

@@ -160,3 +160,27 @@ def test_a_4bit_workspace_is_served_as_it_is(smollm2_int4_workspace, tmp_path):
         assert text == answer.choices[0].message.content
     finally:
         assert server.stop() in (0, 130) and "Traceback" not in server.stderr()
+
+
+def test_reasoning_parser_splits_a_real_models_think_block(smollm2_workspace, tmp_path):
+    """SmolLM2 does not think by itself: a regex response_format makes it write a <think> block, which
+    --reasoning-parser think takes out of the content, streamed or not."""
+    server = LmServer(smollm2_workspace, "--reasoning-parser", "think", "--dtype", "bfloat16", log_dir=tmp_path)
+    try:
+        server.wait_ready()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        model = client.models.list().data[0].id
+        shape = {"type": "regex_schema", "regex_schema": "<think>[a-z ,]{10,60}</think>[A-Z][a-z ,]{10,60}[.]"}
+        ask = dict(model=model, messages=FRANCE, temperature=0, max_tokens=60, extra_body={"response_format": shape})
+        message = client.chat.completions.create(**ask).choices[0].message
+        reasoning, content = message.model_extra["reasoning_content"], message.content
+        assert re.fullmatch("[a-z ,]{10,60}", reasoning) and re.fullmatch("[A-Z][a-z ,]{10,60}[.]", content)
+        pieces = {"reasoning_content": "", "content": ""}
+        for chunk in client.chat.completions.create(**ask, stream=True):
+            for c in chunk.choices:
+                for key in pieces:
+                    pieces[key] += (c.delta.model_extra.get(key) if key == "reasoning_content"
+                                    else c.delta.content) or ""
+        assert pieces == {"reasoning_content": reasoning, "content": content}  # greedy: the same, streamed
+    finally:
+        assert server.stop() in (0, 130) and "Traceback" not in server.stderr()

@@ -652,3 +652,24 @@ def test_forced_tool_choice_sends_a_grammar_and_parallel_false_keeps_one_call():
         one = client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL], "parallel_tool_calls": False}).json()
         assert len(both["choices"][0]["message"]["tool_calls"]) == 2
         assert len(one["choices"][0]["message"]["tool_calls"]) == 1
+
+
+def test_reasoning_goes_to_reasoning_content_streamed_or_not():
+    answer = '<think>\nThe user wants f.\n</think>\n\nCalling it.<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    app, _ = make_app(FakeEngine(max_len=4096, answer=answer), reasoning_parser="think")
+    with TestClient(app) as client:
+        message = client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL]}).json()["choices"][0]["message"]
+        assert message["reasoning_content"] == "The user wants f." and message["content"] == "Calling it."
+        assert message["tool_calls"][0]["function"] == {"name": "f", "arguments": "{}"}
+        plain = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]
+        assert plain["content"].startswith("Calling it.<tool_call>")  # no tools: the calls stay text
+        r = client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+        deltas = [json.loads(line[6:])["choices"][0]["delta"] for line in r.text.splitlines()
+                  if line.startswith("data: {")]
+        assert "".join(d.get("reasoning_content") or "" for d in deltas) == "The user wants f."
+        assert "".join(d.get("content") or "" for d in deltas) == plain["content"]
+        assert all(not (d.get("reasoning_content") and d.get("content")) for d in deltas)
+    app, _ = make_app(FakeEngine(max_len=4096, answer=answer))  # no --reasoning-parser: all content
+    with TestClient(app) as client:
+        message = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": answer}
