@@ -22,6 +22,9 @@ def api_client(
     top_p: Annotated[float, typer.Option(help="Nucleus sampling: keep the most likely tokens up to this mass.")] = 0.8,
     top_k: Annotated[int, typer.Option(help="Keep only the k most likely tokens; 0 is off.")] = 40,
     max_new_tokens: Annotated[int, typer.Option(help="The longest answer, in tokens.")] = 512,
+    json_mode: Annotated[bool, typer.Option("--json", help="Every answer a JSON object, enforced by the server "
+                                                          "(response_format json_object); /json toggles it in "
+                                                          "the terminal.")] = False,
 ) -> None:
     """Chat with an api_server in the terminal; the server keeps the conversation.
 
@@ -35,8 +38,8 @@ def api_client(
         model = client.available_models[0]
     except APIClientError as e:
         raise fail(NAME, _explain(e, url))
-    conversation = Conversation(client, system, session_id, temperature=temperature, top_p=top_p, top_k=top_k,
-                                request_output_len=max_new_tokens)
+    conversation = Conversation(client, system, session_id, json_mode, temperature=temperature, top_p=top_p,
+                                top_k=top_k, request_output_len=max_new_tokens)
     try:
         if sys.stdin.isatty():
             run_terminal(conversation, model, url)

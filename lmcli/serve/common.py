@@ -8,13 +8,16 @@ from typing import AsyncIterator, Optional, TypeVar
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from lmcli.engine import grammar
 from lmcli.engine.async_engine import EngineDead, RequestStream
 from lmcli.engine.engine import Output, SessionBusy
 from lmcli.errors import UserError
 from lmcli.serve.errors import APIError, from_validation
+from lmcli.serve.state import ServerState
 
 M = TypeVar("M", bound=BaseModel)
 TEMPLATE_ERRORS = (ValueError, TemplateError)  # what a chat template raises for messages it refuses
@@ -77,6 +80,26 @@ def check_kwargs(kwargs: Optional[dict]) -> None:
     if kwargs:
         raise APIError(400, f"kwargs: {sorted(kwargs)} would be ignored here; send them as fields of the request",
                        "kwargs")
+
+
+async def structured_output(state: ServerState, response_format: Optional[dict]) -> Optional[str]:
+    """The grammar that response_format asks for, compiled; None for plain text."""
+    try:
+        rules = grammar.grammar_of(response_format)
+    except UserError as e:
+        raise user_error(e) from None
+    return await compiled(state, rules, "response_format")
+
+
+async def compiled(state: ServerState, rules: Optional[str], field: str) -> Optional[str]:
+    """Compile a grammar here (a worker thread, not the engine's loop), so that one that cannot be enforced is a
+    400 naming `field` before anything starts."""
+    if rules is not None and state.grammars is not None:
+        try:
+            await run_in_threadpool(state.grammars.compile, rules, field)
+        except UserError as e:
+            raise user_error(e) from None
+    return rules
 
 
 def user_error(e: Exception) -> APIError:

@@ -27,15 +27,17 @@ def build(url: str, api_key: Optional[str] = None):
     except APIClientError:
         models = []
 
-    def stream_answer(prompt, history, session, temperature, top_p, top_k, max_new_tokens):
+    def stream_answer(prompt, history, session, temperature, top_p, top_k, max_new_tokens, json_mode):
         """Yield (history, status) while the answer comes in."""
+        shape = {"response_format": {"type": "json_object"}} if json_mode else {}
         history = history + [{"role": "assistant", "content": ""}]
         yield history, ""
         status, counted = "", False
         try:
             for item in client().chat_interactive_v1(prompt, session_id=session["id"], interactive_mode=True,
                                                      stream=True, temperature=temperature, top_p=top_p,
-                                                     top_k=int(top_k), request_output_len=int(max_new_tokens)):
+                                                     top_k=int(top_k), request_output_len=int(max_new_tokens),
+                                                     **shape):
                 if not counted:  # the server took the turn: the system prompt, if any, is in the session now
                     session["turns"], counted = session["turns"] + 1, True
                 history[-1]["content"] += item["text"]
@@ -47,7 +49,8 @@ def build(url: str, api_key: Optional[str] = None):
 
     tabs: dict[str, dict] = {}  # gradio's session hash -> that tab's server session, to end it when the tab closes
 
-    def send(message, history, session, system, temperature, top_p, top_k, max_new_tokens, request: gr.Request):
+    def send(message, history, session, system, temperature, top_p, top_k, max_new_tokens, json_mode,
+             request: gr.Request):
         tabs[request.session_hash] = session
         if not message.strip():  # nothing to send: leave the page as it is
             yield gr.skip(), gr.skip(), gr.skip(), gr.skip()
@@ -56,11 +59,13 @@ def build(url: str, api_key: Optional[str] = None):
         prompt = [{"role": "system", "content": system}, {"role": "user", "content": message}] \
             if system.strip() and not session["turns"] else message
         cleared = False
-        for h, status in stream_answer(prompt, history, session, temperature, top_p, top_k, max_new_tokens):
+        for h, status in stream_answer(prompt, history, session, temperature, top_p, top_k, max_new_tokens,
+                                       json_mode):
             yield (gr.skip() if cleared else ""), h, session, status  # clear the box once: the user may type on
             cleared = True
 
-    def regenerate(history, session, system, temperature, top_p, top_k, max_new_tokens, request: gr.Request):
+    def regenerate(history, session, system, temperature, top_p, top_k, max_new_tokens, json_mode,
+                   request: gr.Request):
         """A new answer to the last message: the server session restarts with the conversation up to it."""
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
@@ -71,7 +76,8 @@ def build(url: str, api_key: Optional[str] = None):
         session = tabs[request.session_hash] = _new_session()
         messages = ([{"role": "system", "content": system}] if system.strip() else []) + \
             [{"role": m["role"], "content": _text(m["content"])} for m in history]
-        for h, status in stream_answer(messages, history, session, temperature, top_p, top_k, max_new_tokens):
+        for h, status in stream_answer(messages, history, session, temperature, top_p, top_k, max_new_tokens,
+                                       json_mode):
             yield h, session, status
 
     def stop(session):
@@ -130,7 +136,9 @@ def build(url: str, api_key: Optional[str] = None):
                 top_k = gr.Slider(0, 100, value=40, step=1, label="Top k (0: off)")
                 max_new_tokens = gr.Slider(1, 4096, value=512, step=1, label="Max new tokens",
                                            elem_id="max_new_tokens")
-        knobs = [system, temperature, top_p, top_k, max_new_tokens]
+                json_mode = gr.Checkbox(label="JSON output", info="every answer a JSON object, enforced",
+                                        elem_id="json_mode")
+        knobs = [system, temperature, top_p, top_k, max_new_tokens, json_mode]
         sending = [message.submit(send, [message, chatbot, session, *knobs], [message, chatbot, session, status]),
                    send_button.click(send, [message, chatbot, session, *knobs], [message, chatbot, session, status])]
         # Cancelling an answer first, then acting in a .then(): a cancelled answer's last update would otherwise

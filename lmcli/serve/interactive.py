@@ -16,7 +16,8 @@ from lmcli.errors import UserError
 from lmcli.serve import protocol as p
 from lmcli.engine.async_engine import EngineDead
 from lmcli.serve.answer import Choice, Format, Job, Piece, check_context, respond
-from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, check_messages, parse, user_error
+from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, parse, structured_output,
+                                user_error)
 from lmcli.serve.errors import APIError
 from lmcli.serve.state import History, ServerState
 
@@ -87,7 +88,8 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
                                 top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
                                 ignore_eos=req.ignore_eos, stop=stop, seed=req.seed, min_p=req.min_p,
                                 min_tokens=req.min_new_tokens or 0, skip_special_tokens=req.skip_special_tokens,
-                                spaces_between_special_tokens=req.spaces_between_special_tokens)
+                                spaces_between_special_tokens=req.spaces_between_special_tokens,
+                                grammar=await structured_output(state, req.response_format))
     except UserError as e:
         raise user_error(e) from None
     job = Job(state, "interactive", rid, claim)

@@ -10,13 +10,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 
-from lmcli.engine import grammar
 from lmcli.engine.prompt import encode_chat, plain_messages
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
 from lmcli.serve.answer import Job, check_context, respond
-from lmcli.serve.common import TEMPLATE_ERRORS, check_kwargs, check_messages, parse, user_error
+from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, compiled, parse,
+                                structured_output, user_error)
 from lmcli.serve.errors import APIError
 from lmcli.serve import tools
 from lmcli.serve.openai_format import ChatFormat, CompletionFormat
@@ -43,26 +43,6 @@ def sampling_params(state: ServerState, req: p.SamplingFields, max_tokens: Optio
             spaces_between_special_tokens=req.spaces_between_special_tokens, grammar=grammar)
     except UserError as e:
         raise user_error(e) from None
-
-
-async def structured_output(state: ServerState, response_format: Optional[dict]) -> Optional[str]:
-    """The grammar that response_format asks for, compiled; None for plain text."""
-    try:
-        rules = grammar.grammar_of(response_format)
-    except UserError as e:
-        raise user_error(e) from None
-    return await compiled(state, rules, "response_format")
-
-
-async def compiled(state: ServerState, rules: Optional[str], field: str) -> Optional[str]:
-    """Compile a grammar here (a worker thread, not the engine's loop), so that one that cannot be enforced is a
-    400 naming `field` before anything starts."""
-    if rules is not None and state.grammars is not None:
-        try:
-            await run_in_threadpool(state.grammars.compile, rules, field)
-        except UserError as e:
-            raise user_error(e) from None
-    return rules
 
 
 def min_tokens(req: p.SamplingFields) -> int:

@@ -189,6 +189,7 @@ class InteractiveRequest(Strict):
     image_url: Optional[Union[str, list]] = Field(None, description="LMDeploy's vision input: this server's "
                                                   "models read text only, so null only.")
     adapter_name: Optional[str] = Field(None, description="LMDeploy's LoRA adapter: none are loaded, so null only.")
+    response_format: Optional[dict] = RESPONSE_FORMAT  # this server's, as on /v1/chat/completions
     kwargs: Optional[dict] = Field(None, description="What LMDeploy's APIClient sends for its unused **kwargs; "
                                    "must be empty.")
 

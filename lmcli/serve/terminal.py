@@ -13,6 +13,7 @@ HELP = """Enter sends. Esc then Enter, or a line ending in \\, starts a new line
 Ctrl-C stops an answer; Ctrl-C or Ctrl-D at an empty prompt quits.
 /reset          start a new conversation (the server forgets this one)
 /system TEXT    start a new conversation with this system prompt
+/json           answers as JSON objects (enforced), or back to text
 /help           this text
 /exit, exit     quit"""
 
@@ -32,8 +33,9 @@ class Turn:
 
 class Conversation:
     def __init__(self, client: APIClient, system: Optional[str] = None, session_id: Optional[int] = None,
-                 **sampling):
+                 json_mode: bool = False, **sampling):
         self.client, self.system, self.sampling = client, system, sampling
+        self.json_mode = json_mode  # every answer a JSON object (response_format json_object)
         self.session_id = session_id if session_id is not None else _new_id()
         self.turns = 0
 
@@ -42,8 +44,9 @@ class Conversation:
         server; what came so far stays in the conversation)."""
         prompt = [{"role": "system", "content": self.system}, {"role": "user", "content": text}] \
             if self.system and not self.turns else text
+        shape = {"response_format": {"type": "json_object"}} if self.json_mode else {}
         stream = self.client.chat_interactive_v1(prompt, session_id=self.session_id, interactive_mode=True,
-                                                 stream=True, **self.sampling)
+                                                 stream=True, **shape, **self.sampling)
         start, answer, last = time.perf_counter(), "", None
         try:
             for item in stream:
@@ -151,6 +154,10 @@ def run_terminal(conversation: Conversation, model: str, url: str) -> None:
                 continue
             console.print(f"[dim](a new conversation{' with that system prompt' if system else ''}, "
                           f"session {conversation.session_id})[/dim]")
+            continue
+        if command == "/json":
+            conversation.json_mode = not conversation.json_mode
+            console.print(f"[dim](answers {'as JSON objects' if conversation.json_mode else 'as text'})[/dim]")
             continue
         if command.startswith("/"):
             console.print(Text(f"unknown command {command.split()[0]}; /help lists them", style="yellow"))

@@ -263,6 +263,23 @@ def test_tool_calls_with_the_openai_sdk(sdk, server):
     pool_is_full(server)
 
 
+def test_api_client_sends_structured_output_and_tools(server):
+    client = APIClient(server.url)
+    schema = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
+              "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer"}}}
+    shape = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    (done,) = client.chat_completions_v1(MODEL, "Describe a person.", temperature=0, max_tokens=80,
+                                         response_format=shape)
+    jsonschema.validate(json.loads(done["choices"][0]["message"]["content"]), schema)
+    (called,) = client.chat_completions_v1(MODEL, "Weather in Rome?", temperature=0, max_tokens=80, tools=[WEATHER],
+                                           tool_choice="required", parallel_tool_calls=False)
+    call = called["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"]
+    (turn,) = client.chat_interactive_v1("Describe a dog.", temperature=0, request_output_len=80,
+                                         response_format={"type": "json_object"})
+    assert isinstance(json.loads(turn["text"]), dict), turn
+
+
 def test_errors_with_the_openai_sdk(sdk, server):
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         sdk.chat.completions.create(model="gpt-4", messages=FRANCE)

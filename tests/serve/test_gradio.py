@@ -1,6 +1,7 @@
 """`lm serve gradio` in real headless Chromium (Playwright, Debian's chromium): a chat against the real model
 that streams, stops, regenerates and resets, offline, one server session per tab; errors shown in the page."""
 
+import json
 import os
 import re
 import subprocess
@@ -68,6 +69,13 @@ def open_page(browser, url: str):
     page.goto(url, wait_until="load")
     page.locator("#message textarea").wait_for()
     return page
+
+
+def is_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
 
 
 def bot_messages(page) -> list[str]:
@@ -145,6 +153,12 @@ def test_chat_in_the_browser(api, browser, tmp_path):
         wait_for(lambda: bot_messages(other) and bot_messages(other)[-1])
         wait_for(lambda: metric(api.url, "lm_requests_running") == 0)
         assert metric(api.url, "lm_sessions") == 2
+        # JSON output: the answer is a JSON object, enforced by the server
+        other.locator("#json_mode input").check()
+        set_slider(other, "max_new_tokens", 120)
+        send(other, "Describe a cat.")
+        wait_for(lambda: len(bot_messages(other)) == 2 and is_object(bot_messages(other)[-1]))  # all shown: it parses
+        wait_for(lambda: metric(api.url, "lm_requests_running") == 0)
 
         # Reset: the page and this tab's server session are cleared
         page.locator("#reset").click()

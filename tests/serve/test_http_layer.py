@@ -112,7 +112,8 @@ def test_response_format_reaches_the_engine_as_a_grammar(client):
                ({"type": "json_object", "json_schema": None, "regex_schema": None}, "object"),  # LMDeploy's nulls
                ({"type": "regex_schema", "regex_schema": "[0-9]+"}, "[0-9]+"),
                ({"type": "text"}, None), (None, None)]
-    for route, base in (("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "fake-model", "prompt": "a"})):
+    for route, base in (("/v1/chat/completions", CHAT), ("/v1/completions", {"model": "fake-model", "prompt": "a"}),
+                        ("/v1/chat/interactive", {"prompt": "a"})):
         for response_format, part in formats:
             r = client.post(route, json={**base, "response_format": response_format})
             assert r.status_code == 200, r.text

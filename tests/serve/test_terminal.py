@@ -1,6 +1,7 @@
 """`lm serve api_client` in a real pseudo-terminal (pexpect) and in a shell pipeline, against a real server on
 the real model; its errors against servers that refuse it."""
 
+import json
 import os
 import re
 import subprocess
@@ -95,6 +96,14 @@ def test_a_conversation_in_a_terminal(server, tmp_path):
     child.expect("with that system prompt")
     child.expect(">>>")
     answer(child, "Hello!")
+    child.sendline("/json")  # answers as JSON objects, enforced by the server, until /json again
+    child.expect(r"answers as JSON objects")
+    child.expect(">>>")
+    shown = answer(child, "Describe a ship.").split("\x1b[?2004l")[-1]  # after the prompt's own escapes
+    assert isinstance(json.loads(shown[:shown.rindex("}") + 1]), dict), shown
+    child.sendline("/json")
+    child.expect(r"answers as text")
+    child.expect(">>>")
     child.sendcontrol("d")
     child.expect(pexpect.EOF)
     child.close()
@@ -129,6 +138,15 @@ def test_piped_in_a_shell_pipeline(server):
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 2 and "PARIS" in lines[0] and "ROME" in lines[1]
     assert gauge(server, "lm_sessions") == 0
+
+
+def test_piped_json_answers_parse(server):
+    done = subprocess.run([str(LM), "serve", "api_client", server.url, "--json", "--temperature", "0",
+                           "--max-new-tokens", "120"], input="Describe a cat.\nAnd a dog.\n", capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    answers = [json.loads(line) for line in done.stdout.splitlines()]  # each answer one line of JSON
+    assert len(answers) == 2 and all(isinstance(a, dict) for a in answers)
 
 
 def test_a_full_session_says_so(server):
@@ -193,5 +211,5 @@ def test_help_lists_every_option():
     result = CliRunner().invoke(build_app(), ["serve", "api_client", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for option in ("--api-key", "--session-id", "--system", "--temperature", "--top-p", "--top-k",
-                   "--max-new-tokens", "LM_API_KEY", "piped"):
+                   "--max-new-tokens", "--json", "LM_API_KEY", "piped"):
         assert option in result.output, option
