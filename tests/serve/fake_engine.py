@@ -30,7 +30,9 @@ class FakeTokenizer:
     def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, **variables):
         if any(m["content"] == "RAISE" for m in messages):  # as templates that insist on alternating roles
             raise TemplateError("Conversation roles must alternate user/assistant/user/assistant/...")
-        text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+        text = "".join(f"<{m['role']}>{m['content']}" + "".join(  # calls as a template that renders tools gets them
+            f"<call {c['function']['name']} {c['function']['arguments']!r}>" for c in m.get("tool_calls") or [])
+            + f"</{m['role']}>" for m in messages)
         text += "".join(f"<{k}={v}>" for k, v in sorted(variables.items()))  # a template's extra variables
         return text + ("<assistant>" if add_generation_prompt else "")
 

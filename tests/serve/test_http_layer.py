@@ -674,3 +674,17 @@ def test_reasoning_goes_to_reasoning_content_streamed_or_not():
     with TestClient(app) as client:
         message = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]
         assert message == {"role": "assistant", "content": answer}
+
+
+def test_a_template_that_renders_tools_gets_them_as_a_variable():
+    app, engine = make_app(FakeEngine(max_len=4096, answer=CALLING), chat_template="{% for tool in tools %}{% endfor %}")
+    with TestClient(app) as client:
+        history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 2}'}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "42"}]
+        r = client.post("/v1/chat/completions", json={**CHAT, "messages": history, "tools": [TOOL]})
+        assert r.json()["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "f"
+        prompt = "".join(map(chr, engine.engine.added[-1][1]))
+        assert "<tools=[{'type': 'function', 'function': {'name': 'f'" in prompt  # the template's variable
+        assert "You can call" not in prompt and "<tool>42</tool>" in prompt  # no system text; the role kept
+        assert "<call f {'x': 2}>" in prompt  # earlier arguments as an object, as templates take them
