@@ -31,6 +31,10 @@ def test_pipeline_strings_and_messages(pipe):
     forced = pipe("Name a fruit.", max_new_tokens=2, temperature=0, logit_bias={"21285": 100})  # " banana"
     assert forced.token_ids == [21285, 21285]
     assert pipe("Name a fruit.", max_new_tokens=2, temperature=0, logit_bias=[(21285, 100)]).token_ids == [21285] * 2
+    from lmcli.engine import grammar
+
+    shaped = pipe("Describe a cat.", grammar=grammar.regex("(yes|no), [a-z]{3,10}"), temperature=0, max_new_tokens=20)
+    assert re.fullmatch("(yes|no), [a-z]{3,10}", shaped.text) and shaped.finish_reason == "stop", shaped
 
 
 def test_async_engine_streams_aborts_and_reports_errors(smollm2_workspace):
