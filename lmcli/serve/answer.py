@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
 
 from starlette.requests import Request
+from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
 from lmcli.engine.engine import Output
@@ -200,4 +201,7 @@ async def respond(request: Request, job: Job, fmt: Format, stream: bool) -> Resp
         if fmt.done is not None:
             yield fmt.done
 
-    return StreamingResponse(events(), media_type=fmt.media_type, headers=fmt.headers)
+    # job.close also as the response's background task: a client gone before the stream's first event leaves the
+    # generator unstarted, and its finally would never run (the claim and the engine request kept)
+    return StreamingResponse(events(), media_type=fmt.media_type, headers=fmt.headers,
+                             background=BackgroundTask(job.close))

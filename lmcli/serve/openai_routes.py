@@ -151,8 +151,11 @@ async def chat_completions(request: Request) -> Response:
     params = sampling_params(state, req, max_tokens, len(prompt_ids), "messages",
                              (req.top_logprobs or 0) if req.logprobs else None, rules)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    parser = (lambda: PARSERS[plan.parser](single=not parallel)) if plan.calls_tools else None
+    names = {t["function"]["name"] for t in plan.tools}
+    parser = (lambda: PARSERS[plan.parser](single=not parallel, names=names)) if plan.calls_tools else None
     name = state.options.reasoning_parser
+    if name and rules is not None:  # a grammar shapes the answer from its first token: reasoning only if it opens
+        name = "think"              # with <think> (deepseek_r1 would take a whole JSON answer for reasoning)
     job = Job(state, "chat", rid, state.claim(req.session_id, [rid]), req.n, parser,
               REASONING_PARSERS[name] if name else None)
     await job.start(engine, [(prompt_ids, params)])

@@ -94,11 +94,19 @@ class ObjectScanner:
         if self.depth != 1:
             return
         if self.expect_key:
-            self.key = json.loads(self.text[self.string_start:i + 1])
+            self.key = self._decoded(i)
         elif self.key == "name" and self.value_start == self.string_start:
-            self.name = json.loads(self.text[self.string_start:i + 1])
+            self.name = self._decoded(i)
         if not self.expect_key and self.key in self.args_keys and self.args_start == self.string_start:
             self.args_end = i + 1  # arguments written as a string
+
+    def _decoded(self, i: int) -> Optional[str]:
+        """The string that ends at i; not JSON (a bad escape): the object is no call."""
+        try:
+            return json.loads(self.text[self.string_start:i + 1], strict=False)
+        except ValueError:
+            self.bad = True
+            return None
 
     def _value_end(self, i: int) -> None:
         if self.key in self.args_keys and self.args_start >= 0 and self.args_end < 0:
@@ -106,11 +114,13 @@ class ObjectScanner:
         self.value_start = -1
 
     def arguments(self) -> str:
-        """The arguments' text so far (all of it once args_end is known)."""
+        """The arguments' text so far (all of it once args_end is known; "{}" for a call that had none), less
+        trailing whitespace until the end is known (it may follow a number, outside the value)."""
         if self.args_start < 0:
-            return ""
-        end = self.args_end if self.args_end >= 0 else len(self.text)
-        return self.text[self.args_start:end]
+            return "{}" if self.done else ""
+        if self.args_end >= 0:
+            return self.text[self.args_start:self.args_end]
+        return self.text[self.args_start:].rstrip()
 
 
 class ToolParser:
@@ -118,12 +128,14 @@ class ToolParser:
 
     args_keys = ("arguments", "parameters")
 
-    def __init__(self, single: bool = False):
+    def __init__(self, single: bool = False, names: Optional[set] = None):
         self.single = single  # parallel_tool_calls false: calls after the first are dropped
+        self.names = names  # the request's tools: an object naming another function is no call
         self.calls: list[ToolCall] = []
         self.scanner: Optional[ObjectScanner] = None
         self.sent = 0  # characters of the current call's arguments sent
         self.announced = False  # the current call's first delta (id, name) sent
+        self.dropped = False  # the current call is one too many (single)
         self.buffer = ""  # text held back: maybe the start of a call
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[CallDelta]]:
@@ -136,13 +148,17 @@ class ToolParser:
         s.feed(text)
         rest = text[len(s.text) - before:] if s.done or s.bad else ""
         deltas = []
+        if s.name is not None and self.names is not None and s.name not in self.names and not self.announced:
+            s.bad = True  # no tool of this request: text
+            return deltas, text[len(s.text) - before:]
         if self.single and self.calls and not self.announced:
-            return deltas, rest  # a second call: read, not passed on
+            self.dropped = s.name is not None  # a second call: read, not passed on
+            return deltas, rest
         if s.name is not None and not self.announced:
             self.announced = True
             self.calls.append(ToolCall(f"call_{uuid.uuid4().hex[:24]}", s.name))
             deltas.append(CallDelta(len(self.calls) - 1, "", self.calls[-1].id, s.name))
-        if s.name is not None:
+        if self.announced and s is self.scanner:
             args = s.arguments()
             if len(args) > self.sent:
                 deltas.append(CallDelta(len(self.calls) - 1, args[self.sent:]))
@@ -151,15 +167,19 @@ class ToolParser:
         return deltas, rest
 
     def _new_call(self) -> None:
-        self.scanner, self.sent, self.announced = ObjectScanner(self.args_keys), 0, False
+        self.scanner, self.sent, self.announced, self.dropped = ObjectScanner(self.args_keys), 0, False, False
+
+    def _not_a_call(self) -> bool:
+        """The object read is no call: not JSON, or complete without naming one of the tools."""
+        return self.scanner.bad or (self.scanner.done and not self.announced and not self.dropped)
 
 
 class HermesParser(ToolParser):
     START, END = "<tool_call>", "</tool_call>"
 
-    def __init__(self, single: bool = False):
-        super().__init__(single)
-        self.state = "text"  # text, call (reading its JSON), after (expecting </tool_call>)
+    def __init__(self, single: bool = False, names: Optional[set] = None):
+        super().__init__(single, names)
+        self.state = "text"  # text, call (reading its JSON), after (expecting </tool_call>), gap (whitespace)
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[CallDelta]]:
         content, deltas = "", []
@@ -180,7 +200,7 @@ class HermesParser(ToolParser):
                 new, rest = self._scan(self.buffer)
                 deltas += new
                 self.buffer = rest
-                if self.scanner.bad:  # not JSON after all: what was read is text
+                if self._not_a_call():  # what was read is text
                     content += self.START + self.scanner.text
                     self.state = "text"
                 elif final and not self.scanner.done and not self.announced:
@@ -190,26 +210,29 @@ class HermesParser(ToolParser):
                     self.state = "after"
                 else:
                     break
-            else:  # after a call's JSON: its closing tag, if it comes, and the whitespace between calls
+            elif self.state == "after":  # after a call's JSON: its closing tag, if it comes
                 stripped = self.buffer.lstrip()
                 if stripped.startswith(self.END):
-                    stripped = stripped[len(self.END):].lstrip()
-                    self.state = "text"
-                elif not self.END.startswith(stripped):
-                    self.state = "text"
-                elif not final:
+                    self.buffer, self.state = stripped[len(self.END):], "gap"
+                elif self.END.startswith(stripped) and not final:
                     break
-                self.buffer = stripped
-                if not stripped:
+                elif self.END.startswith(stripped):  # the answer ended inside the tag
+                    self.buffer, self.state = "", "gap"
+                else:
+                    self.buffer, self.state = stripped, "text"
+            else:  # gap: the whitespace after a call, however it arrives, is not content
+                self.buffer = self.buffer.lstrip()
+                if not self.buffer:
                     break
+                self.state = "text"
         return content, deltas
 
 
 class Llama3JsonParser(ToolParser):
     TAG = "<|python_tag|>"
 
-    def __init__(self, single: bool = False):
-        super().__init__(single)
+    def __init__(self, single: bool = False, names: Optional[set] = None):
+        super().__init__(single, names)
         self.state = "start"  # start (nothing but whitespace yet), call, between (after a call), text
 
     def feed(self, text: str, final: bool = False) -> tuple[str, list[CallDelta]]:
@@ -236,7 +259,7 @@ class Llama3JsonParser(ToolParser):
                 new, rest = self._scan(self.buffer)
                 deltas += new
                 self.buffer = rest
-                if self.scanner.bad:
+                if self._not_a_call():
                     content += self.scanner.text
                     self.state = "text"
                 elif self.scanner.done:

@@ -688,3 +688,45 @@ def test_a_template_that_renders_tools_gets_them_as_a_variable():
         assert "<tools=[{'type': 'function', 'function': {'name': 'f'" in prompt  # the template's variable
         assert "You can call" not in prompt and "<tool>42</tool>" in prompt  # no system text; the role kept
         assert "<call f {'x': 2}>" in prompt  # earlier arguments as an object, as templates take them
+
+
+def test_deepseek_r1_reasoning_does_not_swallow_a_forced_answer():
+    app, _ = make_app(FakeEngine(max_len=4096, answer='<tool_call>{"name": "f", "arguments": {}}</tool_call>'),
+                      reasoning_parser="deepseek_r1")
+    with TestClient(app) as client:
+        free = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]
+        assert free["reasoning_content"].startswith("<tool_call>") and free["content"] == ""  # never closed
+        forced = client.post("/v1/chat/completions", json={**CHAT, "tools": [TOOL], "tool_choice": "required"})
+        choice = forced.json()["choices"][0]
+        assert choice["finish_reason"] == "tool_calls" and "reasoning_content" not in choice["message"], choice
+
+
+def test_a_client_gone_before_the_first_event_releases_its_request():
+    """ASGI before 2.4: Starlette cancels a stream whose client left before it started; the job still ends (its
+    session id free again, the engine request aborted), through the response's background task."""
+    app, engine = make_app(FakeEngine(step_delay=0.05))
+    body = json.dumps({**CHAT, "stream": True, "session_id": 5}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1",
+             "method": "POST", "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
+             "query_string": b"", "root_path": "", "headers": [(b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2)}
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        await asyncio.sleep(0)  # a real server's send yields: the cancellation lands before the body starts
+
+    async def run():
+        async with app.router.lifespan_context(app):
+            await app(scope, receive, send)
+            state = app.state.server
+            for _ in range(200):  # the abort reaches the engine thread
+                if engine.engine.aborted:
+                    break
+                await asyncio.sleep(0.01)
+            return state.in_flight, dict(state.sessions_in_use), list(engine.engine.aborted)
+
+    in_flight, sessions, aborted = asyncio.run(run())
+    assert in_flight == 0 and sessions == {} and aborted

@@ -35,6 +35,15 @@ CASES = [
     ("llama3_json", '<|python_tag|>{"name": "weather", "parameters": {"city": "Oslo"}}; '
                     '{"name": "time", "parameters": {}}', "", [("weather", {"city": "Oslo"}), ("time", {})]),
     ("llama3_json", "The capital is Paris.", "The capital is Paris.", []),
+    # an object that names no function, or is not JSON, is text; no arguments are {}; a number's space is not in it
+    ("llama3_json", '{"answer": 42}', '{"answer": 42}', []),
+    ("hermes", '<tool_call>{"foo": 1}</tool_call>', '<tool_call>{"foo": 1}</tool_call>', []),
+    ("hermes", '<tool_call>{"name": "f\\q", "arguments": {}}</tool_call>', '<tool_call>{"name": "f\\q", '
+               '"arguments": {}}</tool_call>', []),
+    ("hermes", '<tool_call>{"name": "f"}</tool_call>', "", [("f", {})]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": 12 }</tool_call>  \n after', "after", [("f", 12)]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": "g", "arguments": {}}'
+               '</tool_call>', "", [("f", {}), ("g", {})]),
 ]
 
 
@@ -51,6 +60,35 @@ def test_whole_or_in_pieces_the_same_content_and_calls(name, text, content, call
             assert all(d.id is None and d.name is None and d.arguments for d in mine[1:])
             assert "".join(d.arguments for d in mine) == call.arguments
         assert len({c.id for c in got_calls}) == len(got_calls)
+
+
+def test_an_answer_cut_inside_a_closing_tag_ends(monkeypatch):
+    import signal
+
+    signal.signal(signal.SIGALRM, lambda *_: pytest.fail("the parser did not return"))
+    signal.alarm(10)
+    try:
+        for cut in ("</tool", "<", "\n"):
+            parser = PARSERS["hermes"]()
+            parser.feed('<tool_call>{"name": "f", "arguments": {}}' + cut)
+            assert parser.feed("", final=True) == ("", []) and [c.name for c in parser.calls] == ["f"]
+    finally:
+        signal.alarm(0)
+
+
+def test_only_the_requests_tools_are_calls():
+    for name, text in (("llama3_json", '{"name": "Bob", "age": 3}'),
+                       ("hermes", '<tool_call>{"name": "Bob", "arguments": {}}</tool_call>')):
+        parser = PARSERS[name](names={"f"})
+        content, deltas = parser.feed(text, final=True)
+        assert content == text and not deltas and not parser.calls
+
+
+def test_one_call_only_drops_the_rest():
+    parser = PARSERS["hermes"](single=True)
+    content, _ = parser.feed('<tool_call>{"name": "f", "arguments": {}}</tool_call><tool_call>{"name": "g", '
+                             '"arguments": {}}</tool_call>', final=True)
+    assert [c.name for c in parser.calls] == ["f"] and content == ""
 
 
 def test_arguments_stream_before_the_call_ends():
