@@ -180,8 +180,8 @@ def test_completions_with_the_openai_sdk(sdk):
     assert sum(len(c.choices[0].logprobs.tokens) for c in chunks) == 8
 
 
-class Person(pydantic.BaseModel):
-    name: str
+class Person(pydantic.BaseModel):  # strings bounded: a small model may otherwise stay in one until max_tokens
+    name: str = pydantic.Field(max_length=30)
     age: int
     city: Literal["Paris", "Rome", "Oslo"]
 
@@ -221,9 +221,11 @@ def test_structured_output_with_the_openai_sdk(sdk, server):
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city today.",
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
-                   "properties": {"city": {"type": "string"}, "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
+                   "properties": {"city": {"type": "string", "maxLength": 30},
+                                  "unit": {"enum": ["celsius", "fahrenheit"]}}}}}
 TIME = {"type": "function", "function": {"name": "get_time", "description": "The time in a time zone.",
-                                         "parameters": {"type": "object", "properties": {"zone": {"type": "string"}},
+                                         "parameters": {"type": "object", "properties": {"zone": {"type": "string",
+                                                                                                 "maxLength": 30}},
                                                         "required": ["zone"]}}}
 
 
@@ -275,7 +277,7 @@ def test_api_client_sends_structured_output_and_tools(server):
                                            tool_choice="required", parallel_tool_calls=False)
     call = called["choices"][0]["message"]["tool_calls"][0]["function"]
     assert call["name"] == "get_weather" and json.loads(call["arguments"])["city"]
-    (turn,) = client.chat_interactive_v1("Describe a dog.", temperature=0, request_output_len=80,
+    (turn,) = client.chat_interactive_v1("Describe a dog.", temperature=0, request_output_len=200,
                                          response_format={"type": "json_object"})
     assert isinstance(json.loads(turn["text"]), dict), turn
 
