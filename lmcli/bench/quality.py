@@ -54,7 +54,7 @@ def token_logprobs(engine: Engine, ids: list[int]) -> torch.Tensor:
         raise ValueError(f"{len(ids)} tokens do not fit the KV cache")
     batch, _ = build_batch([(ids, 0, table, True)], runner.block_size, runner.device)
     batch.sample_idx = torch.arange(len(ids) - 1, device=runner.device)
-    logits = runner.model(batch.input_ids, batch.positions, batch).float()
+    logits = runner.forward(batch).float()
     target = torch.tensor(ids[1:], device=logits.device)
     return torch.log_softmax(logits, dim=-1).gather(1, target[:, None])[:, 0].cpu()
 

@@ -1,6 +1,9 @@
-"""One step's inputs in tensors: built by the model runner, passed to the model's forward."""
+"""One step's inputs in tensors: built by the model runner, passed to the model's forward. Device-neutral: flat
+tensors for the whole step (one padded block table, cumulative query lengths, context lengths), which the attention
+backends read as they are or derive what their kernels need from (Batch.prefills for the CPU's chunk kernels)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -11,10 +14,23 @@ class Batch:
     positions: torch.Tensor  # (tokens,)
     slot_mapping: torch.Tensor  # (tokens,): where each token's K/V go, block_id * block_size + offset
     num_decode: int  # sequences computing one token; they come first
-    decode_block_tables: torch.Tensor  # (num_decode, max_blocks), padded with block 0
-    decode_lens: torch.Tensor  # (num_decode,): each decode's context length, its new token included
-    prefills: list  # [(start, length, context, block_table)] for sequences computing several tokens
+    block_tables: torch.Tensor  # (seqs, max_blocks) int64, padded with block 0; in the tokens' order
+    context_lens: torch.Tensor  # (seqs,) int64: each sequence's context length, its new tokens included
+    cu_seqlens_q: torch.Tensor  # (seqs + 1,) int64: sequence i's tokens are [cu_seqlens_q[i], cu_seqlens_q[i + 1])
+    max_seqlen_q: int  # the most new tokens of one sequence
+    max_context: int  # the longest context
+    prefills: list  # [(start, length, context, block_table)] for the sequences computing several tokens
     sample_idx: torch.Tensor  # (samples,): the tokens whose logits are needed, in sampling order
+    backend: Any = None  # the attention backend (lmcli.kernels.backend), set by the model runner
+    meta: dict = field(default_factory=dict)  # what the backend's prepare() derived for its kernels
+
+    @property
+    def decode_block_tables(self) -> torch.Tensor:  # (num_decode, max_blocks), contiguous rows
+        return self.block_tables[:self.num_decode]
+
+    @property
+    def decode_lens(self) -> torch.Tensor:  # (num_decode,)
+        return self.context_lens[:self.num_decode]
 
 
 def plan(scheduled: list) -> list[tuple]:
@@ -28,27 +44,29 @@ def build_batch(items: list[tuple], block_size: int, device="cpu") -> tuple[Batc
     """Tensors for the planned items; also which items are sampled, in the order of the logits' rows."""
     order = [i for i, item in enumerate(items) if len(item[0]) == 1] + \
             [i for i, item in enumerate(items) if len(item[0]) > 1]
-    ids, positions, slots, chunks, sample_idx, sampled = [], [], [], [], [], []
-    nd = sum(len(item[0]) == 1 for item in items)
+    ids, positions, slots, sample_idx, sampled, cu, contexts, tables = [], [], [], [], [], [0], [], []
     for i in order:
         new, c, table, want = items[i]
-        n, start = len(new), len(ids)
+        n = len(new)
         ids += new
         positions += range(c, c + n)
         slots += [table[p // block_size] * block_size + p % block_size for p in range(c, c + n)]
-        if n > 1:
-            chunks.append((start, n, c + n, torch.tensor(table[:-(-(c + n) // block_size)], device=device)))
+        cu.append(len(ids))
+        contexts.append(c + n)
+        tables.append(table[:-(-(c + n) // block_size)])
         if want:
             sample_idx.append(len(ids) - 1)
             sampled.append(i)
-    decodes = [items[i] for i in order[:nd]]
-    width = max((len(table) for _, _, table, _ in decodes), default=0)
-    tables = torch.tensor([table + [0] * (width - len(table)) for _, _, table, _ in decodes],
-                          dtype=torch.long).view(nd, width)
+    nd = sum(len(item[0]) == 1 for item in items)
+    width = max(map(len, tables), default=0)
     as_long = dict(dtype=torch.long, device=device)
+    block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], **as_long).view(len(tables), width)
+    prefills = [(cu[j], cu[j + 1] - cu[j], contexts[j], block_tables[j, :len(tables[j])])
+                for j in range(nd, len(order))]
     batch = Batch(input_ids=torch.tensor(ids, **as_long), positions=torch.tensor(positions, **as_long),
-                  slot_mapping=torch.tensor(slots, **as_long), num_decode=nd, decode_block_tables=tables.to(device),
-                  prefills=chunks,
-                  decode_lens=torch.tensor([c + 1 for _, c, _, _ in decodes], **as_long),
+                  slot_mapping=torch.tensor(slots, **as_long), num_decode=nd, block_tables=block_tables,
+                  context_lens=torch.tensor(contexts, **as_long), cu_seqlens_q=torch.tensor(cu, **as_long),
+                  max_seqlen_q=max((cu[j + 1] - cu[j] for j in range(len(order))), default=0),
+                  max_context=max(contexts, default=0), prefills=prefills,
                   sample_idx=torch.tensor(sample_idx, **as_long))
     return batch, sampled

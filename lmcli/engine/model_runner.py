@@ -14,6 +14,7 @@ from lmcli.engine.layers.parallel import TP
 from lmcli.engine.memory import advise_huge_pages, pack_parameters
 from lmcli.engine.models import model_class
 from lmcli.errors import UserError
+from lmcli.kernels import backend
 from lmcli.kernels.int4 import Int4Blocks
 from lmcli.kernels.kv8 import Int8Cache
 from lmcli.workspace import Workspace
@@ -44,6 +45,7 @@ class ModelRunner:
         self.device = torch.device(config.device)
         self.dtype = resolve_dtype(config, workspace.dtype)
         self.block_size = config.cache.block_size
+        self.backend = backend.choose(self.device)
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
@@ -147,4 +149,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, items: list[tuple]):
         batch, sampled = build_batch(items, self.block_size, self.device)
-        return sampled, self.model(batch.input_ids, batch.positions, batch).cpu()
+        return sampled, self.forward(batch).cpu()
+
+    def forward(self, batch) -> torch.Tensor:
+        """The logits of the batch's sampled tokens, through this runner's attention backend."""
+        batch.backend = self.backend
+        self.backend.prepare(batch)
+        return self.model(batch.input_ids, batch.positions, batch)

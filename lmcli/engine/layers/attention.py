@@ -3,7 +3,6 @@
 import torch
 from torch import nn
 
-from lmcli import kernels
 from lmcli.engine.layers.linear import FusedColumnLinear, RowParallelLinear
 from lmcli.engine.layers.parallel import TP, head_shard
 
@@ -24,6 +23,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch) -> torch.Tensor:
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = self.qkv_proj(x).view(-1, h + 2 * hk, d)
-        q, k, v = kernels.rotary_store(qkv, h, hk, cos, sin, self.k_cache, self.v_cache, batch.slot_mapping)
-        o = kernels.paged_attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
+        ops = batch.backend
+        q, k, v = ops.rotary_store(qkv, h, hk, cos, sin, self.k_cache, self.v_cache, batch)
+        o = ops.attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
         return self.o_proj(o.flatten(1))
