@@ -1,9 +1,15 @@
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-import pytest
+# Without a GPU the Triton kernels run under Triton's interpreter, which must be chosen before triton is first
+# imported (transformers' model classes import it); LMCLI_TEST_DEVICE=cuda runs their tests on a GPU instead.
+if not os.environ.get("LMCLI_TEST_DEVICE", "").startswith("cuda"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 from lmcli.bench.hf import hf_model as hf_model_from_workspace, unfused_weights as unfuse  # noqa: F401
 
