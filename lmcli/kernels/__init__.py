@@ -1,10 +1,18 @@
 """The ops the model runs, behind one small interface. Every op has its PyTorch reference (the CPU path and the
 test oracle); where a faster kernel exists for the device, it is picked here."""
 
+import importlib
+import os
+import sys
+
 import torch
 
 from lmcli.kernels import native, reference
+from lmcli.errors import UserError
 from lmcli.kernels.kv8 import Int8Cache
+
+# LMCLI_KERNELS=triton: the Triton kernels also on a machine without a GPU, under Triton's interpreter (slow: tests)
+SETTING = "LMCLI_KERNELS"
 
 # Up to this many tokens the native kernel beats torch's GEMM when the weights come from memory, as they do in a
 # step (all 120 projections of SmolLM2: 9.3 vs 17.8 ms at 4 rows, 16.3-17.2 vs 21.0-22.4 ms at 8, 27.9-29.5 vs
@@ -22,6 +30,22 @@ WIDEN_MIN_ROWS = 96
 # 512 (the same projections: 128 rows 64.5 against 93.8 ms, 256 114.8 against 160.9, 512 232 against 236): the
 # widening starts there.
 AMX_WIDEN_MIN_ROWS = 512
+
+
+def triton_selected(device: torch.device) -> bool:
+    """Whether the ops run as Triton kernels: on GPUs, and where LMCLI_KERNELS=triton asks for them."""
+    return device.type == "cuda" or os.environ.get(SETTING) == "triton"
+
+
+def triton_kernel(name: str):
+    """lmcli.kernels.triton.<name>. Without a GPU its kernels need Triton's interpreter, which is chosen when triton
+    is first imported: set here if it was not imported yet, else TRITON_INTERPRET=1 must have been set before."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        if "triton" in sys.modules:
+            raise UserError(f"{SETTING}=triton on a machine without a GPU runs Triton's interpreter, which must be "
+                            "chosen before triton is imported: set TRITON_INTERPRET=1 in the environment too")
+        os.environ["TRITON_INTERPRET"] = "1"
+    return importlib.import_module(f"lmcli.kernels.triton.{name}")
 
 
 def _native_caches(k_cache, v_cache) -> bool:
@@ -118,13 +142,18 @@ def mask_logits(x: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> N
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if triton_selected(x.device):
+        return triton_kernel("norm").rms_norm(x, weight, eps)
     if _native_bf16(x, weight) and x.dim() == 2:
         return native.add_rms_norm_bf16(x, None, weight, eps)[0]
     return reference.rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """(rms_norm(x + residual), x + residual); bfloat16 on CPU in one native pass."""
+    """(rms_norm(x + residual), x + residual); bfloat16 on CPU in one native pass; with Triton, the sum is written
+    into residual."""
+    if triton_selected(x.device):
+        return triton_kernel("norm").add_rms_norm(x, residual, weight, eps)
     if _native_bf16(x, residual, weight) and x.dim() == 2:
         return native.add_rms_norm_bf16(x, residual, weight, eps)
     return reference.add_rms_norm(x, residual, weight, eps)
@@ -148,6 +177,8 @@ def rotary_store(qkv: torch.Tensor, heads: int, kv_heads: int, cos, sin, k_cache
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x (tokens, 2 * intermediate): silu(gate) * up."""
+    if triton_selected(x.device):
+        return triton_kernel("activation").silu_and_mul(x)
     if _native_bf16(x) and x.dim() == 2:
         return native.silu_mul_bf16(x)
     return reference.silu_and_mul(x)

@@ -23,5 +23,36 @@ class NativeBackend:
         return kernels.paged_attention(q, k, v, k_cache, v_cache, batch, scale)
 
 
+class TritonBackend:
+    """GPUs' (and the interpreter's): the decodes through the split-KV decode kernel, the chunks of several tokens
+    through the extend kernel over the paged cache, both in one launch each for the whole batch."""
+
+    name = "triton"
+
+    def __init__(self):
+        self._decode = kernels.triton_kernel("decode_attention").decode_attention
+        self._extend = kernels.triton_kernel("extend_attention").extend_attention
+        self._store = kernels.triton_kernel("rotary_store").rotary_store
+
+    def prepare(self, batch) -> None:
+        nd = batch.num_decode
+        if len(batch.prefills):
+            batch.meta["extend_cu"] = batch.cu_seqlens_q[nd:] - nd
+            batch.meta["extend_max"] = max(length for _, length, _, _ in batch.prefills)
+
+    def rotary_store(self, qkv, heads, kv_heads, cos, sin, k_cache, v_cache, batch):
+        return self._store(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, batch.slot_mapping)
+
+    def attention(self, q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
+        out = torch.empty_like(q)
+        nd = batch.num_decode
+        if nd:
+            self._decode(q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_lens, scale, out=out[:nd])
+        if batch.prefills:
+            self._extend(q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.meta["extend_cu"],
+                         batch.context_lens[nd:], batch.meta["extend_max"], scale, out=out[nd:])
+        return out
+
+
 def choose(device: torch.device):
-    return NativeBackend()
+    return TritonBackend() if kernels.triton_selected(device) else NativeBackend()
