@@ -105,3 +105,36 @@ def test_grammar_masks_limit_their_rows_and_leave_logprobs_the_models():
     assert tokens == [2, 3, 7]  # the free row takes its argmax; the greedy masked row its best allowed token
     raw = logits(row).log_softmax(-1)[0]
     assert lps[1].logprob == raw[3].item() and [t for t, _ in lps[1].top] == [2, 3]  # the model's, finite
+
+
+def test_the_sampler_runs_where_the_logits_are():
+    """On LMCLI_TEST_DEVICE (a GPU on the GPU machine; here the CPU): every setting at once in one batch gives the
+    CPU's tokens (seeded sampled rows included) and logprobs, twice over."""
+    import os
+
+    device = os.environ.get("LMCLI_TEST_DEVICE", "cpu")
+    torch.manual_seed(0)
+    rows = torch.randn(6, 300) * 3
+
+    def batch():
+        return [seq(SamplingParams(temperature=0, logprobs=3)),
+                seq(SamplingParams(temperature=0, repetition_penalty=1.3, logit_bias=((7, 5.0),)), tokens=(5, 9)),
+                seq(SamplingParams(temperature=0, presence_penalty=1.0, frequency_penalty=0.5, logprobs=0),
+                    outputs=(11, 11)),
+                seq(SamplingParams(temperature=0, min_tokens=2), outputs=(3,)),
+                seq(SamplingParams(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=42, logprobs=2)),
+                seq(SamplingParams(temperature=1.0, seed=7))]
+
+    stops = [[], [], [], [int(rows[3].argmax())], [], []]
+    cpu_tokens, cpu_lp = sample(rows.clone(), batch(), stops)
+    tokens, lp = sample(rows.clone().to(device), batch(), stops)
+    again, _ = sample(rows.clone().to(device), batch(), stops)
+    assert tokens == cpu_tokens == again  # seeded rows too: their noise comes from the CPU generator
+    assert tokens[3] != stops[3][0]
+    assert [x is None for x in lp] == [x is None for x in cpu_lp] == [False, True, False, True, False, True]
+    for ours, theirs in zip(lp[0:3:2], cpu_lp[0:3:2]):  # greedy rows: the same token, so the same logprobs
+        assert abs(ours.logprob - theirs.logprob) < 1e-4
+        assert [t for t, _ in ours.top] == [t for t, _ in theirs.top]
+    assert len(lp[0].top) == 3 and lp[2].top == [] and len(lp[4].top) == 2
+    raw = rows[4].log_softmax(-1)
+    assert abs(lp[4].logprob - raw[tokens[4]].item()) < 1e-4  # the model's own logprob of the drawn token
