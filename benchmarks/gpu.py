@@ -21,10 +21,13 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 from lmcli.engine.batch import build_batch
-from lmcli.engine.config import CacheConfig, EngineConfig
+from lmcli.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from lmcli.engine.layers.parallel import TP
 from lmcli.engine.model_runner import ModelRunner
 from lmcli.engine.models import model_class
+from lmcli.engine.sampler import sample
+from lmcli.engine.sampling_params import SamplingParams
+from lmcli.engine.sequence import Sequence
 from lmcli.kernels import reference
 from lmcli.kernels.triton import activation, decode_attention, extend_attention, norm, rotary_store
 from lmcli.workspace import ModelConfig
@@ -162,7 +165,8 @@ def runner_for(shape: str, num_blocks: int) -> ModelRunner:
     m = ModelConfig(architecture="LlamaForCausalLM", rms_norm_eps=1e-5, rope_theta=500000.0,
                     max_position_embeddings=8192, **SHAPES[shape])
     config = EngineConfig(workspace="random", model=m, dtype="bfloat16", device=DEV,
-                          cache=CacheConfig(num_blocks=num_blocks))
+                          cache=CacheConfig(num_blocks=num_blocks),
+                          scheduler=SchedulerConfig(max_batch_size=256, max_prefill_token_num=4096))
     return ModelRunner(config, RandomWorkspace(m))
 
 
@@ -180,78 +184,99 @@ def engine(shape: str, bw: float, steps: int) -> None:
     runner = runner_for(shape, num_blocks=256 * 9 + 64)
     wb = weight_bytes(runner)
     print(f"\n## engine, Llama {shape} shape (random bfloat16 weights: {wb / 1e9:.2f} GB)")
-    print("| step | seqs | context | eager ms | eager + logits to host ms | CUDA graph ms | output tok/s (graph) "
-          "| weights read at (graph) |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| seqs | context | eager forward ms | runner step ms (graph, sampled on the GPU, ids to the host) "
+          "| graph replay ms | output tok/s (runner step) | weights read at (replay) |")
+    print("|---|---|---|---|---|---|---|")
     for seqs, ctx in DECODES:
-        batch, _ = build_batch(decode_items(seqs, ctx, runner.block_size), runner.block_size, runner.device)
+        items = decode_items(seqs, ctx, runner.block_size)
+        batch, _ = build_batch(items, runner.block_size, runner.device)
         eager = ms(lambda: runner.forward(batch).argmax(-1))
-        host = ms(lambda: runner.execute(decode_items(seqs, ctx, runner.block_size)))
+        greedy = [Sequence([7], SamplingParams(temperature=0)) for _ in range(seqs)]
+        step = ms(lambda: sample(runner.execute(items)[1], greedy, [[]] * seqs))
         replay = float("nan")
-        if DEV == "cuda":
-            graph = torch.cuda.CUDAGraph()
-            runner.forward(batch)
-            sync()
-            with torch.cuda.graph(graph):
-                out = runner.forward(batch).argmax(-1)
-            replay = ms(graph.replay)
-            del graph, out
-        print(f"| decode | {seqs} | {ctx} | {eager:.3f} | {host:.3f} | {replay:.3f} | {seqs / replay * 1e3:.0f} "
+        if runner.graphs is not None:
+            replay = ms(runner.graphs.steps[min(b for b in runner.graphs.steps if b >= seqs)][1].replay)
+        print(f"| {seqs} | {ctx} | {eager:.3f} | {step:.3f} | {replay:.3f} | {seqs / step * 1e3:.0f} "
               f"| {wb / replay / 1e9:.2f} TB/s |")
     # offline: prompts of random tokens prefilled a few at a time, then decode steps
     (seqs, prompt, group), block_size = OFFLINE, runner.block_size
-    per = -(-(prompt + steps) // block_size) + 1  # the graph advances its inputs once past the last step
+    per = -(-(prompt + steps) // block_size)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, runner.config.model.vocab_size, (seqs, prompt), generator=g).tolist()
+    runner.execute([(prompts[0], 0, list(range(per)), True)])  # compiles the prefill kernels outside the timing
     sync()
     start = time.perf_counter()
     for i in range(0, seqs, group):
         runner.execute([(prompts[j], 0, list(range(j * per, (j + 1) * per)), True) for j in range(i, i + group)])
     sync()
     prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for s in range(steps):
-        items = [([7], prompt + s, list(range(j * per, (j + 1) * per)), True) for j in range(seqs)]
-        batch, _ = build_batch(items, block_size, runner.device)
-        runner.forward(batch).argmax(-1).cpu()
-    sync()
-    decode = time.perf_counter() - start
+    greedy = [Sequence([7], SamplingParams(temperature=0)) for _ in range(seqs)]
+    timings = {}
+    for name in ("eager", "runner"):
+        start = time.perf_counter()
+        for s in range(steps):
+            items = [([7], prompt + s, list(range(j * per, (j + 1) * per)), True) for j in range(seqs)]
+            if name == "eager":
+                runner.forward(build_batch(items, block_size, runner.device)[0]).argmax(-1).tolist()
+            else:
+                sample(runner.execute(items)[1], greedy, [[]] * seqs)
+        sync()
+        timings[name] = time.perf_counter() - start
     print(f"\noffline: {seqs} prompts x {prompt} tokens prefilled in {prefill:.2f} s ({seqs * prompt / prefill:.0f} "
-          f"tok/s, eager); {steps} decode steps of {seqs}: eager {seqs * steps / decode:.0f} output tok/s (the batch "
-          f"built on the host each step, argmax on the GPU, ids to the host)", end="")
-    if DEV == "cuda":
-        graphed = decode_with_graph(runner, seqs, prompt, per, steps)
-        print(f"; one CUDA graph replayed {seqs * steps / graphed:.0f} output tok/s (the batch advanced on the GPU)")
-    print()
+          f"tok/s); {steps} decode steps of {seqs}: eager {seqs * steps / timings['eager']:.0f} output tok/s, the "
+          f"runner's step (CUDA graph, sampler on the GPU) {seqs * steps / timings['runner']:.0f} output tok/s\n")
     del runner
     if DEV == "cuda":
         torch.cuda.empty_cache()
 
 
-def decode_with_graph(runner: ModelRunner, seqs: int, prompt: int, per: int, steps: int) -> float:
-    """Seconds for `steps` decode steps of `seqs` sequences replaying one captured step: each step's inputs are
-    advanced in place on the GPU (ids from the last argmax, positions, lengths, slots), then the ids go to the host
-    as an engine's would."""
-    bs = runner.block_size
-    items = [([7], prompt, list(range(j * per, (j + 1) * per)), True) for j in range(seqs)]
-    batch, _ = build_batch(items, bs, runner.device)
-    batch.block_tables = torch.tensor([table for _, _, table, _ in items], device=runner.device)  # room to grow
-    runner.forward(batch)
-    sync()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = runner.forward(batch).argmax(-1)
-    start = time.perf_counter()
-    for _ in range(steps):
-        graph.replay()
-        batch.input_ids.copy_(out)
-        batch.positions += 1
-        batch.context_lens += 1
-        blocks = batch.block_tables.gather(1, (batch.positions // bs)[:, None])[:, 0]
-        batch.slot_mapping.copy_(blocks * bs + batch.positions % bs)
-        out.cpu()
-    sync()
-    return time.perf_counter() - start
+QUESTIONS = ["Hi!", "What is the capital of France?", "Write a haiku about the sea.", "Count to ten. " * 12,
+             "Explain recursion to a child. " * 30, "List three red fruits."]
+
+
+def run_engine(workspace: str, **options) -> tuple:
+    """The Engine (scheduler, sampler, detokenizer) on the questions, joining three at a time mid-flight: greedy,
+    20 tokens each, plus one seeded sampled request; returns (their token ids, seconds to build the engine). Its
+    speed is not reported: a small run's time is Triton's first compilation of each kernel variant."""
+    from lmcli.engine.engine import Engine
+
+    built = time.perf_counter()
+    engine = Engine(workspace, cache_block_seq_len=16, max_prefill_token_num=96, max_batch_size=8, **options)
+    built = time.perf_counter() - built
+    tok = engine.tokenizer
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                  tokenize=False), add_special_tokens=False) for q in QUESTIONS]
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=3, max_tokens=20, ignore_eos=True)
+    jobs = [(str(i), ids, greedy) for i, ids in enumerate(prompts)] + [("seeded", prompts[2], seeded)]
+    outputs = {name: [] for name, _, _ in jobs}
+    while jobs or engine.has_work:
+        for name, ids, params in jobs[:3]:
+            engine.add_request(name, ids, params)
+        jobs = jobs[3:]
+        for _ in range(3):
+            for o in engine.step():
+                outputs[o.request_id] += o.token_ids
+    engine.close()
+    return outputs, built
+
+
+def end_to_end(workspace: str) -> None:
+    """The whole engine on a real workspace: on the CPU in float32 (the reference), on the GPU in float32 with and
+    without CUDA graphs, and in bfloat16 (the GPU's default); how many of each request's tokens match the CPU's."""
+    print(f"\n## the whole engine on {workspace} (greedy requests joining mid-flight, one seeded sampled request)")
+    reference, _ = run_engine(workspace, device="cpu", dtype="float32")
+    print("| run | requests equal to the CPU's | tokens equal to the CPU's | engine start s |")
+    print("|---|---|---|---|")
+    runs = [("cuda float32, CUDA graphs", dict(device=DEV, dtype="float32")),
+            ("cuda float32, --eager", dict(device=DEV, dtype="float32", eager=True)),
+            ("cuda bfloat16 (auto), CUDA graphs", dict(device=DEV))]
+    for name, options in runs:
+        got, built = run_engine(workspace, **options)
+        same = sum(got[k] == reference[k] for k in reference)
+        tokens = sum(a == b for k in reference for a, b in zip(got[k], reference[k]))
+        total = sum(len(v) for v in reference.values())
+        print(f"| {name} | {same}/{len(reference)} | {tokens}/{total} | {built:.1f} |")
 
 
 def main() -> None:
@@ -260,13 +285,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--dry-run", action="store_true")
+    ap.add_argument("--workspace", help="also run the whole engine on this workspace (a small one: it runs on the "
+                                        "CPU too, as the reference)")
     args = ap.parse_args()
     name = torch.cuda.get_device_name() if DEV == "cuda" else "CPU, Triton's interpreter (dry run)"
     print(f"# {name}, torch {torch.__version__}, triton {__import__('triton').__version__}")
     bw = copy_bandwidth()
     print(f"copy bandwidth (read + write): {bw / 1e12:.2f} TB/s")
     parts = [] if args.skip_kernels else [(small_kernels, bw), (attention_kernels, bw)]
-    parts += [(engine, shape, bw, args.steps if DEV == "cuda" else 2) for shape in args.models.split(",")]
+    parts += [(engine, shape, bw, args.steps if DEV == "cuda" else 2) for shape in args.models.split(",") if shape]
+    if args.workspace:
+        parts.append((end_to_end, args.workspace))
     for fn, *part_args in parts:
         try:  # one part's failure still leaves the others' figures
             fn(*part_args)

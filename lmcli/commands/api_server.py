@@ -46,7 +46,10 @@ def api_server(
     dtype: DTypeOption = DType.auto,
     quantization: QuantizationOption = None,
     quant_policy: QuantPolicyOption = 0,
-    device: Annotated[str, typer.Option(help="cpu, or cuda on a machine with an NVIDIA GPU.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto (cuda where torch sees an NVIDIA GPU, else cpu), cpu, cuda or "
+                                             "cuda:N.")] = "auto",
+    eager: Annotated[bool, typer.Option(help="On GPUs, run decode steps kernel by kernel instead of replaying CUDA "
+                                             "graphs (captured per batch size as steps first need them).")] = False,
     model_name: ModelNameOption = None,
     chat_template: ChatTemplateOption = None,
     meta_instruction: Annotated[Optional[str], typer.Option(
@@ -86,11 +89,12 @@ def api_server(
     """Serve a workspace over an OpenAI-compatible HTTP API (and LMDeploy's /v1/chat/interactive).
 
     Open the printed URL in a browser for the API docs."""
-    from lmcli.engine.config import weights_format
+    from lmcli.engine.config import resolve_device, weights_format
     from lmcli.errors import UserError
     from lmcli.workspace import Workspace
 
     try:
+        device = resolve_device(device)
         ws = Workspace.load(workspace)
         weights = weights_format(quantization and quantization.value, ws.quantization, device)
         template = None
@@ -144,7 +148,7 @@ def api_server(
             quantization=quantization.value if quantization else None, quant_policy=quant_policy,
             cache_block_seq_len=cache_block_seq_len, cache_max_entry_count=cache_max_entry_count,
             max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num,
-            enable_prefix_caching=enable_prefix_caching)
+            enable_prefix_caching=enable_prefix_caching, eager=eager)
 
     def on_ready(state) -> None:
         print(f"lm api_server: {state.model_name} is ready at {url} (open it in a browser for the API docs)",
@@ -158,6 +162,12 @@ def api_server(
 
     app = create_app(load, options, on_ready, on_error)
     print(f"lm api_server: loading {ws.model_name} from {ws.path}; serving at {url}", file=sys.stderr, flush=True)
+    if device != "cpu" and log_level in (LogLevel.info, LogLevel.debug):
+        import torch
+
+        steps = "kernel by kernel (--eager)" if eager else "replayed from CUDA graphs"
+        print(f"lm api_server: {torch.cuda.get_device_name(device)}: Triton kernels, decode steps {steps}",
+              file=sys.stderr, flush=True)
     if device == "cpu" and log_level in (LogLevel.info, LogLevel.debug):
         from lmcli.kernels import native
 

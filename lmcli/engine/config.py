@@ -24,6 +24,19 @@ def describe_formats(dtype: str, quantization: Optional[str], quant_policy: int,
     return f"weights: {weights}; KV cache: {cache}"
 
 
+def resolve_device(name: str) -> str:
+    """auto: cuda where torch sees a GPU, else cpu; cpu, cuda or cuda:N as asked, if there."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise UserError(f"device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise UserError(f"device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
+    return name
+
+
 def weights_format(quantization: Optional[str], workspace_quantization: Optional[str], device: str) -> Optional[str]:
     """What the linear layers run in: --quantization, or the workspace's own 4-bit blocks (lm convert
     --quantization int4), which a GPU gets dequantized into the model's dtype."""
@@ -86,6 +99,7 @@ class EngineConfig:
     device: str = "cpu"
     session_len: Optional[int] = None  # most tokens one sequence or session may hold; default: the model's
     quantization: Optional[str] = None  # the linear layers in int8 (W8A8) or int4 (4-bit blocks), CPU; None: dtype
+    eager: bool = False  # on GPUs, no CUDA graphs for decode steps (engine/graphs.py)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -38,10 +38,10 @@ class Output:
 
 def engine_config(workspace: Workspace, *, dtype="auto", device="cpu", tp=1, session_len=None, quantization=None,
                   cache_block_seq_len=64, cache_max_entry_count=0.8, num_blocks=None, enable_prefix_caching=True,
-                  max_batch_size=128, max_prefill_token_num=2048, quant_policy=0) -> EngineConfig:
+                  max_batch_size=128, max_prefill_token_num=2048, quant_policy=0, eager=False) -> EngineConfig:
     return EngineConfig(
         workspace=str(workspace.path), model=workspace.config, dtype=dtype, device=device, session_len=session_len,
-        quantization=quantization,
+        quantization=quantization, eager=eager,
         cache=CacheConfig(block_size=cache_block_seq_len, cache_max_entry_count=cache_max_entry_count,
                           num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
                           quant_policy=quant_policy),

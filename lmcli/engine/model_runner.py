@@ -9,6 +9,7 @@ import torch
 
 from lmcli.engine.batch import build_batch, plan
 from lmcli.engine.config import EngineConfig, weights_format
+from lmcli.engine.graphs import DecodeGraphs
 from lmcli.engine.layers.linear import QuantizableLinear
 from lmcli.engine.layers.parallel import TP
 from lmcli.engine.memory import advise_huge_pages, pack_parameters
@@ -24,6 +25,8 @@ def resolve_dtype(config: EngineConfig, workspace_dtype: str) -> torch.dtype:
     name = workspace_dtype if config.dtype == "auto" else config.dtype
     if name == "float16" and config.device == "cpu":
         name = "float32"  # half precision matmuls are slow or missing on CPUs
+    if config.dtype == "auto" and name == "float32" and config.device != "cpu" and torch.cuda.is_bf16_supported():
+        name = "bfloat16"  # GPUs multiply bfloat16 at many times their float32 rate
     return getattr(torch, name)
 
 
@@ -56,6 +59,11 @@ class ModelRunner:
         self._load(workspace)
         self._kv_memory = []  # the KV cache's mmaps on CPU (_zeros)
         self.num_blocks = self._allocate_cache()
+        self.graphs = None  # decode steps from CUDA graphs: on GPUs, one rank, unless eager
+        if self.device.type == "cuda" and not config.eager and tp.size == 1:
+            self.graphs = DecodeGraphs(self, config.scheduler.max_batch_size)
+            with torch.inference_mode():
+                self.graphs.capture_all()
 
     def _load(self, workspace: Workspace) -> None:
         quantization = weights_format(self.config.quantization, workspace.quantization, self.device.type)
@@ -148,8 +156,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, items: list[tuple]):
+        if self.graphs is not None and self.graphs.fits(items):
+            return list(range(len(items))), self.graphs.run(items)
         batch, sampled = build_batch(items, self.block_size, self.device)
-        return sampled, self.forward(batch).cpu()
+        return sampled, self.forward(batch)
 
     def forward(self, batch) -> torch.Tensor:
         """The logits of the batch's sampled tokens, through this runner's attention backend."""

@@ -9,7 +9,7 @@ from lmcli.cli import build_app
 
 OPTIONS = ("--server-name", "--server-port", "--tp", "--session-len", "--max-batch-size", "--cache-max-entry-count",
            "--cache-block-seq-len", "--max-prefill-token-num", "--enable-prefix-caching", "--dtype", "--quantization",
-           "--quant-policy", "--device",
+           "--quant-policy", "--device", "--eager",
            "--model-name", "--chat-template", "--meta-instruction", "--api-keys", "--allow-origins",
            "--allow-credentials", "--allow-methods", "--allow-headers", "--ssl", "--max-concurrent-requests",
            "--max-output-len", "--log-level", "--proxy-url")
@@ -32,6 +32,11 @@ def test_user_errors_are_one_line(tmp_path, smollm2_workspace):
                           "template")
     assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--max-output-len", "0"),
                           "--max-output-len")
+    assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--device", "tpu"), "cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():  # asked for a GPU that is not there: said so, not a CUDA traceback
+        assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, "--device", "cuda"), "no CUDA GPU")
     bad = run_lm("serve", "api_server", smollm2_workspace, "--quantization", "int3")  # typer's usage error
     assert bad.returncode == 2 and "--quantization" in bad.stderr and "int8" in bad.stderr and "int4" in bad.stderr
     with socket.socket() as s:
