@@ -116,18 +116,18 @@ from lmcli.kernels.triton.decode_attention import decode_reduce_kernel, decode_s
 
 def split_args(dtype, table, part):
     pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "tables_ptr": table, "lens_ptr": "*i64",
-                "part_ptr": part, "lse_ptr": part, "scale": "fp32"}
+                "part_ptr": part, "lse_ptr": part, "scale": "fp32", "num_splits": "i32"}
     return {**pointers, **dict.fromkeys(["stride_qs", "stride_qh", "stride_ts", "stride_kb", "stride_kh", "stride_kt",
                                          "stride_ps", "stride_ph", "stride_pp", "stride_ls", "stride_lh"], "i32")}
 
-reduce_args = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", **dict.fromkeys(
+reduce_args = {"part_ptr": "*fp32", "lse_ptr": "*fp32", "out_ptr": "*bf16", "num_splits": "i32", **dict.fromkeys(
     ["stride_ps", "stride_ph", "stride_pp", "stride_ls", "stride_lh", "stride_os", "stride_oh"], "i32")}
 for group, head_dim, block_size, splits, table in [(8, 128, 64, 1, "*i64"), (8, 128, 64, 8, "*i32"),
                                                    (3, 256, 128, 1, "*i32")]:
     compile_both(decode_split_kernel, split_args("*bf16", table, "*bf16" if splits == 1 else "*fp32"),
-                 split_meta(group, head_dim, block_size, splits, torch.bfloat16), num_warps=4)
+                 split_meta(group, head_dim, block_size, torch.bfloat16), num_warps=4)
 compile_both(decode_reduce_kernel, reduce_args, reduce_meta(8, 128), num_warps=4)
-compile_both(decode_split_kernel, split_args("*fp32", "*i64", "*fp32"), split_meta(1, 64, 16, 4, torch.float32),
+compile_both(decode_split_kernel, split_args("*fp32", "*i64", "*fp32"), split_meta(1, 64, 16, torch.float32),
              num_warps=4)
 print("ok")
 """

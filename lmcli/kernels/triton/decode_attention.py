@@ -19,12 +19,11 @@ MAX_SPLITS = 64
 
 
 @triton.jit
-def decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_ptr, lse_ptr, scale,
+def decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_ptr, lse_ptr, scale, num_splits,
                         stride_qs, stride_qh, stride_ts, stride_kb, stride_kh, stride_kt,
                         stride_ps, stride_ph, stride_pp, stride_ls, stride_lh,
                         GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                        PRECISION: tl.constexpr):
+                        BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
     """Attention of one sequence's query heads of one KV head over one split of its context: the normalized
     partial output (in part_ptr's dtype) and, with several splits, its natural log-sum-exp (-inf when empty)."""
     seq = tl.program_id(0)
@@ -39,7 +38,7 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_ptr, lse
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
     length = tl.load(lens_ptr + seq).to(tl.int32)
     chunks = tl.cdiv(length, BLOCK_N)
-    per_split = tl.cdiv(chunks, NUM_SPLITS)
+    per_split = tl.cdiv(chunks, num_splits)
     first = split * per_split
     last = tl.minimum(first + per_split, chunks)
 
@@ -71,21 +70,20 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_ptr, lse
     out = acc / safe_total[:, None]
     part = part_ptr + seq * stride_ps + heads[:, None] * stride_ph + split * stride_pp + dims[None, :]
     tl.store(part, out.to(part_ptr.dtype.element_ty), mask=row_ok[:, None])
-    if NUM_SPLITS > 1:
+    if num_splits > 1:
         lse = tl.where(filled, (m + tl.log2(safe_total)) / LOG2E, float("-inf"))
         tl.store(lse_ptr + seq * stride_ls + heads * stride_lh + split, lse, mask=row_ok)
 
 
 @triton.jit
-def decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, stride_ps, stride_ph, stride_pp, stride_ls, stride_lh,
-                         stride_os, stride_oh, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-                         HEAD_DIM: tl.constexpr):
+def decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_splits, stride_ps, stride_ph, stride_pp, stride_ls,
+                         stride_lh, stride_os, stride_oh, BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr):
     """One (sequence, head): the splits' partial outputs weighted by exp(lse - max lse); empty splits weigh 0."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     dims = tl.arange(0, HEAD_DIM)
-    split_ok = splits < NUM_SPLITS
+    split_ok = splits < num_splits
     lse = tl.load(lse_ptr + seq * stride_ls + head * stride_lh + splits, mask=split_ok, other=float("-inf"))
     weights = tl.exp(lse - tl.max(lse, 0))
     parts = tl.load(part_ptr + seq * stride_ps + head * stride_ph + splits[:, None] * stride_pp + dims[None, :],
@@ -100,16 +98,18 @@ def default_splits(seqs: int, kv_heads: int, max_context: int) -> int:
     return max(1, min(TARGET_PROGRAMS // (seqs * kv_heads), max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
 
 
-def split_meta(group: int, head_dim: int, block_size: int, num_splits: int, dtype: torch.dtype) -> dict:
-    """decode_split_kernel's constexprs: BLOCK_H pads the group to tl.dot's 16 rows; BLOCK_N divides block_size."""
+def split_meta(group: int, head_dim: int, block_size: int, dtype: torch.dtype) -> dict:
+    """decode_split_kernel's constexprs: BLOCK_H pads the group to tl.dot's 16 rows; BLOCK_N divides block_size.
+    The split count is an argument, not a constant: a step's count follows its block table's width, and a constant
+    would compile a kernel for each count met (about a second each on a GPU, in the middle of serving)."""
     return dict(GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-                BLOCK_SIZE=block_size, BLOCK_N=min(block_size, 64), NUM_SPLITS=num_splits,
+                BLOCK_SIZE=block_size, BLOCK_N=min(block_size, 64),
                 PRECISION="ieee" if dtype == torch.float32 else "tf32")  # no TF32 rounding of float32 inputs
 
 
 def reduce_meta(num_splits: int, head_dim: int) -> dict:
-    """decode_reduce_kernel's constexprs."""
-    return dict(NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
+    """decode_reduce_kernel's constexprs: the splits padded to a power of two (a few kernels for all counts)."""
+    return dict(BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim)
 
 
 def _check(q, k_cache, v_cache, block_tables, context_lens, out, num_splits):
@@ -180,11 +180,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lse = torch.empty((seqs, heads, num_splits), dtype=torch.float32, device=q.device)
         part_strides, lse_strides = part.stride()[:3], lse.stride()[:2]
     decode_split_kernel[(seqs, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale,
+        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale, num_splits,
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *part_strides, *lse_strides,
-        **split_meta(heads // kv_heads, head_dim, block_size, num_splits, q.dtype))
+        **split_meta(heads // kv_heads, head_dim, block_size, q.dtype))
     if num_splits > 1:
         decode_reduce_kernel[(seqs, heads)](
-            part, lse, out, *part.stride()[:3], *lse.stride()[:2], out.stride(0), out.stride(1),
+            part, lse, out, num_splits, *part.stride()[:3], *lse.stride()[:2], out.stride(0), out.stride(1),
             **reduce_meta(num_splits, head_dim))
     return out
