@@ -94,7 +94,8 @@ def api_server(
     from lmcli.workspace import Workspace
 
     try:
-        device = resolve_device(device)
+        cpu_only = "--quantization" if quantization else "--quant-policy 8" if quant_policy == 8 else ""
+        device = resolve_device(device, cpu_only)
         ws = Workspace.load(workspace)
         weights = weights_format(quantization and quantization.value, ws.quantization, device)
         template = None
@@ -165,7 +166,8 @@ def api_server(
     if device != "cpu" and log_level in (LogLevel.info, LogLevel.debug):
         import torch
 
-        steps = "kernel by kernel (--eager)" if eager else "replayed from CUDA graphs"
+        steps = "kernel by kernel" + (" (--eager)" if eager else " (CUDA graphs need one GPU)") \
+            if eager or tp > 1 else "replayed from CUDA graphs"
         print(f"lm api_server: {torch.cuda.get_device_name(device)}: Triton kernels, decode steps {steps}",
               file=sys.stderr, flush=True)
     if device == "cpu" and log_level in (LogLevel.info, LogLevel.debug):

@@ -21,12 +21,15 @@ class Batch:
     max_context: int  # the longest context
     prefills: list  # [(start, length, context, block_table)] for the sequences computing several tokens
     sample_idx: torch.Tensor  # (samples,): the tokens whose logits are needed, in sampling order
+    # (num_decode, the decodes' most blocks): as wide as the decodes need, not as a long chunk's table (the PyTorch
+    # decode reads every column); default: the block table's first rows
+    decode_block_tables: torch.Tensor = None
     backend: Any = None  # the attention backend (lmcli.kernels.backend), set by the model runner
     meta: dict = field(default_factory=dict)  # what the backend's prepare() derived for its kernels
 
-    @property
-    def decode_block_tables(self) -> torch.Tensor:  # (num_decode, max_blocks), contiguous rows
-        return self.block_tables[:self.num_decode]
+    def __post_init__(self):
+        if self.decode_block_tables is None and self.block_tables is not None:
+            self.decode_block_tables = self.block_tables[:self.num_decode]
 
     @property
     def decode_lens(self) -> torch.Tensor:  # (num_decode,)
@@ -63,10 +66,13 @@ def build_batch(items: list[tuple], block_size: int, device="cpu") -> tuple[Batc
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], **as_long).view(len(tables), width)
     prefills = [(cu[j], cu[j + 1] - cu[j], contexts[j], block_tables[j, :len(tables[j])])
                 for j in range(nd, len(order))]
+    decode_width = max(map(len, tables[:nd]), default=0)
+    decode_tables = block_tables[:nd] if decode_width == width else torch.tensor(
+        [t + [0] * (decode_width - len(t)) for t in tables[:nd]], **as_long).view(nd, decode_width)
     batch = Batch(input_ids=torch.tensor(ids, **as_long), positions=torch.tensor(positions, **as_long),
                   slot_mapping=torch.tensor(slots, **as_long), num_decode=nd, block_tables=block_tables,
                   context_lens=torch.tensor(contexts, **as_long), cu_seqlens_q=torch.tensor(cu, **as_long),
                   max_seqlen_q=max((cu[j + 1] - cu[j] for j in range(len(order))), default=0),
                   max_context=max(contexts, default=0), prefills=prefills,
-                  sample_idx=torch.tensor(sample_idx, **as_long))
+                  sample_idx=torch.tensor(sample_idx, **as_long), decode_block_tables=decode_tables)
     return batch, sampled

@@ -24,14 +24,17 @@ def describe_formats(dtype: str, quantization: Optional[str], quant_policy: int,
     return f"weights: {weights}; KV cache: {cache}"
 
 
-def resolve_device(name: str) -> str:
-    """auto: cuda where torch sees a GPU, else cpu; cpu, cuda or cuda:N as asked, if there."""
+def resolve_device(name: str, cpu_only: str = "") -> str:
+    """auto: cuda where torch sees a GPU, else cpu (cpu also where cpu_only names an option given that runs on CPUs
+    only); cpu, cuda or cuda:N as asked, if there."""
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() and not cpu_only else "cpu"
     if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
         raise UserError(f"device must be auto, cpu, cuda or cuda:N, not {name!r}")
+    if name != "cpu" and cpu_only:
+        raise UserError(f"{cpu_only} runs on CPUs only (its kernels are CPU kernels); use --device cpu or auto")
     if name != "cpu" and not torch.cuda.is_available():
         raise UserError(f"device {name}: torch sees no CUDA GPU here (torch {torch.__version__}); use --device cpu")
     return name
@@ -111,6 +114,8 @@ class EngineConfig:
             raise UserError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
         if self.quantization and self.device != "cpu":
             raise UserError(f"{self.quantization} quantization runs on CPUs only (its kernels are CPU kernels)")
+        if self.cache.quant_policy == 8 and self.device != "cpu":
+            raise UserError("quant_policy 8 (the 8-bit KV cache) runs on CPUs only (its kernels are CPU kernels)")
         if self.session_len is not None and not 1 < self.session_len <= self.model.max_position_embeddings:
             raise UserError(f"session_len must be in 2..{self.model.max_position_embeddings}, not {self.session_len}")
         m, tp = self.model, self.parallel.tp

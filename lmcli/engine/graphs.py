@@ -22,7 +22,8 @@ def buckets(max_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, runner, max_seqs: int, capture: bool = True):
-        """capture=False runs the padded bucket eagerly (CPUs: the same inputs, no graph), for tests."""
+        """capture=False runs the padded bucket eagerly (CPUs: the same inputs, no graph), for tests. The padding rows
+        need the Triton backend's rotary_store, which skips slot -1."""
         self.runner, self.capture = runner, capture
         self.sizes = buckets(max_seqs)
         self.width = -(-runner.config.max_session_len // runner.block_size)

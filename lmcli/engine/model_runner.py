@@ -46,9 +46,11 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, workspace: Workspace, tp: TP = TP()):
         self.config, self.tp = config, tp
         self.device = torch.device(config.device)
+        if self.device.type == "cuda":  # Triton launches and graph captures go to the thread's current device
+            torch.cuda.set_device(self.device)
         self.dtype = resolve_dtype(config, workspace.dtype)
         self.block_size = config.cache.block_size
-        self.backend = backend.choose(self.device)
+        self.backend = backend.choose(self.device, config.model.head_dim, self.block_size)
         torch.set_default_dtype(self.dtype)
         try:
             with torch.device(self.device):
@@ -60,7 +62,7 @@ class ModelRunner:
         self._kv_memory = []  # the KV cache's mmaps on CPU (_zeros)
         self.num_blocks = self._allocate_cache()
         self.graphs = None  # decode steps from CUDA graphs: on GPUs, one rank, unless eager
-        if self.device.type == "cuda" and not config.eager and tp.size == 1:
+        if self.device.type == "cuda" and not config.eager and tp.size == 1 and self.backend.name == "triton":
             self.graphs = DecodeGraphs(self, config.scheduler.max_batch_size)
             with torch.inference_mode():
                 self.graphs.capture_all()

@@ -99,7 +99,7 @@ def sample(logits: torch.Tensor, seqs: list, stop_ids: list[list[int]], allowed=
             for j, i in enumerate(rows):
                 g = _generator(seqs[i])
                 if g is not None:
-                    noise[j] = torch.empty(probs.shape[1]).exponential_(generator=g).to(noise.device)
+                    noise[j] = torch.empty(probs.shape[1], dtype=probs.dtype).exponential_(generator=g).to(noise.device)
             tokens[rows] = (probs / noise).argmax(-1)
     out = [None] * len(seqs)
     wanted = [i for i in range(len(seqs)) if want_logprobs[i]]

@@ -54,5 +54,8 @@ class TritonBackend:
         return out
 
 
-def choose(device: torch.device):
-    return TritonBackend() if kernels.triton_selected(device) else NativeBackend()
+def choose(device: torch.device, head_dim: int, block_size: int):
+    """Triton on GPUs (or where LMCLI_KERNELS=triton asks for it) for the shapes its kernels take: head_dim a power
+    of two from 16 to 256 and blocks of at least 16 tokens; else the PyTorch path (slower, any shape)."""
+    fits = head_dim in (16, 32, 64, 128, 256) and block_size >= 16
+    return TritonBackend() if kernels.triton_selected(device) and fits else NativeBackend()
