@@ -49,7 +49,7 @@ def api_server(
     device: Annotated[str, typer.Option(help="auto (cuda where torch sees an NVIDIA GPU, else cpu), cpu, cuda or "
                                              "cuda:N.")] = "auto",
     eager: Annotated[bool, typer.Option(help="On GPUs, run decode steps kernel by kernel instead of replaying CUDA "
-                                             "graphs (captured per batch size as steps first need them).")] = False,
+                                             "graphs (one per batch size, captured at start).")] = False,
     model_name: ModelNameOption = None,
     chat_template: ChatTemplateOption = None,
     meta_instruction: Annotated[Optional[str], typer.Option(

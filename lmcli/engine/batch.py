@@ -18,7 +18,6 @@ class Batch:
     context_lens: torch.Tensor  # (seqs,) int64: each sequence's context length, its new tokens included
     cu_seqlens_q: torch.Tensor  # (seqs + 1,) int64: sequence i's tokens are [cu_seqlens_q[i], cu_seqlens_q[i + 1])
     max_seqlen_q: int  # the most new tokens of one sequence
-    max_context: int  # the longest context
     prefills: list  # [(start, length, context, block_table)] for the sequences computing several tokens
     sample_idx: torch.Tensor  # (samples,): the tokens whose logits are needed, in sampling order
     # (num_decode, the decodes' most blocks): as wide as the decodes need, not as a long chunk's table (the PyTorch
@@ -73,6 +72,6 @@ def build_batch(items: list[tuple], block_size: int, device="cpu") -> tuple[Batc
                   slot_mapping=torch.tensor(slots, **as_long), num_decode=nd, block_tables=block_tables,
                   context_lens=torch.tensor(contexts, **as_long), cu_seqlens_q=torch.tensor(cu, **as_long),
                   max_seqlen_q=max((cu[j + 1] - cu[j] for j in range(len(order))), default=0),
-                  max_context=max(contexts, default=0), prefills=prefills,
+                  prefills=prefills,
                   sample_idx=torch.tensor(sample_idx, **as_long), decode_block_tables=decode_tables)
     return batch, sampled

@@ -11,7 +11,7 @@ and batches past the largest bucket, run eagerly."""
 
 import torch
 
-from lmcli.engine.batch import Batch
+from lmcli.engine.batch import Batch, build_batch
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512)
 
@@ -43,19 +43,11 @@ class DecodeGraphs:
         n = len(items)
         size = next(b for b in self.sizes if b >= n)
         batch, graph, logits = self.steps.get(size) or self._make(size)
-        bs = self.runner.block_size
-        ids = [new[0] for new, _, _, _ in items]
-        positions = [c for _, c, _, _ in items]
-        slots = [table[c // bs] * bs + c % bs for _, c, table, _ in items]
+        host, _ = build_batch(items, self.runner.block_size)  # the step's own tensors, copied into the bucket's
+        for name in ("input_ids", "positions", "slot_mapping", "context_lens"):
+            getattr(batch, name)[:n].copy_(getattr(host, name), non_blocking=True)
         # only the blocks the contexts use: the kernels read a row up to its context length, never past it
-        used = [-(-(c + 1) // bs) for c in positions]
-        width = max(used)
-        tables = torch.tensor([table[:u] + [0] * (width - u) for (_, _, table, _), u in zip(items, used)],
-                              dtype=torch.long)
-        rows = torch.tensor([ids, positions, slots, [c + 1 for c in positions]], dtype=torch.long)
-        for dst, src in zip((batch.input_ids, batch.positions, batch.slot_mapping, batch.context_lens), rows):
-            dst[:n].copy_(src, non_blocking=True)
-        batch.block_tables[:n, :width].copy_(tables, non_blocking=True)
+        batch.block_tables[:n, :host.block_tables.shape[1]].copy_(host.block_tables, non_blocking=True)
         if n < size:  # padding rows, as at capture: nothing stored, one token of context in block 0
             batch.slot_mapping[n:].fill_(-1)
             batch.context_lens[n:].fill_(1)
@@ -72,7 +64,7 @@ class DecodeGraphs:
                       slot_mapping=torch.full((size,), -1, **zeros), num_decode=size,
                       block_tables=torch.zeros(size, self.width, **zeros),
                       context_lens=torch.ones(size, **zeros), cu_seqlens_q=torch.arange(size + 1, **zeros),
-                      max_seqlen_q=1, max_context=self.width * self.runner.block_size, prefills=[],
+                      max_seqlen_q=1, prefills=[],
                       sample_idx=torch.arange(size, **zeros))
         graph = logits = None
         if self.capture:

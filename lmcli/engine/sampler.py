@@ -77,8 +77,8 @@ def _filter(logits: torch.Tensor, seqs: list) -> torch.Tensor:
 @torch.inference_mode()  # the runner's logits are inference tensors: changed in place only in this mode
 def sample(logits: torch.Tensor, seqs: list, stop_ids: list[list[int]], allowed=None):
     """logits (rows, vocab) float32 on the runner's device, one row per sequence, changed in place (no copy: 12.6 MB
-    at 64 rows of SmolLM2); allowed: None, or (rows, bitmask) where a grammar limits those rows to the tokens their bitmask rows
-    allow (kernels.mask_logits). Returns (token ids, [TokenLogprobs or None]); logprobs are the model's own,
+    at 64 rows of SmolLM2); allowed: None, or (rows, bitmask) where a grammar limits those rows to the tokens their
+    bitmask rows allow (kernels.mask_logits). Returns (token ids, [TokenLogprobs or None]); logprobs are the model's own,
     before penalties and masks."""
     want_logprobs = [s.params.logprobs is not None for s in seqs]
     raw = logits.log_softmax(-1) if any(want_logprobs) else None  # logprobs of the model's own distribution

@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from lmcli.kernels import native, reference
 from lmcli.errors import UserError
+from lmcli.kernels import native, reference
 from lmcli.kernels.kv8 import Int8Cache
 
 # LMCLI_KERNELS=triton: the Triton kernels also on a machine without a GPU, under Triton's interpreter (slow: tests)

@@ -38,7 +38,6 @@ class TritonBackend:
         nd = batch.num_decode
         if len(batch.prefills):
             batch.meta["extend_cu"] = batch.cu_seqlens_q[nd:] - nd
-            batch.meta["extend_max"] = max(length for _, length, _, _ in batch.prefills)
 
     def rotary_store(self, qkv, heads, kv_heads, cos, sin, k_cache, v_cache, batch):
         return self._store(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, batch.slot_mapping)
@@ -50,7 +49,7 @@ class TritonBackend:
             self._decode(q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_lens, scale, out=out[:nd])
         if batch.prefills:
             self._extend(q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.meta["extend_cu"],
-                         batch.context_lens[nd:], batch.meta["extend_max"], scale, out=out[nd:])
+                         batch.context_lens[nd:], batch.max_seqlen_q, scale, out=out[nd:])
         return out
 
 

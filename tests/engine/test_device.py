@@ -45,4 +45,4 @@ def test_decode_tables_are_as_wide_as_the_decodes_need():
     assert batch.decode_block_tables.tolist() == [[3, 0], [4, 9]]
     assert batch.decode_lens.tolist() == [6, 71] and batch.cu_seqlens_q.tolist() == [0, 1, 2, 22]
     assert batch.prefills[0][:3] == (2, 20, 8048) and batch.prefills[0][3].tolist() == list(range(10, 136))
-    assert sampled == [0, 1, 2] and batch.max_seqlen_q == 20 and batch.max_context == 8048
+    assert sampled == [0, 1, 2] and batch.max_seqlen_q == 20
