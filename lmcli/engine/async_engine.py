@@ -16,6 +16,7 @@ from lmcli.engine.sampling_params import SamplingParams
 
 
 CLOSE_TIMEOUT = 600.0  # seconds close() waits for the step in flight (a hung tensor-parallel peer: not for ever)
+WARM_AFTER = 0.05  # seconds without work before a piece of the KV pool's warming (not in the gap between turns)
 
 
 class EngineDead(RuntimeError):
@@ -65,8 +66,12 @@ class AsyncEngine:
     def _loop(self) -> None:
         try:
             while not self._stop:
-                self._drain(block=not self.engine.has_work)
-                outputs = self.engine.step() if self.engine.has_work else []
+                self._drain(block=not self.engine.has_work, timeout=WARM_AFTER if self.engine.cold else 0.5)
+                outputs = []
+                if self.engine.has_work:
+                    outputs = self.engine.step()
+                elif self.engine.cold:  # idle: the KV pool's first touch, a piece at a time
+                    self.engine.warm()
                 self.stats = self.engine.stats()  # before the outputs: a caller that got its answer sees it
                 self.last_step = time.monotonic()  # idle, the loop comes round every half second
                 self._deliver_step(outputs)
@@ -84,9 +89,9 @@ class AsyncEngine:
                 if item[0] == "call":
                     item[2].call_soon_threadsafe(_set, item[3], None, dead)
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self, block: bool, timeout: float) -> None:
         try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            item = self._inbox.get(timeout=timeout) if block else self._inbox.get_nowait()
         except queue.Empty:
             return
         while True:

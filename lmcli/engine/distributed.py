@@ -61,7 +61,10 @@ def worker_main(rank: int, port: int, config_file: str, error_file: str) -> None
             dist.broadcast_object_list(message, src=0)
             if message[0] is None:
                 break
-            runner.execute(message[0])
+            if isinstance(message[0], tuple):  # ("warm", nbytes): rank 0's engine is idle
+                runner.warm_cache(message[0][1])
+            else:
+                runner.execute(message[0])
         dist.destroy_process_group()
     except BaseException as e:
         with open(error_file, "w") as f:
@@ -103,6 +106,13 @@ class DistributedRunner(ModelRunner):
         try:
             dist.broadcast_object_list([items], src=0)
             return super().execute(items)
+        except Exception as e:
+            raise self._worker_error(wait=True) or e
+
+    def warm_cache(self, nbytes: int) -> bool:
+        try:
+            dist.broadcast_object_list([("warm", nbytes)], src=0)  # every rank's pool has the same size
+            return super().warm_cache(nbytes)
         except Exception as e:
             raise self._worker_error(wait=True) or e
 

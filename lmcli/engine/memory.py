@@ -13,7 +13,9 @@ import sys
 import torch
 
 HUGE_PAGE = 2 << 20
+PAGE = 4096
 MADV_HUGEPAGE = 14
+MADV_POPULATE_WRITE = 23  # Linux 5.14 and later
 
 
 def advise_huge_pages(t: torch.Tensor) -> bool:
@@ -30,6 +32,28 @@ def advise_huge_pages(t: torch.Tensor) -> bool:
         return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_HUGEPAGE) == 0
     except (OSError, AttributeError):
         return False
+
+
+def populate(t: torch.Tensor) -> None:
+    """Fault in a contiguous CPU tensor's pages, its contents unchanged: the first write to an anonymous page costs
+    a fault and a zeroed page (0.4 GB/s on a Firecracker VM here, the host backing the page too), paid here
+    instead of inside a kernel. madvise(MADV_POPULATE_WRITE) where the kernel has it, else each page's first byte
+    written back: then nothing may write the memory meanwhile."""
+    flat = t.view(-1).view(torch.uint8)
+    if flat.numel() == 0:
+        return
+    if sys.platform.startswith("linux"):
+        start = flat.data_ptr() // PAGE * PAGE
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(flat.data_ptr() + flat.numel() - start),
+                            MADV_POPULATE_WRITE) == 0:
+                return
+        except (OSError, AttributeError):
+            pass
+    pages = flat[(-flat.data_ptr()) % PAGE::PAGE]  # a byte at each page start inside
+    pages.copy_(pages.clone())
+    flat[:1].copy_(flat[:1].clone())  # and the page the tensor starts in
 
 
 def huge_page_buffer(nbytes: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ from lmcli.engine.config import EngineConfig, weights_format
 from lmcli.engine.graphs import DecodeGraphs
 from lmcli.engine.layers.linear import QuantizableLinear
 from lmcli.engine.layers.parallel import TP
-from lmcli.engine.memory import advise_huge_pages, pack_parameters
+from lmcli.engine.memory import advise_huge_pages, pack_parameters, populate
 from lmcli.engine.models import model_class
 from lmcli.errors import UserError
 from lmcli.kernels import backend
@@ -60,6 +60,8 @@ class ModelRunner:
             torch.set_default_dtype(torch.float32)
         self._load(workspace)
         self._kv_memory = []  # the KV cache's mmaps on CPU (_zeros)
+        self._kv_pools = []  # their tensors, (2, layers, blocks, ...)
+        self._warm_blocks = 0  # blocks [0, this) of them are faulted in (warm_cache)
         self.num_blocks = self._allocate_cache()
         self.graphs = None  # decode steps from CUDA graphs: on GPUs, one rank, unless eager
         if self.device.type == "cuda" and not config.eager and tp.size == 1 and self.backend.name == "triton":
@@ -149,7 +151,23 @@ class ModelRunner:
         self._kv_memory.append(memory)  # kept: the tensors live in it
         t = torch.frombuffer(memory, dtype=dtype).view(size)
         advise_huge_pages(t)
+        self._kv_pools.append(t)
         return t
+
+    def warm_cache(self, nbytes: int) -> bool:
+        """Fault in the next blocks of the CPU KV pool, about nbytes, ahead of use (memory.populate; contents stay),
+        in the order the block manager first hands them out; True once all of it is in. For idle time between
+        steps: a step that writes a fresh page pays its fault (SmolLM2's 23 KB a token at 0.4 GB/s on a Firecracker
+        VM: 60 ms of a 1,000-token prefill)."""
+        if not self._kv_pools:
+            return True
+        start = self._warm_blocks
+        end = min(self.num_blocks, start + max(1, nbytes // self.block_bytes()))
+        for pool in self._kv_pools:
+            for layer in pool.flatten(0, 1):  # K and V of each layer
+                populate(layer[start:end])
+        self._warm_blocks = end
+        return end == self.num_blocks
 
     def run(self, scheduled: list):
         """Compute one step: (the sequences to sample, their logits (rows, vocab) in float32)."""

@@ -58,6 +58,7 @@ class FakeEngine:
         self.steps = 0
         self.aborted: list[str] = []
         self.added: list[tuple] = []  # (request_id, prompt_ids, params, session_id)
+        self.cold = False  # no KV pool to warm
 
     @property
     def has_work(self) -> bool:
