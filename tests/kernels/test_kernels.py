@@ -442,8 +442,8 @@ def test_native_argmax_leaves_nan_rows_to_torch():
     assert kernels.argmax(x).tolist() == x.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (9, 576, 1536), (64, 33, 64),
-                                   (37, 200, 160)])
+@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (9, 576, 1536), (16, 200, 160),
+                                   (21, 96, 64), (64, 33, 64), (37, 200, 160)])
 def test_int8_kernel_is_the_dequantized_product(m, n, k, isa):
     """At every level the 8-bit kernel computes exactly (to float32 rounding) x's 8-bit blocks (with VNNI, with the
     sign trick of AVX2, in plain loops) times the dequantized weight, or on AMX x and the weight in bfloat16
@@ -486,8 +486,8 @@ def _blocks_to_int8(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(b * torch.where(amax > 0, 127 / amax, 0)) * (amax / 127)).view(m, k)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (5, 576, 1536), (64, 33, 64),
-                                   (37, 200, 160)])
+@pytest.mark.parametrize("m,n,k", [(1, 3072, 576), (3, 17, 96), (4, 7, 32), (5, 576, 1536), (16, 200, 160),
+                                   (21, 96, 64), (64, 33, 64), (37, 200, 160)])
 def test_int4_kernel_is_the_dequantized_product(m, n, k):
     """At every level the 4-bit kernel computes exactly (to float32 rounding) x's 8-bit blocks times the dequantized
     weight, or on AMX both in bfloat16 (_products): output rows that do not fill a tile of 8 (or 16), row counts
