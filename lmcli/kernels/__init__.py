@@ -4,6 +4,7 @@ test oracle); where a faster kernel exists for the device, it is picked here."""
 import importlib
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -108,17 +109,61 @@ def decode_layer(x: torch.Tensor, residual, norms: tuple, weights: tuple, cos, s
     gate_up, down) in 4-bit or 8-bit blocks of one kind; bfloat16 activations and norms on CPU, the KV cache in
     bfloat16 or 8-bit (kv8.Int8Cache, up to 8 query heads a kv head). Returns
     (the MLP's output, the residual stream), or None: then the caller runs the layer op by op."""
-    if batch.prefills or x.shape[0] >= WIDEN_MIN_ROWS:
+    bits = _layer_bits(norms, weights, k_cache, v_cache, heads, kv_heads, dim)
+    if bits is None or not _decode_batch(x, residual, cos, sin, batch):
         return None
+    return native.decode_layer_blocks(x, residual, norms, weights, bits, cos, sin, batch.slot_mapping,
+                                      k_cache, v_cache, batch.decode_block_tables, batch.decode_lens, eps, scale,
+                                      heads, kv_heads, dim, weights[3].shape[1])
+
+
+def _layer_bits(norms, weights, k_cache, v_cache, heads: int, kv_heads: int, dim: int) -> Optional[int]:
+    """The weights' bits where a layer's parameters and caches suit the native decode layer, else None."""
     bits = {getattr(w, "bits", None) for w in weights}
     if len(bits) != 1 or None in bits or weights[0].shape[0] != (heads + 2 * kv_heads) * dim:
         return None
-    tensors = (x, *norms, cos, sin) + (() if residual is None else (residual,))
-    if not _native_bf16(*tensors) or not _native_caches(k_cache, v_cache) or x.dim() != 2:
+    return bits.pop() if _native_bf16(*norms) and _native_caches(k_cache, v_cache) else None
+
+
+def _decode_batch(x, residual, cos, sin, batch) -> bool:
+    """Whether a step's batch and activations suit the native decode layer: decodes only, few enough rows."""
+    if batch.prefills or x.shape[0] >= WIDEN_MIN_ROWS or x.dim() != 2:
+        return False
+    return _native_bf16(x, cos, sin, *(() if residual is None else (residual,)))
+
+
+def decode_layer_table(layers: list) -> Optional[tuple]:
+    """For decode_layers: layers, each (norms, weights, k_cache, v_cache, eps, scale, heads, kv_heads, dim) as
+    decode_layer takes them (None for a layer that cannot run natively); (their addresses (layers, 14) int64, the
+    settings they share), or None unless every layer suits decode_layer alike. Built once: the parameters and the
+    caches stay where they are."""
+    rows, shared = [], set()
+    for layer in layers:
+        if layer is None:
+            return None
+        norms, weights, k_cache, v_cache, *settings = layer
+        bits = _layer_bits(norms, weights, k_cache, v_cache, *settings[2:])
+        if bits is None:
+            return None
+        s8 = isinstance(k_cache, Int8Cache)
+        caches = (k_cache.data, v_cache.data, k_cache.scale, v_cache.scale) if s8 else (k_cache, v_cache, None, None)
+        rows.append([t.data_ptr() for t in norms] + [t.data_ptr() for w in weights for t in (w.codes, w.scales)]
+                    + [0 if t is None else t.data_ptr() for t in caches])
+        shared.add((bits, s8, k_cache.shape[2], weights[3].shape[1], *settings))
+    if len(shared) != 1:
         return None
-    return native.decode_layer_blocks(x, residual, norms, weights, bits.pop(), cos, sin, batch.slot_mapping,
-                                      k_cache, v_cache, batch.decode_block_tables, batch.decode_lens, eps, scale,
-                                      heads, kv_heads, dim, weights[3].shape[1])
+    return torch.tensor(rows, dtype=torch.int64), shared.pop()
+
+
+def decode_layers(x: torch.Tensor, table: tuple, cos, sin, batch):
+    """Every layer of a decode step in one native call (decode_layer for each in turn, without the Python between
+    them): table from decode_layer_table. Returns the last layer's (MLP output, residual stream), or None: then
+    the caller runs the layers one by one."""
+    if not _decode_batch(x, None, cos, sin, batch):
+        return None
+    addresses, (bits, _, block_size, inter, eps, scale, heads, kv_heads, dim) = table
+    return native.decode_layers_blocks(addresses, x, bits, cos, sin, batch.slot_mapping, batch.decode_block_tables,
+                                       batch.decode_lens, eps, scale, heads, kv_heads, dim, inter, block_size)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

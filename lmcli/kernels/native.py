@@ -49,6 +49,7 @@ SIGNATURES = {
     "gemm_s8": (4, 5, (), ctypes.c_int),
     "dequantize_blocks": (3, 4, (), ctypes.c_int),
     "decode_layer_blocks": (23, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
+    "decode_layers_blocks": (9, 10, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "paged_decode_attention_s8": (8, 7, (ctypes.c_float,), ctypes.c_int),
     "amx_rows": (0, 0, (), ctypes.c_int),
     "argmax_f32": (2, 2, (), ctypes.c_int),
@@ -316,4 +317,18 @@ def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms
     failed = library().decode_layer_blocks(*(None if t is None else t.data_ptr() for t in pointers), bits, m, hidden,
                                            heads, kv_heads, dim, inter, k_cache.shape[2], block_tables.shape[1], eps,
                                            scale)
+    return None if failed else (x_out, res_out)
+
+
+def decode_layers_blocks(table: torch.Tensor, x: torch.Tensor, bits: int, cos: torch.Tensor, sin: torch.Tensor,
+                         slots: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor, eps: float,
+                         scale: float, heads: int, kv_heads: int, dim: int, inter: int, block_size: int):
+    """Every layer of a decode step in one call (cpu/layer.c): table (layers, 14) int64, each layer's addresses as
+    kernels.decode_layer_table builds them; x (m, hidden) bfloat16, the embeddings; the rest as decode_layer_blocks
+    takes them. Returns the last layer's (MLP output, residual stream), or None where the call declined."""
+    x_out, res_out = torch.empty_like(x), torch.empty_like(x)
+    failed = library().decode_layers_blocks(
+        table.data_ptr(), x.data_ptr(), x_out.data_ptr(), res_out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+        slots.data_ptr(), block_tables.data_ptr(), lens.data_ptr(), table.shape[0], bits, *x.shape, heads,
+        kv_heads, dim, inter, block_size, block_tables.shape[1], eps, scale)
     return None if failed else (x_out, res_out)

@@ -108,25 +108,32 @@ def test_the_start_up_line_names_the_formats_and_their_options():
     assert "(--quantization int8)" in describe_formats("bfloat16", "int8", 0)
 
 
-@pytest.mark.parametrize("quantization", ["int8", "int4"])
-def test_decode_steps_in_one_native_call_a_layer_change_nothing(smollm2_workspace, quantization, monkeypatch):
-    """A batch of decodes on 4-bit or 8-bit weights runs each layer in one native call (kernels.decode_layer): the
-    same tokens and logprobs as op by op, for sequences of different lengths decoding together (one of them
-    joining while the others decode, so prefill steps take the op-by-op path)."""
+@pytest.mark.parametrize("quantization,quant_policy", [("int8", 0), ("int4", 0), ("int4", 8)])
+def test_decode_steps_in_one_native_call_change_nothing(smollm2_workspace, quantization, quant_policy, monkeypatch):
+    """A batch of decodes on 4-bit or 8-bit weights runs every layer in one native call (kernels.decode_layers),
+    else each layer in one (kernels.decode_layer): the same tokens and logprobs as op by op, for sequences of
+    different lengths decoding together (one of them joining while the others decode, so prefill steps take the
+    op-by-op path); with the bfloat16 and the 8-bit KV cache."""
     from lmcli import kernels
     from lmcli.engine.sampling_params import SamplingParams
     from lmcli.kernels import native
 
-    one_call = native.decode_layer_blocks
-    calls = []
+    calls = {"decode_layers_blocks": [], "decode_layer_blocks": []}
 
-    def counted(*args, **kwargs):
-        out = one_call(*args, **kwargs)
-        calls.append(out is not None)
-        return out
+    def counted(name):
+        call = getattr(native, name)
+
+        def count(*args, **kwargs):
+            out = call(*args, **kwargs)
+            calls[name].append(out is not None)
+            return out
+        return count
 
     def generate() -> dict:
-        engine = Engine(smollm2_workspace, dtype="bfloat16", quantization=quantization, num_blocks=64)
+        for v in calls.values():
+            v.clear()
+        engine = Engine(smollm2_workspace, dtype="bfloat16", quantization=quantization, quant_policy=quant_policy,
+                        num_blocks=64)
         try:
             prompts = [list(range(100, 160)), [1, 2, 3, 4, 5, 6, 7, 8] * 3, [9, 10, 11]]
             params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, logprobs=2)
@@ -142,8 +149,25 @@ def test_decode_steps_in_one_native_call_a_layer_change_nothing(smollm2_workspac
         finally:
             engine.close()
 
-    monkeypatch.setattr(native, "decode_layer_blocks", counted)
-    together = generate()
-    assert len(calls) > 30 * 20 and all(calls)  # every layer of every decode-only step, none declined
+    for name in calls:
+        monkeypatch.setattr(native, name, counted(name))
+    together = generate()  # every decode-only step in one call, none declined
+    assert len(calls["decode_layers_blocks"]) > 20 and all(calls["decode_layers_blocks"])
+    assert not calls["decode_layer_blocks"]
+    monkeypatch.setattr(kernels, "decode_layers", lambda *args, **kwargs: None)
+    assert generate() == together  # a layer a call
+    assert len(calls["decode_layer_blocks"]) > 30 * 20 and all(calls["decode_layer_blocks"])
     monkeypatch.setattr(kernels, "decode_layer", lambda *args, **kwargs: None)
-    assert generate() == together
+    assert generate() == together  # op by op
+
+
+def test_layers_without_native_weights_keep_the_python_path(smollm2_workspace):
+    """bfloat16 weights have no native decode layer: the model marks the one-call path unusable once and keeps
+    stepping layer by layer."""
+    from lmcli.engine.sampling_params import SamplingParams
+
+    engine = Engine(smollm2_workspace, dtype="bfloat16", num_blocks=16)
+    engine.add_request("0", [1, 2, 3], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
+    while engine.has_work:
+        engine.step()
+    assert engine.runner.model.model.table is False
