@@ -31,7 +31,8 @@ def api_server(
     workspace: Annotated[Path, typer.Argument(help="The workspace made by `lm convert`.", show_default=False)],
     server_name: Annotated[str, typer.Option(help="The address to listen on.")] = "0.0.0.0",
     server_port: Annotated[int, typer.Option(help="The port to listen on.")] = 23333,
-    tp: Annotated[int, typer.Option(help="Tensor-parallel ranks (processes on this machine).")] = 1,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel ranks (processes on this machine); on GPUs one GPU a rank, "
+                                         "from --device's on (cuda:2 with --tp 2: cuda:2 and cuda:3).")] = 1,
     session_len: Annotated[Optional[int], typer.Option(
         help="Most tokens a sequence or session may hold (prompt and output). Default: the model's context.",
         show_default=False)] = None,

@@ -40,6 +40,13 @@ def resolve_device(name: str, cpu_only: str = "") -> str:
     return name
 
 
+def rank_device(device: str, rank: int) -> str:
+    """A tensor-parallel rank's device: the CPU, or the rank-th GPU from the one asked for (cuda means cuda:0)."""
+    if device == "cpu":
+        return device
+    return f"cuda:{(int(device[5:]) if device.startswith('cuda:') else 0) + rank}"
+
+
 def weights_format(quantization: Optional[str], workspace_quantization: Optional[str], device: str) -> Optional[str]:
     """What the linear layers run in: --quantization, or the workspace's own 4-bit blocks (lm convert
     --quantization int4), which a GPU gets dequantized into the model's dtype."""

@@ -17,9 +17,10 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from lmcli.engine.config import EngineConfig
+from lmcli.engine.config import EngineConfig, rank_device
 from lmcli.engine.layers.parallel import TP
 from lmcli.engine.model_runner import ModelRunner
+from lmcli.errors import UserError
 from lmcli.workspace import Workspace
 
 TIMEOUT = timedelta(seconds=120)  # the backstop for a collective that never completes
@@ -30,20 +31,29 @@ class WorkerError(RuntimeError):
 
 
 def _init(rank: int, size: int, store, device: str) -> None:
+    """Join the group; device: this rank's own (rank_device)."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
-        torch.cuda.set_device(rank)
+        torch.cuda.set_device(torch.device(device))
     # each rank gets its share of the cores, so ranks do not fight over them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=TIMEOUT)
 
 
-def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
-    if config.device.startswith("cuda"):
-        from dataclasses import replace
+def check_gpus(device: str, size: int) -> None:
+    """A GPU a rank, from the one asked for: else a UserError now, not a worker's 'invalid device ordinal'."""
+    if device == "cpu":
+        return
+    last, seen = rank_device(device, size - 1), torch.cuda.device_count()
+    if int(last[5:]) >= seen:
+        raise UserError(f"--tp {size} on {device} needs a GPU a rank ({rank_device(device, 0)} to {last}); torch sees "
+                        f"{seen}")
 
-        return replace(config, device=f"cuda:{rank}")
-    return config
+
+def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
+    from dataclasses import replace
+
+    return replace(config, device=rank_device(config.device, rank))
 
 
 def worker_main(rank: int, port: int, config_file: str, error_file: str) -> None:
@@ -54,8 +64,9 @@ def worker_main(rank: int, port: int, config_file: str, error_file: str) -> None
         size = config.parallel.tp
         store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=TIMEOUT)
         store.set(f"ready/{rank}", "1")
+        config = _rank_config(config, rank)
         _init(rank, size, store, config.device)
-        runner = ModelRunner(_rank_config(config, rank), Workspace.load(config.workspace), TP(rank, size))
+        runner = ModelRunner(config, Workspace.load(config.workspace), TP(rank, size))
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0)
@@ -78,6 +89,7 @@ class DistributedRunner(ModelRunner):
 
     def __init__(self, config: EngineConfig, workspace: Workspace):
         size = config.parallel.tp
+        check_gpus(config.device, size)
         self.tmp = tempfile.TemporaryDirectory(prefix="lm-tp-")
         config_file = os.path.join(self.tmp.name, "config.pickle")
         with open(config_file, "wb") as f:
@@ -92,8 +104,9 @@ class DistributedRunner(ModelRunner):
                     if proc.poll() is not None:
                         raise self._worker_error() or WorkerError(f"worker {rank} exited with {proc.returncode}")
                     time.sleep(0.05)
+            config = _rank_config(config, 0)
             _init(0, size, store, config.device)
-            super().__init__(_rank_config(config, 0), workspace, TP(0, size))
+            super().__init__(config, workspace, TP(0, size))
         except Exception as e:
             error = self._worker_error()
             self.shutdown()

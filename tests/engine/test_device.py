@@ -5,7 +5,7 @@ import torch
 
 from lmcli import kernels
 from lmcli.engine.batch import build_batch
-from lmcli.engine.config import CacheConfig, EngineConfig, resolve_device
+from lmcli.engine.config import CacheConfig, EngineConfig, ParallelConfig, rank_device, resolve_device
 from lmcli.errors import UserError
 from lmcli.kernels import backend
 from lmcli.workspace import ModelConfig
@@ -26,6 +26,22 @@ def test_auto_picks_the_cpu_here_and_for_cpu_only_options():
         resolve_device("cuda", "--quant-policy 8")
     with pytest.raises(UserError, match="8-bit KV cache"):
         EngineConfig(workspace="w", model=SMALL, device="cuda", cache=CacheConfig(quant_policy=8))
+
+
+def test_tensor_parallel_on_gpus_takes_a_gpu_a_rank_or_says_it_cannot(monkeypatch):
+    from lmcli.engine import distributed
+
+    assert [rank_device("cuda", r) for r in (0, 1)] == ["cuda:0", "cuda:1"]
+    assert rank_device("cuda:2", 1) == "cuda:3" and rank_device("cpu", 3) == "cpu"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    distributed.check_gpus("cuda", 2)
+    distributed.check_gpus("cpu", 4)
+    with pytest.raises(UserError, match=r"--tp 2 on cuda:1 needs a GPU a rank \(cuda:1 to cuda:2\); torch sees 2"):
+        distributed.check_gpus("cuda:1", 2)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    config = EngineConfig(workspace="w", model=SMALL, device="cuda", parallel=ParallelConfig(tp=2))
+    with pytest.raises(UserError, match="torch sees 1"):  # before any worker starts
+        distributed.DistributedRunner(config, None)
 
 
 def test_the_triton_backend_only_for_shapes_its_kernels_take(monkeypatch):
