@@ -13,6 +13,7 @@ from typing import Callable, Optional
 import aiohttp
 
 from lmcli.bench.datasets import Request
+from lmcli.serve.stream import aevents
 
 
 @dataclass
@@ -43,10 +44,7 @@ async def one_request(client: aiohttp.ClientSession, backend: str, model: str, r
             if r.status != 200:
                 result.error = f"{r.status}: {(await r.read())[:200]!r}"
                 return result
-            async for line in r.content:  # bytes, one line each
-                if not line.startswith(b"data:") or line[5:].strip() == b"[DONE]":
-                    continue
-                chunk = json.loads(line[5:])
+            async for chunk in aevents(r.content, sse=True):  # aiohttp: bytes, a line each
                 if "error" in chunk:
                     result.error = str(chunk["error"])[:200]
                     return result

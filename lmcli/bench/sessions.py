@@ -3,13 +3,14 @@ history (/v1/chat/interactive, interactive_mode=true) and with every request res
 (/v1/chat/completions). A server that keeps the KV cache of a session answers turn 10 as fast as turn 1."""
 
 import asyncio
-import json
 import random
 import statistics
 import time
 from typing import Optional
 
 import httpx
+
+from lmcli.serve.stream import aevents
 
 
 def user_messages(conversations: list[dict], num_sessions: int, turns: int, seed: int, max_words: int = 48):
@@ -31,16 +32,10 @@ async def _ttft(client: httpx.AsyncClient, path: str, body: dict, sse: bool) -> 
     async with client.stream("POST", path, json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"{path}: {r.status_code} {(await r.aread())[:200]!r}")
-        async for line in r.aiter_lines():
+        async for item in aevents(r.aiter_lines(), sse):
             if sse:
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                item = json.loads(line[5:])
                 piece = "".join((c.get("delta") or {}).get("content") or "" for c in item.get("choices", []))
             else:
-                if not line.strip():
-                    continue
-                item = json.loads(line)
                 piece = item.get("text", "")
             if "error" in item:
                 raise RuntimeError(str(item["error"]))

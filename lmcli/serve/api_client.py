@@ -8,10 +8,11 @@ for a plain request, one per chunk with stream=True.
         print(item)
 """
 
-import json
 from typing import Iterator, Optional, Union
 
 import httpx
+
+from lmcli.serve.stream import events
 
 
 class APIClientError(Exception):
@@ -143,23 +144,14 @@ class APIClient:
                 if response.is_error:
                     response.read()
                     self._check(response)
-                for line in response.iter_lines():
-                    if sse:
-                        if not line.startswith("data:"):
-                            continue
-                        line = line[5:].strip()
-                        if line == "[DONE]":
-                            return
-                    if not line.strip():
-                        continue
-                    try:
-                        item = json.loads(line)
-                    except ValueError:
-                        raise APIClientError(None, f"the server sent a line that is not JSON: {line[:80]!r}") from None
-                    if "error" in item:
-                        e = item["error"]
-                        raise APIClientError(None, e.get("message", str(e)), e.get("type"), e.get("code"))
-                    yield item
+                try:
+                    for item in events(response.iter_lines(), sse):
+                        if "error" in item:
+                            e = item["error"]
+                            raise APIClientError(None, e.get("message", str(e)), e.get("type"), e.get("code"))
+                        yield item
+                except ValueError as e:  # a line that is not JSON
+                    raise APIClientError(None, f"the server sent {e}") from None
         except (httpx.TransportError, httpx.InvalidURL) as e:
             raise APIClientError(None, f"the connection to {self.url} failed: {e}") from None
 
