@@ -67,14 +67,12 @@ class AsyncEngine:
         try:
             while not self._stop:
                 self._drain(block=not self.engine.has_work, timeout=WARM_AFTER if self.engine.cold else 0.5)
-                outputs = []
-                if self.engine.has_work:
-                    outputs = self.engine.step()
-                elif self.engine.cold:  # idle: the KV pool's first touch, a piece at a time
-                    self.engine.warm()
+                outputs = self.engine.step() if self.engine.has_work else []
                 self.stats = self.engine.stats()  # before the outputs: a caller that got its answer sees it
                 self.last_step = time.monotonic()  # idle, the loop comes round every half second
                 self._deliver_step(outputs)
+                if not self.engine.has_work and self.engine.cold:  # idle: the KV pool's first touch, a piece
+                    self.engine.warm()  # at a time (after the stats: they say at once what the step did)
         except BaseException as e:  # a bug or a dead worker: fail every caller, never hang them
             logging.getLogger("lmcli.engine").exception("the engine loop stopped")
             self.error = e
