@@ -1,24 +1,19 @@
-"""The Starlette app: routes, API keys, CORS, errors as OpenAI bodies, the offline Swagger UI. The engine is
-loaded in the background, so /health can say 503 "loading" until it is ready."""
+"""The Starlette app: its routes, with API keys, CORS, errors as OpenAI bodies and the offline Swagger UI from
+serve/web.py. The engine is loaded in the background, so /health can say 503 "loading" until it is ready."""
 
 import asyncio
-import hmac
-import logging
 from contextlib import asynccontextmanager
 from typing import Callable, Union
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Mount, Route
-from starlette.staticfiles import StaticFiles
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from lmcli.engine.async_engine import AsyncEngine
 from lmcli.serve import protocol as p
+from lmcli.serve import web
 from lmcli.serve.common import TEMPLATE_ERRORS, parse
 from lmcli.serve.errors import APIError
 from lmcli.serve.interactive import chat_interactive
@@ -27,7 +22,6 @@ from lmcli.serve.openai_routes import chat_completions, completions
 from lmcli.serve.openapi import openapi_schema
 from lmcli.serve.state import ServerOptions, ServerState
 
-log = logging.getLogger("lmcli.serve")
 
 
 async def models(request: Request) -> JSONResponse:
@@ -84,65 +78,12 @@ async def openapi(request: Request) -> JSONResponse:
     return JSONResponse(openapi_schema(request.app.state.version))
 
 
-SWAGGER_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>lm api_server</title>
-<link rel="stylesheet" href="/swagger/swagger-ui.css"></head>
-<body><div id="swagger-ui"></div>
-<script src="/swagger/swagger-ui-bundle.js"></script>
-<script>window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body></html>"""
-
-
-async def docs(request: Request) -> HTMLResponse:
-    return HTMLResponse(SWAGGER_PAGE)
-
-
-class Guard:
-    """API keys (Bearer tokens, compared in constant time) for /v1/ paths; /health, /metrics and the docs stay
-    open."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-        self.keys = [k.encode() for k in state.options.api_keys]
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "")
-        if scope["type"] != "http" or not path.startswith("/v1/") or scope.get("method") == "OPTIONS":
-            return await self.app(scope, receive, send)
-        if self.keys and not self._authorized(scope):
-            error = APIError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'", code="invalid_api_key")
-            return await error.response()(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-    def _authorized(self, scope) -> bool:
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() != b"bearer":
-            return False
-        token = token.strip()
-        return any([hmac.compare_digest(token, key) for key in self.keys])  # every key compared: constant time
-
-
-async def api_error(request: Request, e: APIError) -> Response:
-    return e.response()
-
-
-async def http_error(request: Request, e: HTTPException) -> Response:
-    return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
-
-
-async def server_error(request: Request, e: Exception) -> Response:
-    log.exception("error answering %s", request.url.path)
-    return APIError(500, f"internal error: {type(e).__name__}: {e}").response()
-
-
 def create_app(engine: Union[AsyncEngine, Callable[[], AsyncEngine]], options: ServerOptions = ServerOptions(),
                on_ready: Callable[[ServerState], None] = lambda state: None,
                on_error: Callable[[str], None] = lambda message: None) -> Starlette:
     """engine: a running AsyncEngine, or a function that loads one (called in a thread at start-up; until it
     returns, /health says 503). on_ready runs once the engine is ready; on_error if loading failed."""
     from lmcli import __version__
-    from swagger_ui_bundle import swagger_ui_path
 
     state = ServerState(options)
 
@@ -163,9 +104,7 @@ def create_app(engine: Union[AsyncEngine, Callable[[], AsyncEngine]], options: S
                 await run_in_threadpool(state.engine.close)
 
     routes = [
-        Route("/", docs, include_in_schema=False),
-        Route("/openapi.json", openapi, include_in_schema=False),
-        Mount("/swagger", StaticFiles(directory=swagger_ui_path), name="swagger"),
+        *web.docs_routes("lm api_server", Route("/openapi.json", openapi, include_in_schema=False)),
         Route("/health", health),
         Route("/metrics", metrics),
         Route("/v1/models", models),
@@ -174,15 +113,8 @@ def create_app(engine: Union[AsyncEngine, Callable[[], AsyncEngine]], options: S
         Route("/v1/chat/interactive", chat_interactive, methods=["POST"]),
         Route("/v1/encode", encode, methods=["POST"]),
     ]
-    middleware = []
-    if options.allow_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=list(options.allow_origins),
-                                     allow_credentials=options.allow_credentials,
-                                     allow_methods=list(options.allow_methods),
-                                     allow_headers=list(options.allow_headers)))
-    middleware.append(Middleware(Guard, state=state))
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
-                    exception_handlers={APIError: api_error, HTTPException: http_error, Exception: server_error})
+    app = Starlette(routes=routes, middleware=web.middleware(options), lifespan=lifespan,
+                    exception_handlers=web.EXCEPTION_HANDLERS)
     app.state.server = state
     app.state.version = __version__
     return app
