@@ -51,11 +51,14 @@ def test_version():
     assert done.returncode == 0 and done.stdout.strip() == f"lm {__version__}"
 
 
-def test_unimplemented_serve_commands_say_so():
-    for args in (["proxy"],):
-        result = runner.invoke(build_app(), ["serve", *args])
-        assert result.exit_code != 0
-        assert "not implemented yet" in result.output
+def test_the_proxy_help_describes_every_option():
+    result = runner.invoke(build_app(), ["serve", "proxy", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in ("--server-name", "--server-port", "--routing-strategy", "--node", "--config", "--api-keys",
+                   "--node-api-key", "--log-level"):
+        assert option in result.output
+    result = runner.invoke(build_app(), ["serve", "proxy", "--node", "localhost:1", "--server-port", "0"])
+    assert result.exit_code != 0 and "give the api_server's URL" in result.output
 
 
 def test_each_command_help_describes_every_option():

@@ -1,0 +1,138 @@
+"""`lm serve proxy` over api_servers on the fake engine, all on real sockets: forwarding, streams, routing,
+node states, sessions, node management."""
+
+import contextlib
+import json
+import threading
+
+import httpx
+import pytest
+
+from fake_engine import ANSWER, FakeEngine
+from lmcli.engine.async_engine import AsyncEngine
+from lmcli.serve.api_server import create_app
+from lmcli.serve.nodes import DOWN, READY, SUSPECT, Nodes
+from lmcli.serve.proxy import ProxyOptions, create_proxy
+from servers import free_port, serve_in_thread
+
+CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
+
+
+@contextlib.contextmanager
+def cluster(count: int, step_delay: float = 0.0, **options):
+    """count api_servers on fake engines behind a proxy: (the proxy's URL, the nodes' URLs, their engines)."""
+    with contextlib.ExitStack() as stack:
+        engines = [FakeEngine(step_delay=step_delay) for _ in range(count)]
+        urls = [stack.enter_context(serve_in_thread(create_app(AsyncEngine(e)))) for e in engines]
+        nodes = Nodes(rng=__import__("random").Random(0))
+        proxy = stack.enter_context(serve_in_thread(create_proxy(nodes, ProxyOptions(health_interval=0.2,
+                                                                                        **options))))
+        for url in urls:
+            assert httpx.post(proxy + "/nodes/add", json={"url": url}).status_code == 200
+        yield proxy, urls, engines, nodes
+
+
+def test_chat_and_streams_pass_through_and_models_are_the_union():
+    with cluster(2) as (proxy, urls, engines, nodes):
+        models = httpx.get(proxy + "/v1/models").json()
+        assert [m["id"] for m in models["data"]] == ["fake-model"]
+        r = httpx.post(proxy + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == ANSWER
+        with httpx.stream("POST", proxy + "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+            assert s.headers["content-type"].startswith("text/event-stream")
+            lines = [line for line in s.iter_lines() if line.startswith("data: ")]
+        text = "".join(json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+                       for line in lines[:-1] if json.loads(line[6:])["choices"])
+        assert text == ANSWER and lines[-1] == "data: [DONE]"
+        r = httpx.post(proxy + "/v1/chat/completions", json={**CHAT, "temperature": -1})
+        assert r.status_code == 400 and "temperature" in r.json()["error"]["message"]  # the node's own answer
+        r = httpx.post(proxy + "/v1/chat/completions", json={**CHAT, "model": "other"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert sum(n["requests"] for n in httpx.get(proxy + "/nodes/status").json()["nodes"]) == 3
+
+
+def test_least_outstanding_spreads_concurrent_requests():
+    with cluster(2, step_delay=0.02) as (proxy, urls, engines, nodes):
+        def one():
+            assert httpx.post(proxy + "/v1/chat/completions", json=CHAT, timeout=60).status_code == 200
+
+        threads = [threading.Thread(target=one) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        counts = sorted(n["requests"] for n in httpx.get(proxy + "/nodes/status").json()["nodes"])
+        assert counts[0] >= 2 and sum(counts) == 6  # both nodes answered
+
+
+def test_a_dead_node_is_skipped_and_marked_down():
+    port = free_port()  # nothing listens there
+    with cluster(1) as (proxy, urls, engines, nodes):
+        dead = nodes.add(f"http://127.0.0.1:{port}", ["fake-model"])
+        for _ in range(4):
+            assert httpx.post(proxy + "/v1/chat/completions", json=CHAT).status_code == 200
+        assert dead.state in (SUSPECT, DOWN) and nodes.nodes[urls[0]].state == READY
+
+
+def test_interactive_sessions_stick_to_their_node():
+    with cluster(3) as (proxy, urls, engines, nodes):
+        for turn in range(4):
+            r = httpx.post(proxy + "/v1/chat/interactive", json={"prompt": f"turn {turn}", "session_id": 11,
+                                                               "interactive_mode": True})
+            assert r.status_code == 200
+        holders = [e for e in engines if 11 in e.sessions]
+        assert len(holders) == 1 and len([a for a in holders[0].added if a[3] == 11]) == 4
+
+
+def test_nodes_are_added_removed_and_kept_in_the_config_file(tmp_path):
+    path = tmp_path / "proxy.json"
+    with contextlib.ExitStack() as stack:
+        node = stack.enter_context(serve_in_thread(create_app(AsyncEngine(FakeEngine()))))
+        proxy = stack.enter_context(serve_in_thread(create_proxy(Nodes(path=path))))
+        assert httpx.get(proxy + "/health").status_code == 503  # no node yet
+        assert httpx.post(proxy + "/nodes/add", json={"url": "ftp://x"}).status_code == 400
+        assert httpx.post(proxy + "/nodes/add", json={"url": node}).status_code == 200
+        assert httpx.get(proxy + "/health").json()["status"] == "ok"
+        assert json.loads(path.read_text())["nodes"] == [node]
+        assert Nodes(path=path).nodes.keys() == {node}  # a restarted proxy knows it
+        assert httpx.post(proxy + "/nodes/remove", params={"node_url": node}).status_code == 200
+        assert json.loads(path.read_text())["nodes"] == []
+        assert httpx.post(proxy + "/nodes/remove", json={"url": node}).status_code == 404
+
+
+def test_the_proxy_keys_guard_it():
+    with cluster(1, api_keys=("k",)) as (proxy, urls, engines, nodes):
+        assert httpx.post(proxy + "/v1/chat/completions", json=CHAT).status_code == 401
+        r = httpx.post(proxy + "/v1/chat/completions", json=CHAT, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 200
+
+
+@pytest.mark.parametrize("failures,state", [(1, SUSPECT), (3, DOWN)])
+def test_node_states_follow_failures_and_come_back(failures, state):
+    clock = [0.0]
+    nodes = Nodes(fail_after=3, pass_after=2, open_for=5.0, clock=lambda: clock[0])
+    node = nodes.add("http://a", ["m"])
+    for _ in range(failures):
+        nodes.failed(node)
+    assert node.state == state and nodes.pick("m") is None  # the circuit is open
+    clock[0] = 6.0
+    assert (nodes.pick("m") is node) == (state == SUSPECT)
+    nodes.succeeded(node)
+    assert node.state == (READY if state == SUSPECT else DOWN)
+    nodes.succeeded(node)
+    assert node.state == READY and nodes.pick("m") is node
+
+
+def test_a_client_that_disconnects_ends_the_request_on_its_node():
+    import time
+
+    with cluster(1, step_delay=0.05) as (proxy, urls, engines, nodes):
+        with httpx.stream("POST", proxy + "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+            next(s.iter_lines())  # the answer started
+        deadline = time.monotonic() + 30
+        while not engines[0].aborted:  # the node saw the proxy's upstream request closed
+            assert time.monotonic() < deadline, "the node kept generating"
+            time.sleep(0.02)
+        while nodes.nodes[urls[0]].outstanding:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
