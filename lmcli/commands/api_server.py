@@ -85,7 +85,8 @@ def api_server(
         show_default=False)] = None,
     log_level: Annotated[LogLevel, typer.Option(help="Server log level; info logs every request.")] = LogLevel.warning,
     proxy_url: Annotated[Optional[str], typer.Option(
-        help="Register with this `lm serve proxy` once the model is loaded.", show_default=False)] = None,
+        help="Register with this `lm serve proxy` once the model is loaded; leave it on shutdown.",
+        show_default=False)] = None,
 ) -> None:
     """Serve a workspace over an OpenAI-compatible HTTP API (and LMDeploy's /v1/chat/interactive).
 
@@ -185,7 +186,11 @@ def api_server(
                             access_log=log_level in (LogLevel.info, LogLevel.debug), timeout_graceful_shutdown=5,
                             **ssl_files)
     server = uvicorn.Server(config)
-    server.run()
+    try:
+        server.run()  # on Ctrl-C uvicorn raises the signal again as it returns
+    finally:
+        if proxy_url:
+            deregister(proxy_url, url)
     if failed:
         raise fail(NAME, failed[0])
 
@@ -200,3 +205,14 @@ def register(proxy_url: str, url: str) -> None:
     except httpx.HTTPError as e:
         print(f"lm api_server: warning: could not register with the proxy at {proxy_url}: {e}", file=sys.stderr,
               flush=True)
+
+
+def deregister(proxy_url: str, url: str) -> None:
+    """Leave the proxy's node table on shutdown (POST /nodes/remove), so that it stops sending requests here."""
+    import httpx
+
+    try:
+        httpx.post(proxy_url.rstrip("/") + "/nodes/remove", json={"url": url}, timeout=5)
+    except httpx.HTTPError:
+        pass  # the proxy is gone too, or never knew us: its health probes notice this server is down either way
+

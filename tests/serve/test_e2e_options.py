@@ -91,6 +91,7 @@ def test_tp2_over_https_with_keys_and_a_proxy(smollm2_workspace, tmp_path, proxy
     finally:
         code = s.stop()
     assert code in (0, 130), s.stderr()
+    assert registered[-1] == ("/nodes/remove", {"url": s.url})  # it left the proxy's table on shutdown
 
 
 def _ancestors(pid: int) -> list[str]:
