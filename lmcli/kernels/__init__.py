@@ -145,11 +145,10 @@ def decode_layer_table(layers: list) -> Optional[tuple]:
         bits = _layer_bits(norms, weights, k_cache, v_cache, *settings[2:])
         if bits is None:
             return None
-        s8 = isinstance(k_cache, Int8Cache)
-        caches = (k_cache.data, v_cache.data, k_cache.scale, v_cache.scale) if s8 else (k_cache, v_cache, None, None)
+        caches = native.cache_tensors(k_cache, v_cache)
         rows.append([t.data_ptr() for t in norms] + [t.data_ptr() for w in weights for t in (w.codes, w.scales)]
                     + [0 if t is None else t.data_ptr() for t in caches])
-        shared.add((bits, s8, k_cache.shape[2], weights[3].shape[1], *settings))
+        shared.add((bits, caches[2] is not None, k_cache.shape[2], weights[3].shape[1], *settings))
     if len(shared) != 1:
         return None
     return torch.tensor(rows, dtype=torch.int64), shared.pop()

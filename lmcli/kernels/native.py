@@ -296,6 +296,13 @@ def dequantize_blocks(bits: int, codes: torch.Tensor, scales: torch.Tensor, n: i
     return None if failed else w
 
 
+def cache_tensors(k_cache, v_cache) -> tuple:
+    """The layer calls' cache arguments: K and V data, then their scales (None for a bfloat16 cache)."""
+    if isinstance(k_cache, Int8Cache):
+        return k_cache.data, v_cache.data, k_cache.scale, v_cache.scale
+    return k_cache, v_cache, None, None
+
+
 def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms: tuple, weights: tuple, bits: int,
                         cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor, k_cache: torch.Tensor,
                         v_cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor, eps: float,
@@ -311,9 +318,7 @@ def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms
     pointers = [x, residual, x_out, res_out, *norms]
     for w in weights:
         pointers += [w.codes, w.scales]
-    s8 = isinstance(k_cache, Int8Cache)
-    caches = [k_cache.data, v_cache.data, k_cache.scale, v_cache.scale] if s8 else [k_cache, v_cache, None, None]
-    pointers += [cos, sin, slots, *caches, block_tables, lens]
+    pointers += [cos, sin, slots, *cache_tensors(k_cache, v_cache), block_tables, lens]
     failed = library().decode_layer_blocks(*(None if t is None else t.data_ptr() for t in pointers), bits, m, hidden,
                                            heads, kv_heads, dim, inter, k_cache.shape[2], block_tables.shape[1], eps,
                                            scale)
