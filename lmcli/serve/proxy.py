@@ -86,6 +86,7 @@ class Proxy:
             raise APIError(400, "the body must be a JSON object")
         model = fields.get("model") if path != "/v1/chat/interactive" else None
         session = fields.get("session_id") if path == "/v1/chat/interactive" else None
+        keep = bool(fields.get("interactive_mode"))  # false: this turn ends the session
         tried, delay = [], self.options.backoff
         for attempt in range(self.options.retries + 1):
             node = self.pick(model, session, tried)
@@ -98,9 +99,9 @@ class Proxy:
             except httpx.HTTPError:
                 upstream = None
             if upstream is not None and not (upstream.status_code == 429 or upstream.status_code >= 500):
-                return self.relay(upstream, node, session)
+                return self.relay(upstream, node, session, keep)
             if upstream is not None and attempt == self.options.retries:  # the last try: its answer, as it is
-                return self.relay(upstream, node, session)
+                return self.relay(upstream, node, session, keep)
             if upstream is not None:
                 await upstream.aclose()
             self.nodes.finished(node, ok=False)
@@ -118,9 +119,11 @@ class Proxy:
             return owner
         return self.nodes.pick(model, exclude=tuple(tried))
 
-    def relay(self, upstream: httpx.Response, node: Node, session) -> Response:
-        if session is not None:
+    def relay(self, upstream: httpx.Response, node: Node, session, keep: bool) -> Response:
+        if session is not None and keep:
             self.sessions[session] = node.url
+        elif session is not None:  # the session ends on its node with this turn: nothing left to stick to
+            self.sessions.pop(session, None)
         ok = upstream.status_code < 500 and upstream.status_code != 429
 
         async def close():

@@ -136,3 +136,18 @@ def test_a_client_that_disconnects_ends_the_request_on_its_node():
         while nodes.nodes[urls[0]].outstanding:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+
+
+def test_an_ended_session_is_forgotten():
+    """interactive_mode false ends a session on its node: the proxy keeps no mapping for it (no growth per session)."""
+    with contextlib.ExitStack() as stack:
+        node = stack.enter_context(serve_in_thread(create_app(AsyncEngine(FakeEngine()))))
+        app = create_proxy(Nodes())
+        proxy = stack.enter_context(serve_in_thread(app))
+        assert httpx.post(proxy + "/nodes/add", json={"url": node}).status_code == 200
+        turn = {"prompt": "hi", "session_id": 3, "interactive_mode": True}
+        assert httpx.post(proxy + "/v1/chat/interactive", json=turn).status_code == 200
+        assert app.state.proxy.sessions == {3: node}
+        end = {"prompt": "", "session_id": 3, "interactive_mode": False, "request_output_len": 0}
+        assert httpx.post(proxy + "/v1/chat/interactive", json=end).status_code == 200
+        assert app.state.proxy.sessions == {}
