@@ -52,10 +52,11 @@ def test_version():
 
 
 def test_the_proxy_help_describes_every_option():
-    result = runner.invoke(build_app(), ["serve", "proxy", "--help"], terminal_width=200)
+    result = runner.invoke(build_app(), ["serve", "proxy", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for option in ("--server-name", "--server-port", "--routing-strategy", "--node", "--config", "--api-keys",
-                   "--node-api-key", "--log-level"):
+                   "--node-api-key", "--max-outstanding", "--max-queue", "--queue-timeout", "--session-timeout",
+                   "--allow-origins", "--log-level", "prefix_aware"):
         assert option in result.output
     result = runner.invoke(build_app(), ["serve", "proxy", "--node", "localhost:1", "--server-port", "0"])
     assert result.exit_code != 0 and "give the api_server's URL" in result.output

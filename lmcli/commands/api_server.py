@@ -10,8 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from lmcli.commands.options import (ChatTemplateOption, DType, DTypeOption, ModelNameOption, QuantizationOption,
-                                    QuantPolicyOption, fail)
+from lmcli.commands.options import (AllowCredentialsOption, AllowHeadersOption, AllowMethodsOption,
+                                    AllowOriginsOption, ApiKeysOption, ChatTemplateOption, DType, DTypeOption,
+                                    ModelNameOption, QuantizationOption, QuantPolicyOption, fail, split_keys)
 from lmcli.serve.reasoning import REASONING_PARSERS
 from lmcli.serve.tool_parsers import PARSERS
 
@@ -63,17 +64,11 @@ def api_server(
         help="Put the model's reasoning in reasoning_content: think (a <think>...</think> block opening the answer: "
              "Qwen 3, QwQ) or deepseek_r1 (the answer starts in reasoning until </think>). Default: none, the "
              "reasoning stays in content.", show_default=False)] = None,
-    api_keys: Annotated[Optional[list[str]], typer.Option(
-        "--api-keys", help="Accepted API keys (Bearer tokens) for /v1/ paths; repeat the option or separate keys "
-        "with commas. Default: no key needed.", show_default=False)] = None,
-    allow_origins: Annotated[Optional[list[str]], typer.Option(
-        help="CORS: origins allowed to call the API from a browser (repeat; * for any). Default: no CORS.",
-        show_default=False)] = None,
-    allow_credentials: Annotated[bool, typer.Option(help="CORS: allow cookies and auth headers.")] = False,
-    allow_methods: Annotated[Optional[list[str]], typer.Option(help="CORS: allowed methods (repeat). Default: *.",
-                                                               show_default=False)] = None,
-    allow_headers: Annotated[Optional[list[str]], typer.Option(help="CORS: allowed headers (repeat). Default: *.",
-                                                               show_default=False)] = None,
+    api_keys: ApiKeysOption = None,
+    allow_origins: AllowOriginsOption = None,
+    allow_credentials: AllowCredentialsOption = False,
+    allow_methods: AllowMethodsOption = None,
+    allow_headers: AllowHeadersOption = None,
     ssl: Annotated[bool, typer.Option(help="Serve HTTPS with the key and certificate in the files named by "
                                            "SSL_KEYFILE and SSL_CERTFILE.")] = False,
     max_concurrent_requests: Annotated[Optional[int], typer.Option(
@@ -132,11 +127,10 @@ def api_server(
     from lmcli.serve.api_server import create_app
     from lmcli.serve.state import ServerOptions
 
-    keys = tuple(k for value in api_keys or () for k in value.split(",") if k)
     options = ServerOptions(model_name=model_name, chat_template=template, meta_instruction=meta_instruction,
                             tool_call_parser=tool_call_parser and tool_call_parser.value,
                             reasoning_parser=reasoning_parser and reasoning_parser.value,
-                            api_keys=keys, max_concurrent_requests=max_concurrent_requests,
+                            api_keys=split_keys(api_keys), max_concurrent_requests=max_concurrent_requests,
                             max_output_len=max_output_len,
                             allow_origins=tuple(allow_origins or ()), allow_credentials=allow_credentials,
                             allow_methods=tuple(allow_methods or ("*",)), allow_headers=tuple(allow_headers or ("*",)))

@@ -44,3 +44,21 @@ def fail(command: str, message: str, code: int = 1) -> typer.Exit:
 
     print(f"lm {command}: error: " + " ".join(str(message).split()), file=sys.stderr)
     return typer.Exit(code)
+
+
+ApiKeysOption = Annotated[Optional[list[str]], typer.Option(
+    "--api-keys", help="Accepted API keys (Bearer tokens) for /v1/ paths; repeat the option or separate keys with "
+    "commas. Default: no key needed.", show_default=False)]
+AllowOriginsOption = Annotated[Optional[list[str]], typer.Option(
+    help="CORS: origins allowed to call the API from a browser (repeat; * for any). Default: no CORS.",
+    show_default=False)]
+AllowCredentialsOption = Annotated[bool, typer.Option(help="CORS: allow cookies and auth headers.")]
+AllowMethodsOption = Annotated[Optional[list[str]], typer.Option(help="CORS: allowed methods (repeat). Default: *.",
+                                                                 show_default=False)]
+AllowHeadersOption = Annotated[Optional[list[str]], typer.Option(help="CORS: allowed headers (repeat). Default: *.",
+                                                                 show_default=False)]
+
+
+def split_keys(values) -> tuple:
+    """--api-keys a,b --api-keys c: ('a', 'b', 'c')."""
+    return tuple(k for value in values or () for k in value.split(",") if k)

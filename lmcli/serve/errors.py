@@ -7,22 +7,24 @@ from pydantic import ValidationError
 from starlette.responses import JSONResponse
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-         409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
-         500: "server_error"}
+         409: "conflict_error", 410: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+         503: "service_unavailable", 500: "server_error"}
 
 
 class APIError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict] = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = dict(headers or {})
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = {"WWW-Authenticate": "Bearer", **self.headers} if self.status == 401 else self.headers
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
 def from_validation(e: ValidationError) -> APIError:

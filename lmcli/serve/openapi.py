@@ -2,6 +2,7 @@
 3.1: the Swagger UI we ship (swagger-ui-bundle) and many client generators read only 3.0, so pydantic's JSON
 Schema (2020-12) is rewritten into 3.0's dialect (nullable, enum, boolean exclusive bounds)."""
 
+import copy
 from functools import lru_cache
 
 from pydantic.json_schema import models_json_schema
@@ -73,6 +74,40 @@ def openapi_schema(version: str) -> dict:
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer",
                                                       "description": "Only when the server runs with --api-keys"}}},
     }
+
+
+NODE = {"type": "object", "properties": {"url": {"type": "string", "example": "http://127.0.0.1:23333"}},
+        "required": ["url"]}
+
+
+def proxy_openapi(version: str) -> dict:
+    """The proxy's document: the api_server's routes (forwarded to the nodes, so the same contract), its node
+    management, 410 for a session whose node was lost, and 429/503 from its admission queue."""
+    doc = copy.deepcopy(openapi_schema(version))
+    doc["info"] = {"title": "lm proxy", "version": version,
+                   "description": "One address in front of several lm api_servers: the same API, spread over the "
+                                  "nodes; interactive sessions stay on the node that holds their history."}
+    error = {"content": {JSON: {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for path in ("/v1/chat/completions", "/v1/completions", "/v1/chat/interactive", "/v1/encode"):
+        responses = doc["paths"][path]["post"]["responses"]
+        responses["429"] = {"description": "Every node is at its limit and the proxy's queue is full (Retry-After)",
+                            **error}
+        responses["503"] = {"description": "No node can take the request, or none had room within the queue's "
+                                           "timeout", **error}
+    doc["paths"]["/v1/chat/interactive"]["post"]["responses"]["410"] = {
+        "description": "The node holding the session is gone: its history is lost; the next turn starts afresh",
+        **error}
+    status = {"200": {"description": "The node table", "content": {JSON: {"schema": {"type": "object"}}}}}
+    doc["paths"]["/nodes/status"] = {"get": {"operationId": "nodeStatus", "summary": "Each node's URL, models, "
+                                             "state, load, requests and errors", "responses": status}}
+    for name, summary in (("add", "Add an api_server (it must answer /health)"), ("remove", "Remove a node")):
+        doc["paths"][f"/nodes/{name}"] = {"post": {
+            "operationId": f"{name}Node", "summary": summary,
+            "requestBody": {"required": True, "content": {JSON: {"schema": NODE}}},
+            "responses": {"200": {"description": "Done", "content": {JSON: {"schema": {"type": "object"}}}},
+                          "400": {"description": "No URL, or the node does not answer", **error},
+                          "404": {"description": "No such node", **error}}}}
+    return doc
 
 
 def to_openapi30(node):

@@ -11,7 +11,9 @@ hand (/nodes/add, /nodes/remove, /nodes/status); each is probed on /health."""
 
 import asyncio
 import json
+import math
 import random
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -25,7 +27,11 @@ from starlette.routing import Route
 
 from lmcli.serve import web
 from lmcli.serve.errors import APIError
-from lmcli.serve.nodes import DOWN, Node, Nodes
+from lmcli import __version__
+from lmcli.serve.metrics import CONTENT_TYPE
+from lmcli.serve.openapi import proxy_openapi
+from lmcli.serve.nodes import DOWN, Node, Nodes, prefix_keys
+from lmcli.serve.proxy_metrics import ProxyMetrics
 
 FORWARDED = ("/v1/chat/completions", "/v1/completions", "/v1/chat/interactive", "/v1/encode")
 HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "authorization"}
@@ -39,6 +45,9 @@ class ProxyOptions:
     backoff: float = 0.1  # seconds before the first retry, doubled each time, with jitter
     health_interval: float = 5.0  # seconds between probes of each node
     probe_timeout: float = 3.0
+    max_queue: int = 256  # requests that may wait for a node with room (Nodes.limit); more get 429
+    queue_timeout: float = 60.0  # seconds one may wait; then 503
+    session_timeout: float = 86400.0  # seconds a session's node is remembered after its last turn
     allow_origins: tuple = ()
     allow_credentials: bool = False
     allow_methods: tuple = ("*",)
@@ -49,7 +58,10 @@ class Proxy:
     def __init__(self, nodes: Nodes, options: ProxyOptions):
         self.nodes, self.options = nodes, options
         self.client: Optional[httpx.AsyncClient] = None
-        self.sessions: dict[int, str] = {}  # interactive session id -> the node holding its history
+        self.sessions: dict[int, tuple] = {}  # interactive session id -> (its node's URL, when last used)
+        self.queued = 0  # requests waiting for a node with room
+        self.room: Optional[asyncio.Condition] = None  # notified when a node may have room
+        self.metrics = ProxyMetrics(self)
 
     def headers(self, request: Optional[Request] = None) -> dict:
         out = {k: v for k, v in request.headers.items() if k.lower() not in HOP_HEADERS} if request else {}
@@ -74,7 +86,15 @@ class Proxy:
     async def watch(self) -> None:
         while True:
             await asyncio.gather(*(self.probe(n) for n in list(self.nodes.nodes.values())))
+            idle = time.monotonic() - self.options.session_timeout
+            for session in [s for s, (_, used) in self.sessions.items() if used < idle]:
+                del self.sessions[session]
+            await self.wake()  # a node may be back, or a circuit closed
             await asyncio.sleep(self.options.health_interval)
+
+    async def wake(self) -> None:
+        async with self.room:
+            self.room.notify_all()
 
     async def forward(self, request: Request, path: str) -> Response:
         body = await request.body()
@@ -87,52 +107,127 @@ class Proxy:
         model = fields.get("model") if path != "/v1/chat/interactive" else None
         session = fields.get("session_id") if path == "/v1/chat/interactive" else None
         keep = bool(fields.get("interactive_mode"))  # false: this turn ends the session
+        keys = prefix_keys(prompt_text(fields)) if self.nodes.strategy == "prefix_aware" else []
+        owner = self.owner(session)
+        attempts = 1 if owner else self.options.retries + 1  # elsewhere, a session's history would be lost
         tried, delay = [], self.options.backoff
-        for attempt in range(self.options.retries + 1):
-            node = self.pick(model, session, tried)
+        for attempt in range(attempts):
+            node = await self.place(model, owner, keys, tried)
             if node is None:
                 break
+            if await request.is_disconnected():  # gone while queued: nothing to send
+                return Response(status_code=499)
             self.nodes.dispatched(node)
+            start = time.perf_counter()
             try:
                 upstream = await self.client.send(self.client.build_request(
                     "POST", node.url + path, content=body, headers=self.headers(request)), stream=True)
             except httpx.HTTPError:
                 upstream = None
-            if upstream is not None and not (upstream.status_code == 429 or upstream.status_code >= 500):
-                return self.relay(upstream, node, session, keep)
-            if upstream is not None and attempt == self.options.retries:  # the last try: its answer, as it is
-                return self.relay(upstream, node, session, keep)
+            failed = upstream is None or upstream.status_code == 429 or upstream.status_code >= 500
+            if not failed or (upstream is not None and attempt == attempts - 1):  # the last try: its answer as it is
+                return self.relay(upstream, node, session, keep, start)
             if upstream is not None:
                 await upstream.aclose()
             self.nodes.finished(node, ok=False)
+            await self.wake()
             tried.append(node.url)
-            await asyncio.sleep(delay * (0.5 + random.random()))
-            delay *= 2
+            if attempt < attempts - 1:
+                self.metrics.retries.inc()
+                await asyncio.sleep(delay * (0.5 + random.random()))
+                delay *= 2
+        self.metrics.refused.labels("no_node").inc()
+        if owner is not None:
+            raise APIError(503, f"the node holding session {session} ({owner}) does not answer now; the history stays "
+                           "there: send the turn again later", "session_id", "session_node_unavailable",
+                           {"Retry-After": str(max(1, math.ceil(self.nodes.open_for)))})
         if model is not None and model not in self.nodes.models():
             raise APIError(404, f"no node serves the model {model!r}; /v1/models lists those that are served",
                            "model", code="model_not_found")
         raise APIError(503, "no node can take the request now (every node is down, or failed it)")
 
-    def pick(self, model, session, tried) -> Optional[Node]:
-        owner = self.nodes.nodes.get(self.sessions.get(session, "")) if session is not None else None
-        if owner is not None and owner.state != DOWN and owner.url not in tried:
-            return owner
-        return self.nodes.pick(model, exclude=tuple(tried))
+    def owner(self, session) -> Optional[str]:
+        """The URL of the node holding this session's history, if the proxy placed it. A session whose node is gone
+        or down fails with 410 (its history is lost; the proxy forgets it, so the next turn starts afresh)."""
+        if session is None or session not in self.sessions:
+            return None
+        url = self.sessions[session][0]
+        node = self.nodes.nodes.get(url)
+        if node is None or node.state == DOWN:
+            del self.sessions[session]
+            raise APIError(410, f"session {session} lived on {url}, which is {'gone' if node is None else 'down'}: "
+                           "its history is lost. Send the turn again to start the session afresh on another node "
+                           "(put the history in the prompt if the answer needs it)", "session_id", "session_lost")
+        return url
 
-    def relay(self, upstream: httpx.Response, node: Node, session, keep: bool) -> Response:
+    def choose(self, model, owner, keys, tried) -> Optional[Node]:
+        if owner is None:
+            return self.nodes.pick(model, tuple(tried), keys)
+        node = self.nodes.nodes.get(owner)
+        usable = node is not None and any(n is node for n in self.nodes.usable())
+        return node if usable and self.nodes.has_room(node) else None
+
+    def could_take(self, model, owner, tried) -> bool:
+        """Whether some node could take the request once it has room (else waiting is pointless)."""
+        if owner is not None:
+            return any(n.url == owner for n in self.nodes.usable())
+        return bool(self.nodes.usable(model, tuple(tried)))
+
+    async def place(self, model, owner, keys, tried) -> Optional[Node]:
+        """A node for the request; while every node that could take it is at its limit, the request waits in a
+        bounded queue: past max_queue waiting, 429 with Retry-After; past queue_timeout, 503. None: no node can."""
+        node = self.choose(model, owner, keys, tried)
+        if node is not None or not self.could_take(model, owner, tried):
+            return node
+        if self.queued >= self.options.max_queue:
+            self.metrics.refused.labels("queue_full").inc()
+            raise APIError(429, f"every node is at its limit of {self.nodes.limit} requests and {self.queued} "
+                           "requests are waiting: try again shortly", headers={"Retry-After": "1"})
+        gone = object()
+        self.queued += 1
+        try:
+            async with self.room:
+                found = await asyncio.wait_for(self.room.wait_for(
+                    lambda: self.choose(model, owner, keys, tried) or (None if self.could_take(model, owner, tried)
+                                                                       else gone)), self.options.queue_timeout)
+        except asyncio.TimeoutError:
+            self.metrics.refused.labels("queue_timeout").inc()
+            raise APIError(503, f"no node had room within {self.options.queue_timeout:g} s",
+                           headers={"Retry-After": "1"}) from None
+        finally:
+            self.queued -= 1
+        return None if found is gone else found
+
+    def relay(self, upstream: httpx.Response, node: Node, session, keep: bool, start: float) -> Response:
         if session is not None and keep:
-            self.sessions[session] = node.url
+            self.sessions[session] = (node.url, time.monotonic())
         elif session is not None:  # the session ends on its node with this turn: nothing left to stick to
             self.sessions.pop(session, None)
         ok = upstream.status_code < 500 and upstream.status_code != 429
+        self.metrics.first_byte.labels(node.url).observe(time.perf_counter() - start)
 
         async def close():
             await upstream.aclose()
             self.nodes.finished(node, ok)
+            self.metrics.latency.labels(node.url).observe(time.perf_counter() - start)
+            await self.wake()
 
         headers = {k: v for k, v in upstream.headers.items() if k.lower() in ("content-type", "retry-after")}
         return StreamingResponse(upstream.aiter_raw(), status_code=upstream.status_code, headers=headers,
                                  background=BackgroundTask(close))
+
+
+def prompt_text(fields: dict) -> str:
+    """The part of a request that its node's prefix cache keys on, as text: the messages (role and content) or
+    the prompt, in order."""
+    messages = fields.get("messages")
+    if isinstance(messages, list):
+        return "".join(f"{m.get('role')}\n{_text(m.get('content'))}\n" for m in messages if isinstance(m, dict))
+    return _text(fields.get("prompt", fields.get("input")))
+
+
+def _text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def create_proxy(nodes: Nodes, options: ProxyOptions = ProxyOptions()) -> Starlette:
@@ -140,6 +235,7 @@ def create_proxy(nodes: Nodes, options: ProxyOptions = ProxyOptions()) -> Starle
 
     @asynccontextmanager
     async def lifespan(app):
+        proxy.room = asyncio.Condition()
         proxy.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=10.0),
                                          limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
         watcher = asyncio.ensure_future(proxy.watch())
@@ -160,7 +256,10 @@ def create_proxy(nodes: Nodes, options: ProxyOptions = ProxyOptions()) -> Starle
                                                         for m in nodes.models()]})
 
     async def status(request: Request) -> JSONResponse:
-        return JSONResponse({"nodes": nodes.status()})
+        return JSONResponse({"nodes": nodes.status(), "queued": proxy.queued, "sessions": len(proxy.sessions)})
+
+    async def metrics(request: Request) -> Response:
+        return Response(proxy.metrics.render(), media_type=CONTENT_TYPE)
 
     async def add(request: Request) -> JSONResponse:
         url = await _node_url(request)
@@ -181,7 +280,12 @@ def create_proxy(nodes: Nodes, options: ProxyOptions = ProxyOptions()) -> Starle
             return await proxy.forward(request, path)
         return route
 
-    routes = [Route("/health", health), Route("/v1/models", models), Route("/nodes/status", status),
+    async def openapi(request: Request) -> JSONResponse:
+        return JSONResponse(proxy_openapi(__version__))
+
+    routes = [*web.docs_routes("lm proxy", Route("/openapi.json", openapi, include_in_schema=False)),
+              Route("/health", health), Route("/metrics", metrics), Route("/v1/models", models),
+              Route("/nodes/status", status),
               Route("/nodes/add", add, methods=["POST"]), Route("/nodes/remove", remove, methods=["POST"]),
               *(Route(path, forward(path), methods=["POST"]) for path in FORWARDED)]
     app = Starlette(routes=routes, middleware=web.middleware(options), lifespan=lifespan,

@@ -4,6 +4,7 @@ node states, sessions, node management."""
 import contextlib
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -19,12 +20,13 @@ CHAT = {"model": "fake-model", "messages": [{"role": "user", "content": "Hi"}]}
 
 
 @contextlib.contextmanager
-def cluster(count: int, step_delay: float = 0.0, **options):
+def cluster(count: int, step_delay: float = 0.0, answer: str = ANSWER, strategy: str = "least_outstanding",
+            limit: int = 0, **options):
     """count api_servers on fake engines behind a proxy: (the proxy's URL, the nodes' URLs, their engines)."""
     with contextlib.ExitStack() as stack:
-        engines = [FakeEngine(step_delay=step_delay) for _ in range(count)]
+        engines = [FakeEngine(step_delay=step_delay, answer=answer, max_len=1 << 20) for _ in range(count)]
         urls = [stack.enter_context(serve_in_thread(create_app(AsyncEngine(e)))) for e in engines]
-        nodes = Nodes(rng=__import__("random").Random(0))
+        nodes = Nodes(strategy, rng=__import__("random").Random(0), limit=limit)
         proxy = stack.enter_context(serve_in_thread(create_proxy(nodes, ProxyOptions(health_interval=0.2,
                                                                                         **options))))
         for url in urls:
@@ -124,8 +126,6 @@ def test_node_states_follow_failures_and_come_back(failures, state):
 
 
 def test_a_client_that_disconnects_ends_the_request_on_its_node():
-    import time
-
     with cluster(1, step_delay=0.05) as (proxy, urls, engines, nodes):
         with httpx.stream("POST", proxy + "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
             next(s.iter_lines())  # the answer started
@@ -147,7 +147,106 @@ def test_an_ended_session_is_forgotten():
         assert httpx.post(proxy + "/nodes/add", json={"url": node}).status_code == 200
         turn = {"prompt": "hi", "session_id": 3, "interactive_mode": True}
         assert httpx.post(proxy + "/v1/chat/interactive", json=turn).status_code == 200
-        assert app.state.proxy.sessions == {3: node}
+        assert {k: v[0] for k, v in app.state.proxy.sessions.items()} == {3: node}
         end = {"prompt": "", "session_id": 3, "interactive_mode": False, "request_output_len": 0}
         assert httpx.post(proxy + "/v1/chat/interactive", json=end).status_code == 200
         assert app.state.proxy.sessions == {}
+
+
+def wait_until(condition, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.01)
+
+
+def queued(proxy) -> int:
+    return httpx.get(proxy + "/nodes/status").json()["queued"]
+
+
+def test_a_request_waits_for_room_and_a_full_queue_gets_429():
+    with cluster(1, step_delay=0.01, answer="x" * 100_000, limit=1, max_queue=1) as (proxy, urls, engines, nodes):
+        with httpx.stream("POST", proxy + "/v1/chat/completions", json={**CHAT, "stream": True}) as first:
+            lines = first.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)  # the node's one place is taken
+            second = []
+            t = threading.Thread(target=lambda: second.append(httpx.post(
+                proxy + "/v1/chat/completions", json={**CHAT, "max_tokens": 3}, timeout=60)))
+            t.start()
+            wait_until(lambda: queued(proxy) == 1, "the second request did not queue")
+            r = httpx.post(proxy + "/v1/chat/completions", json=CHAT)
+            assert r.status_code == 429 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["type"] == "rate_limit_error" and "waiting" in r.json()["error"]["message"]
+            assert not second  # still waiting
+        t.join(60)  # the first stream closed: its place went to the second request
+        assert second[0].status_code == 200 and second[0].json()["choices"][0]["message"]["content"] == "xxx"
+        metrics = httpx.get(proxy + "/metrics").text
+        assert 'lm_proxy_refused_total{reason="queue_full"} 1.0' in metrics
+        assert f'lm_proxy_node_requests_total{{node="{urls[0]}"}} 2.0' in metrics
+        assert f'lm_proxy_node_state{{node="{urls[0]}",state="ready"}} 1.0' in metrics
+        assert "lm_proxy_queue_length 0.0" in metrics and "lm_proxy_request_seconds_count" in metrics
+
+
+def test_a_wait_past_the_queue_timeout_gets_503():
+    with cluster(1, step_delay=0.01, answer="x" * 100_000, limit=1, queue_timeout=0.0) as (proxy, urls, _, nodes):
+        with httpx.stream("POST", proxy + "/v1/chat/completions", json={**CHAT, "stream": True}) as first:
+            lines = first.iter_lines()
+            next(lines)
+            r = httpx.post(proxy + "/v1/chat/completions", json=CHAT)
+            assert r.status_code == 503 and "within 0 s" in r.json()["error"]["message"]
+            assert r.headers["retry-after"] == "1"
+
+
+def test_a_session_whose_node_is_lost_fails_clearly_once_then_starts_afresh():
+    turn = {"prompt": "hi", "session_id": 7, "interactive_mode": True}
+    with cluster(2) as (proxy, urls, engines, nodes):
+        assert httpx.post(proxy + "/v1/chat/interactive", json=turn).status_code == 200
+        holder = next(n for n in nodes.nodes.values() if n.requests == 1)
+        nodes.failed(holder)  # suspect, its circuit open: the history is there, but the node cannot take it now
+        r = httpx.post(proxy + "/v1/chat/interactive", json=turn)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "session_node_unavailable"
+        assert "history stays" in r.json()["error"]["message"] and "retry-after" in r.headers
+        for _ in range(2):
+            nodes.failed(holder)  # down
+        r = httpx.post(proxy + "/v1/chat/interactive", json=turn)
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost"
+        assert r.json()["error"]["param"] == "session_id" and holder.url in r.json()["error"]["message"]
+        r = httpx.post(proxy + "/v1/chat/interactive", json=turn)  # afresh, on the other node
+        assert r.status_code == 200 and r.json()["history_tokens"] == 0
+        assert sum(n.requests for n in nodes.nodes.values() if n is not holder) == 1
+
+
+def test_prefix_aware_sends_a_shared_start_to_one_node():
+    system = {"role": "system", "content": "You are a careful assistant. " * 12}
+    with cluster(3, strategy="prefix_aware") as (proxy, urls, engines, nodes):
+        for i in range(6):
+            chat = {**CHAT, "messages": [system, {"role": "user", "content": f"question {i}"}]}
+            assert httpx.post(proxy + "/v1/chat/completions", json=chat).status_code == 200
+        assert sorted(n.requests for n in nodes.nodes.values()) == [0, 0, 6]
+
+
+def test_prefix_aware_falls_back_to_load_when_the_owner_is_busy():
+    from lmcli.serve.nodes import prefix_keys
+
+    nodes = Nodes("prefix_aware", balance=2, rng=__import__("random").Random(1))
+    a, b = nodes.add("http://a", ["m"]), nodes.add("http://b", ["m"])
+    keys = prefix_keys("x" * 200)
+    owner = nodes.pick("m", keys=keys)
+    assert nodes.pick("m", keys=keys) is owner and nodes.pick("m", keys=prefix_keys("x" * 300)) is owner
+    other = b if owner is a else a
+    owner.outstanding = 3  # more than balance over the other's 0
+    assert nodes.pick("m", keys=keys) is other
+    owner.outstanding = 0
+    assert nodes.pick("m", keys=keys) is other  # the start now lives there too, last sent there
+    assert prefix_keys("x" * 63) == [] and len(prefix_keys("x" * 128)) == 2
+
+
+def test_the_proxy_serves_its_docs_and_cors():
+    with cluster(1, allow_origins=("http://app.example",)) as (proxy, urls, engines, nodes):
+        assert "swagger-ui" in httpx.get(proxy + "/").text
+        doc = httpx.get(proxy + "/openapi.json").json()
+        assert doc["info"]["title"] == "lm proxy" and "/nodes/add" in doc["paths"]
+        assert "410" in doc["paths"]["/v1/chat/interactive"]["post"]["responses"]
+        r = httpx.options(proxy + "/v1/chat/completions", headers={
+            "Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
+        assert r.headers["access-control-allow-origin"] == "http://app.example"
