@@ -43,14 +43,20 @@ def serve_in_thread(app):
 class LmServer:
     """`lm serve api_server WORKSPACE ...` in a subprocess; stderr goes to a file the test can read."""
 
-    def __init__(self, workspace, *args, env=None, log_dir=None, scheme="http"):
-        self.port = free_port()
+    def __init__(self, workspace, *args, env=None, log_dir=None, scheme="http", port=None):
+        self.port = port or free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log = Path(log_dir or "/tmp") / f"lm-server-{self.port}.log"
         self.args = [str(LM), "serve", "api_server", str(workspace), "--server-name", "127.0.0.1",
                      "--server-port", str(self.port), *map(str, args)]
-        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"),
-                                     env={**os.environ, **(env or {})}, start_new_session=True)
+        self.env = {**os.environ, **(env or {})}
+        self.start()
+
+    def start(self) -> "LmServer":
+        """Start the process (again, on the same port, after stop() or kill())."""
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=open(self.log, "a"),
+                                     env=self.env, start_new_session=True)
+        return self
 
     def wait_ready(self, timeout: float = 240, path: str = "/health") -> "LmServer":
         deadline = time.monotonic() + timeout
@@ -76,3 +82,21 @@ class LmServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: the process dies mid-work, as in a crash."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+class LmProxy(LmServer):
+    """`lm serve proxy ...` in a subprocess."""
+
+    def __init__(self, *args, log_dir=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = Path(log_dir or "/tmp") / f"lm-proxy-{self.port}.log"
+        self.args = [str(LM), "serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(self.port),
+                     *map(str, args)]
+        self.env = dict(os.environ)
+        self.start()

@@ -4,10 +4,8 @@ here wrote (the openai SDK, curl) and through APIClient."""
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 import json
-import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -22,7 +20,7 @@ import pytest
 
 from conftest import REPO
 from lmcli.serve.api_client import APIClient, APIClientError
-from servers import LM, LmServer, free_port
+from servers import LmServer
 
 MODEL = "SmolLM2-135M-Instruct"
 MAX_OUTPUT = 200
@@ -575,41 +573,3 @@ def test_logprob_bytes_rebuild_multibyte_characters(smollm2_workspace):
         ids = tok.encode(text, add_special_tokens=False)
         assert any("\ufffd" in tok.decode([i]) for i in ids) or text == "héllo wörld"
         assert b"".join(token_bytes(tok, i) for i in ids).decode() == text
-
-
-def test_the_real_proxy_in_front_of_the_real_server(server, tmp_path):
-    """`lm serve proxy --node URL` in its own process: the openai SDK's chat (plain and streamed) and an interactive
-    session through it answer as the server itself does."""
-    port = free_port()
-    proc = subprocess.Popen([str(LM), "serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(port),
-                             "--node", server.url], stdout=subprocess.DEVNULL, stderr=open(tmp_path / "proxy.log", "w"),
-                            start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:  # ready once it has probed the node
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "proxy.log").read_text()
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        sdk = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-        direct = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        ask = dict(model=MODEL, messages=FRANCE, temperature=0, max_tokens=12)
-        assert sdk.chat.completions.create(**ask).choices[0].message.content == \
-            direct.chat.completions.create(**ask).choices[0].message.content
-        streamed = "".join(c.choices[0].delta.content or "" for c in sdk.chat.completions.create(**ask, stream=True)
-                           if c.choices)
-        assert "Paris" in streamed
-        turns = [httpx.post(url + "/v1/chat/interactive", json={"prompt": text, "session_id": 77,
-                                                               "interactive_mode": True, "request_output_len": 8,
-                                                               "temperature": 0}, timeout=120).json()
-                 for text in ("Hello.", "And again.")]
-        assert turns[0]["history_tokens"] == 0 < turns[1]["history_tokens"]  # the node kept the first turn
-        httpx.post(url + "/v1/chat/interactive", json={"prompt": "", "session_id": 77, "interactive_mode": False,
-                                                       "request_output_len": 0})
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(30)
