@@ -90,6 +90,23 @@ NEUTRAL = {
     "web_search_options": ((None,), "this server does not search the web"),
 }
 
+ROUTER_NEUTRAL = {
+    "no_stop_trim": ((False,), "stop strings are always trimmed from the output here"),
+    "return_hidden_states": ((False,), "hidden states are not returned"),
+}
+CHAT_ROUTER_NEUTRAL = {
+    "include_reasoning": ((True,), "reasoning is returned in reasoning_content (send separate_reasoning=false to "
+                                   "keep it in content)"),
+    "stream_reasoning": ((True,), "reasoning streams as it comes"),
+    "continue_final_message": ((False,), f"continuing the last assistant message is {NOT_YET}"),
+}
+
+
+def check_neutral(req, fields: dict) -> None:
+    for field, (neutral, why) in fields.items():
+        if getattr(req, field) not in neutral:
+            raise APIError(400, f"{field}: {why}; send {' or '.join(json.dumps(v) for v in neutral)}", field)
+
 
 def check_stream_options(req: p.SamplingFields) -> bool:
     if req.stream_options is not None and not req.stream:
@@ -102,6 +119,7 @@ async def opening(request: Request, model):
     state: ServerState = request.app.state.server
     req = await parse(request, model)
     check_kwargs(req.kwargs)
+    check_neutral(req, ROUTER_NEUTRAL)
     engine = state.ready()
     state.check_model(req.model)
     return state, req, engine, check_stream_options(req)
@@ -119,9 +137,8 @@ async def chat_completions(request: Request) -> Response:
     state, req, engine, include_usage = await opening(request, p.ChatCompletionRequest)
     if req.top_logprobs and not req.logprobs:  # 0, LMDeploy's APIClient's default, asks for nothing
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-    for field, (neutral, why) in NEUTRAL.items():
-        if getattr(req, field) not in neutral:
-            raise APIError(400, f"{field}: {why}; send {' or '.join(json.dumps(v) for v in neutral)}", field)
+    check_neutral(req, NEUTRAL)
+    check_neutral(req, CHAT_ROUTER_NEUTRAL)
     check_messages(req.messages)
     template = state.tokenizer.chat_template
     plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls, state.tool_parser)
@@ -153,7 +170,7 @@ async def chat_completions(request: Request) -> Response:
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     names = {t["function"]["name"] for t in plan.tools}
     parser = (lambda: PARSERS[plan.parser](single=not parallel, names=names)) if plan.calls_tools else None
-    name = state.options.reasoning_parser
+    name = state.options.reasoning_parser if req.separate_reasoning else None
     if name and rules is not None:  # a grammar shapes the answer from its first token: reasoning only if it opens
         name = "think"              # with <think> (deepseek_r1 would take a whole JSON answer for reasoning)
     job = Job(state, "chat", rid, state.claim(req.session_id, [rid]), req.n, parser,

@@ -96,6 +96,10 @@ class SamplingFields(Strict):
     session_id: Optional[int] = Field(None, description="Names the request (LMDeploy): a second request with a "
                                       "session id in use gets 409. No history is kept; see /v1/chat/interactive.")
     user: Optional[str] = Field(None, description="Your end user's id; written to the server log with the request.")
+    # what SGLang's and vLLM's routers (vllm-router, smg) add to every request they forward, at these values:
+    # accepted as they are, else a 400 naming the field (openai_routes.ROUTER_NEUTRAL)
+    no_stop_trim: Any = False
+    return_hidden_states: Any = False
 
 
 RESPONSE_FORMAT = Field(None, description="Structured output, enforced token by token: {\"type\": \"text\"} "
@@ -132,6 +136,11 @@ class ChatCompletionRequest(SamplingFields):
                                                     "(that function, enforced).")
     # OpenAI's and LMDeploy's fields for what this server does not do (yet): accepted with the value that asks for
     # nothing, else a 400 naming the field (openai_routes.NEUTRAL says which values and why)
+    separate_reasoning: bool = Field(True, description="SGLang's: false leaves the reasoning in content (with "
+                                     "--reasoning-parser).")
+    include_reasoning: Any = True  # vLLM's and SGLang's routers send these at these values
+    stream_reasoning: Any = True
+    continue_final_message: Any = False
     do_preprocess: Any = True
     audio: Any = None
     modalities: Any = None

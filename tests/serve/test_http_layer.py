@@ -670,6 +670,8 @@ def test_reasoning_goes_to_reasoning_content_streamed_or_not():
         assert "".join(d.get("reasoning_content") or "" for d in deltas) == "The user wants f."
         assert "".join(d.get("content") or "" for d in deltas) == plain["content"]
         assert all(not (d.get("reasoning_content") and d.get("content")) for d in deltas)
+        kept = client.post("/v1/chat/completions", json={**CHAT, "separate_reasoning": False}).json()
+        assert kept["choices"][0]["message"] == {"role": "assistant", "content": answer}  # SGLang's switch
     app, _ = make_app(FakeEngine(max_len=4096, answer=answer))  # no --reasoning-parser: all content
     with TestClient(app) as client:
         message = client.post("/v1/chat/completions", json=CHAT).json()["choices"][0]["message"]

@@ -146,3 +146,24 @@ def test_every_openai_message_field_and_content_part(client):
             assert r.status_code == 200, r.text
         else:
             assert r.json()["error"]["param"] == "messages.0.content.0" and "text only" in r.text, (kind, r.text)
+
+
+# what vllm-router 0.1.17 (pip install vllm-router) forwarded to a node, captured on the wire: SGLang's and vLLM's
+# fields added to every request at these values
+ROUTER_CHAT = {"stream": False, "logprobs": False, "no_stop_trim": False, "ignore_eos": False,
+               "continue_final_message": False, "skip_special_tokens": True, "separate_reasoning": True,
+               "stream_reasoning": True, "return_hidden_states": False, "include_reasoning": True}
+ROUTER_COMPLETION = {"stream": False, "echo": False, "no_stop_trim": False, "ignore_eos": False,
+                     "skip_special_tokens": True, "return_hidden_states": False}
+
+
+@pytest.mark.parametrize("route,base,added", [("/v1/chat/completions", CHAT, ROUTER_CHAT),
+                                              ("/v1/completions", COMPLETION, ROUTER_COMPLETION)])
+def test_what_the_rust_routers_add_is_accepted(client, route, base, added):
+    assert client.post(route, json={**base, **added}).status_code == 200
+    asks = {"no_stop_trim": True, "return_hidden_states": True, "include_reasoning": False, "stream_reasoning": False,
+            "continue_final_message": True}
+    for field in set(asks) & set(added):
+        r = client.post(route, json={**base, **added, field: asks[field]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
+        assert "send " in r.json()["error"]["message"]
