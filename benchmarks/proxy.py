@@ -5,12 +5,12 @@ measured), the router pinned to CPU 0, the nodes and the load (wrk, non-streamed
 connections) on the other CPUs. For each router: requests per second, and the router's own CPU time per request
 (user + system, from /proc), the figure that does not depend on which side is the bottleneck. Routers: none (wrk
 straight at one node: the ceiling), `lm serve proxy` (least_outstanding and round_robin), and `vllm-router` from
-PyPI (round_robin) when --vllm-router names its executable.
+PyPI (round_robin) when --vllm-router names its executable, and `smg` (SGLang's router) when --smg does.
 
 latency: one real api_server on a workspace, `lm bench serve` at it directly and through `lm serve proxy`,
 alternating, one stream at a time: the proxy's added time to first token and per output token.
 
-    python benchmarks/proxy.py cost [--vllm-router PATH] [--seconds 10] [--connections 32]
+    python benchmarks/proxy.py cost [--vllm-router PATH] [--smg PATH] [--seconds 10] [--connections 32]
     python benchmarks/proxy.py latency ./workspace [--rounds 2] [--num-prompts 16]
 """
 
@@ -58,9 +58,19 @@ def wait_ok(url: str, timeout: float = 60) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its children that were waited for."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of a process and every process under it (a launcher's router, its workers)."""
+    stats = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, ValueError):
+            continue
+        stats[int(entry.name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]))
+    tree, total = {pid}, 0
+    for _ in range(8):  # a few generations deep
+        tree |= {p for p, (parent, _) in stats.items() if parent in tree}
+    total = sum(stats[p][1] for p in tree if p in stats)
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def wrk(url: str, seconds: int, connections: int, cpus: str) -> tuple:
@@ -97,6 +107,8 @@ def cost(args) -> None:
                ("lm serve proxy, round_robin", ["lm", "round_robin"])]
     if args.vllm_router:
         routers.append(("vllm-router, round_robin", ["vllm-router", "round_robin"]))
+    if args.smg:
+        routers.append(("smg, round_robin", ["smg", "round_robin"]))
     try:
         for url, _ in nodes:
             wait_ok(url + "/health")
@@ -113,8 +125,9 @@ def cost(args) -> None:
             if router[0] == "lm":
                 cmd = [str(LM), "serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(port),
                        "--routing-strategy", router[1], *(x for u in urls for x in ("--node", u))]
-            else:
-                cmd = [args.vllm_router, "--host", "127.0.0.1", "--port", str(port), "--policy", router[1],
+            else:  # the Rust routers: the same flags
+                launcher = [args.vllm_router] if router[0] == "vllm-router" else [args.smg, "launch"]
+                cmd = [*launcher, "--host", "127.0.0.1", "--port", str(port), "--policy", router[1],
                        "--worker-urls", *urls, "--log-level", "error", "--prometheus-port", str(free_port())]
             proc = subprocess.Popen(["taskset", "-c", "0", *cmd], stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
@@ -141,7 +154,8 @@ def bench(url: str, args) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         subprocess.run([str(LM), "bench", "serve", url, "--dataset", "random", "--random-input-len", "64",
                         "--random-output-len", "32", "--ignore-eos", "--num-prompts", str(args.num_prompts),
-                        "--concurrency", "1", "--output", out.name], check=True, stdout=subprocess.DEVNULL)
+                        "--concurrency", "1", "--tokenizer", str(args.workspace), "--output", out.name],
+                       check=True, stdout=subprocess.DEVNULL)
         summary = json.loads(Path(out.name).read_text())["summary"]
     if summary["failed"]:
         raise SystemExit(f"requests failed at {url}: {summary['errors']}")
@@ -175,6 +189,7 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     c = sub.add_parser("cost")
     c.add_argument("--vllm-router", help="vllm-router's executable (pip install vllm-router)")
+    c.add_argument("--smg", help="smg's executable (pip install smg)")
     c.add_argument("--seconds", type=int, default=10)
     c.add_argument("--connections", type=int, default=32)
     lat = sub.add_parser("latency")
