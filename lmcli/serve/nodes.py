@@ -154,6 +154,11 @@ class Nodes:
         node.outstanding += 1
         node.requests += 1
 
+    def released(self, node: Node) -> None:
+        """A dispatched request that was never sent."""
+        node.outstanding = max(0, node.outstanding - 1)
+        node.requests -= 1
+
     def finished(self, node: Node, ok: bool) -> None:
         """A request's answer ended (ok: no connection error, 5xx or 429 from the node)."""
         node.outstanding = max(0, node.outstanding - 1)

@@ -20,7 +20,6 @@ from typing import Optional
 
 import aiohttp
 from starlette.applications import Starlette
-from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -60,7 +59,7 @@ class Proxy:
         self.client: Optional[aiohttp.ClientSession] = None
         self.sessions: dict[int, tuple] = {}  # interactive session id -> (its node's URL, when last used)
         self.queued = 0  # requests waiting for a node with room
-        self.room: Optional[asyncio.Condition] = None  # notified when a node may have room
+        self.waiters: list = []  # futures of queued requests, set when a node may have room
         self.metrics = ProxyMetrics(self)
 
     def headers(self, request: Optional[Request] = None) -> dict:
@@ -89,12 +88,15 @@ class Proxy:
             idle = time.monotonic() - self.options.session_timeout
             for session in [s for s, (_, used) in self.sessions.items() if used < idle]:
                 del self.sessions[session]
-            await self.wake()  # a node may be back, or a circuit closed
+            self.wake()  # a node may be back, or a circuit closed
             await asyncio.sleep(self.options.health_interval)
 
-    async def wake(self) -> None:
-        async with self.room:
-            self.room.notify_all()
+    def wake(self) -> None:
+        """A place may have come free (an answer ended, a probe round passed): every waiting request looks again."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def forward(self, request: Request, path: str) -> Response:
         body = await request.body()
@@ -105,31 +107,41 @@ class Proxy:
         if not isinstance(fields, dict):
             raise APIError(400, "the body must be a JSON object")
         model = fields.get("model") if path != "/v1/chat/interactive" else None
-        session = fields.get("session_id") if path == "/v1/chat/interactive" else None
-        keep = bool(fields.get("interactive_mode"))  # false: this turn ends the session
+        session = None
+        if path == "/v1/chat/interactive":
+            session = fields.get("session_id", -1)
+            if session == -1 and fields.get("interactive_mode") is True:  # a new session: named here, so that
+                session = fields["session_id"] = random.randrange(1 << 30, 1 << 31)  # its next turn finds it
+                body = json.dumps(fields).encode()
+            session = None if session == -1 else session
         keys = prefix_keys(prompt_text(fields)) if self.nodes.strategy == "prefix_aware" else []
         owner = self.owner(session)
         attempts = 1 if owner else self.options.retries + 1  # elsewhere, a session's history would be lost
         tried, delay = [], self.options.backoff
         for attempt in range(attempts):
-            node = await self.place(model, owner, keys, tried)
+            node = await self.place(model, owner, keys, tried)  # its place taken (dispatched)
             if node is None:
                 break
             if await request.is_disconnected():  # gone while queued: nothing to send
+                self.nodes.released(node)
+                self.wake()
                 return Response(status_code=499)
-            self.nodes.dispatched(node)
             start = time.perf_counter()
             try:
                 upstream = await self.client.post(node.url + path, data=body, headers=self.headers(request))
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 upstream = None
+            except BaseException:  # cancelled: the place is free again
+                self.nodes.released(node)
+                self.wake()
+                raise
             failed = upstream is None or upstream.status == 429 or upstream.status >= 500
             if not failed or (upstream is not None and attempt == attempts - 1):  # the last try: its answer as it is
-                return self.relay(upstream, node, session, keep, start)
+                return self.relay(upstream, node, session, fields, start)
             if upstream is not None:
                 upstream.close()
             self.nodes.finished(node, ok=False)
-            await self.wake()
+            self.wake()
             tried.append(node.url)
             if attempt < attempts - 1:
                 self.metrics.retries.inc()
@@ -159,12 +171,18 @@ class Proxy:
                            "(put the history in the prompt if the answer needs it)", "session_id", "session_lost")
         return url
 
-    def choose(self, model, owner, keys, tried) -> Optional[Node]:
+    def claim(self, model, owner, keys, tried) -> Optional[Node]:
+        """A node with room for the request, its place taken at once (no await between the choice and the count,
+        so two requests never take one place)."""
         if owner is None:
-            return self.nodes.pick(model, tuple(tried), keys)
-        node = self.nodes.nodes.get(owner)
-        usable = node is not None and any(n is node for n in self.nodes.usable())
-        return node if usable and self.nodes.has_room(node) else None
+            node = self.nodes.pick(model, tuple(tried), keys)
+        else:
+            node = self.nodes.nodes.get(owner)
+            usable = node is not None and any(n is node for n in self.nodes.usable())
+            node = node if usable and self.nodes.has_room(node) else None
+        if node is not None:
+            self.nodes.dispatched(node)
+        return node
 
     def could_take(self, model, owner, tried) -> bool:
         """Whether some node could take the request once it has room (else waiting is pointless)."""
@@ -173,51 +191,84 @@ class Proxy:
         return bool(self.nodes.usable(model, tuple(tried)))
 
     async def place(self, model, owner, keys, tried) -> Optional[Node]:
-        """A node for the request; while every node that could take it is at its limit, the request waits in a
-        bounded queue: past max_queue waiting, 429 with Retry-After; past queue_timeout, 503. None: no node can."""
-        node = self.choose(model, owner, keys, tried)
-        if node is not None or not self.could_take(model, owner, tried):
-            return node
+        """A node for the request, its place taken; while every node that could take it is at its limit, the request
+        waits in a bounded queue, first come first served: past max_queue waiting, 429 with Retry-After; past
+        queue_timeout, 503. None: no node can take it."""
+        if not self.queued or self.queued >= self.options.max_queue:  # nobody waits before it, or no room to wait
+            node = self.claim(model, owner, keys, tried)
+            if node is not None or not self.could_take(model, owner, tried):
+                return node
         if self.queued >= self.options.max_queue:
             self.metrics.refused.labels("queue_full").inc()
             raise APIError(429, f"every node is at its limit of {self.nodes.limit} requests and {self.queued} "
                            "requests are waiting: try again shortly", headers={"Retry-After": "1"})
-        gone = object()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.options.queue_timeout
         self.queued += 1
         try:
-            async with self.room:
-                found = await asyncio.wait_for(self.room.wait_for(
-                    lambda: self.choose(model, owner, keys, tried) or (None if self.could_take(model, owner, tried)
-                                                                       else gone)), self.options.queue_timeout)
-        except asyncio.TimeoutError:
-            self.metrics.refused.labels("queue_timeout").inc()
-            raise APIError(503, f"no node had room within {self.options.queue_timeout:g} s",
-                           headers={"Retry-After": "1"}) from None
+            while True:
+                node = self.claim(model, owner, keys, tried)
+                if node is not None or not self.could_take(model, owner, tried):
+                    return node
+                left = deadline - loop.time()
+                if left <= 0:
+                    self.metrics.refused.labels("queue_timeout").inc()
+                    raise APIError(503, f"no node had room within {self.options.queue_timeout:g} s",
+                                   headers={"Retry-After": "1"})
+                waiter = loop.create_future()
+                self.waiters.append(waiter)
+                try:
+                    await asyncio.wait_for(waiter, left)
+                except asyncio.TimeoutError:
+                    pass
         finally:
             self.queued -= 1
-        return None if found is gone else found
 
-    def relay(self, upstream: aiohttp.ClientResponse, node: Node, session, keep: bool, start: float) -> Response:
-        if session is not None and keep:
-            self.sessions[session] = (node.url, time.monotonic())
-        elif session is not None:  # the session ends on its node with this turn: nothing left to stick to
-            self.sessions.pop(session, None)
-        ok = upstream.status < 500 and upstream.status != 429
+    def relay(self, upstream: aiohttp.ClientResponse, node: Node, session, fields: dict, start: float) -> Response:
+        if session is not None and upstream.status < 400 and not fields.get("cancel"):
+            if fields.get("interactive_mode") is True:
+                self.sessions[session] = (node.url, time.monotonic())
+            else:  # the session ends on its node with this turn: nothing left to stick to
+                self.sessions.pop(session, None)
         self.metrics.first_byte.labels(node.url).observe(time.perf_counter() - start)
 
-        async def close():
+        broken = []
+
+        async def body():
+            try:
+                async for chunk in upstream.content.iter_any():
+                    yield chunk
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                broken.append(True)  # the node broke off mid-answer
+                raise
+
+        def done():  # once the answer ended, the client left, or the stream broke; never awaits
             if upstream.content.at_eof():
                 upstream.release()  # the connection goes back to the pool
             else:
                 upstream.close()  # the client left mid-answer: the node sees its request closed and stops
-            self.nodes.finished(node, ok)
+            self.nodes.finished(node, upstream.status < 500 and upstream.status != 429 and not broken)
             self.metrics.latency.labels(node.url).observe(time.perf_counter() - start)
-            await self.wake()
+            self.wake()
 
         headers = {k: v for k, v in upstream.headers.items()
                    if k.lower() in ("content-type", "content-encoding", "retry-after")}
-        return StreamingResponse(upstream.content.iter_any(), status_code=upstream.status, headers=headers,
-                                 background=BackgroundTask(close))
+        return Relay(body(), done, status_code=upstream.status, headers=headers)
+
+
+class Relay(StreamingResponse):
+    """A node's answer as it streams; `done` runs however the response ends (Starlette runs no background task
+    when the stream raises, and a generator cancelled before its first chunk never reaches its finally)."""
+
+    def __init__(self, content, done, **kwargs):
+        super().__init__(content, **kwargs)
+        self.done = done
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.done()
 
 
 def prompt_text(fields: dict) -> str:
@@ -238,7 +289,6 @@ def create_proxy(nodes: Nodes, options: ProxyOptions = ProxyOptions()) -> Starle
 
     @asynccontextmanager
     async def lifespan(app):
-        proxy.room = asyncio.Condition()
         # aiohttp, not httpx: its C parser and pool cost a third of httpx's CPU per request (docs/benchmarks.md)
         proxy.client = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60), auto_decompress=False,

@@ -59,6 +59,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.added: list[tuple] = []  # (request_id, prompt_ids, params, session_id)
         self.cold = False  # no KV pool to warm
+        self.peak = 0  # the most requests running at once
 
     @property
     def has_work(self) -> bool:
@@ -78,6 +79,7 @@ class FakeEngine:
             self.busy.add(session_id)
         self.requests[request_id] = [FakeRequest(request_id, history + list(prompt_ids), params, session_id, i)
                                      for i in range(params.n)]
+        self.peak = max(self.peak, len(self.requests))
         return []
 
     def step(self):

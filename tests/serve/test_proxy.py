@@ -5,9 +5,13 @@ import contextlib
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
 
 from fake_engine import ANSWER, FakeEngine
 from lmcli.engine.async_engine import AsyncEngine
@@ -250,3 +254,54 @@ def test_the_proxy_serves_its_docs_and_cors():
         r = httpx.options(proxy + "/v1/chat/completions", headers={
             "Origin": "http://app.example", "Access-Control-Request-Method": "POST"})
         assert r.headers["access-control-allow-origin"] == "http://app.example"
+
+
+def test_a_node_never_answers_more_than_its_limit():
+    with cluster(2, step_delay=0.01, limit=2, max_queue=64) as (proxy, urls, engines, nodes):
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(lambda i: httpx.post(proxy + "/v1/chat/completions", json=CHAT,
+                                                       timeout=120).status_code, range(12)))
+        assert codes == [200] * 12 and max(e.peak for e in engines) <= 2, [e.peak for e in engines]
+        assert all(n.outstanding == 0 for n in nodes.nodes.values()) and queued(proxy) == 0
+
+
+def test_a_node_that_breaks_off_mid_stream_frees_its_place():
+    async def health(request):
+        return JSONResponse({"status": "ok"})
+
+    async def models(request):
+        return JSONResponse({"data": [{"id": "fake-model"}]})
+
+    async def chat(request):
+        async def chunks():
+            yield b"data: {}\n\n"
+            raise RuntimeError("the node died")
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
+    broken = Starlette(routes=[Route("/health", health), Route("/v1/models", models),
+                               Route("/v1/chat/completions", chat, methods=["POST"])])
+    with contextlib.ExitStack() as stack:
+        node = stack.enter_context(serve_in_thread(broken))
+        nodes = Nodes()
+        proxy = stack.enter_context(serve_in_thread(create_proxy(nodes)))
+        assert httpx.post(proxy + "/nodes/add", json={"url": node}).status_code == 200
+        with pytest.raises(httpx.HTTPError):
+            with httpx.stream("POST", proxy + "/v1/chat/completions", json={**CHAT, "stream": True}) as s:
+                list(s.iter_lines())  # the answer breaks off
+        wait_until(lambda: nodes.nodes[node].errors == 1, "the break was not counted")
+        assert nodes.nodes[node].outstanding == 0
+
+
+def test_a_new_session_is_named_by_the_proxy_and_cancel_or_a_refused_end_keeps_it():
+    with cluster(3) as (proxy, urls, engines, nodes):
+        r = httpx.post(proxy + "/v1/chat/interactive", json={"prompt": "hi", "interactive_mode": True})
+        sid = r.json()["session_id"]
+        assert r.status_code == 200 and sid != -1
+        turn = {"prompt": "again", "session_id": sid, "interactive_mode": True}
+        assert httpx.post(proxy + "/v1/chat/interactive", json=turn).json()["history_tokens"] > 0  # same node
+        assert httpx.post(proxy + "/v1/chat/interactive", json={"session_id": sid, "cancel": True,
+                                                                 "prompt": ""}).status_code == 200
+        assert httpx.post(proxy + "/v1/chat/interactive", json=turn).json()["history_tokens"] > 0
+        one_shot = httpx.post(proxy + "/v1/chat/interactive", json={"prompt": "hi"})  # no session to keep
+        assert one_shot.status_code == 200 and httpx.get(proxy + "/nodes/status").json()["sessions"] == 1
+        assert len([e for e in engines if sid in e.sessions]) == 1
