@@ -66,7 +66,7 @@ async def health(request: Request) -> JSONResponse:
     problem = await state.engine.problem()
     if problem is not None:
         return JSONResponse({"status": "error", "message": problem}, 503)
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "instance": state.instance})
 
 
 async def metrics(request: Request) -> Response:

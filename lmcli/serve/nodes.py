@@ -36,6 +36,7 @@ class Node:
     open_until: float = 0.0  # the circuit: no requests before this (time.monotonic())
     requests: int = 0
     errors: int = 0
+    instance: Optional[str] = None  # the api_server process's id from /health: a new one means it restarted
 
     def status(self) -> dict:
         return {"url": self.url, "models": list(self.models), "state": self.state, "outstanding": self.outstanding,

@@ -391,3 +391,5 @@ class EncodeResponse(BaseModel):
 class Health(BaseModel):
     status: Literal["ok", "loading", "error"]
     message: Optional[str] = None
+    instance: Optional[str] = Field(None, description="With ok: this server process's id; a new one after a restart "
+                                    "(its interactive sessions are then gone).")

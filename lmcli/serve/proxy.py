@@ -58,6 +58,7 @@ class Proxy:
         self.nodes, self.options = nodes, options
         self.client: Optional[aiohttp.ClientSession] = None
         self.sessions: dict[int, tuple] = {}  # interactive session id -> (its node's URL, when last used)
+        self.lost: dict[int, tuple] = {}  # the same, for sessions whose node restarted since
         self.queued = 0  # requests waiting for a node with room
         self.waiters: list = []  # futures of queued requests, set when a node may have room
         self.metrics = ProxyMetrics(self)
@@ -74,6 +75,9 @@ class Proxy:
             timeout = aiohttp.ClientTimeout(total=self.options.probe_timeout)
             async with self.client.get(node.url + "/health", headers=self.headers(), timeout=timeout) as r:
                 ok = r.status == 200
+                instance = _instance(await r.read()) if ok else None
+            if ok and instance != node.instance:
+                self.restarted(node, instance)
             if ok and not node.models:
                 async with self.client.get(node.url + "/v1/models", headers=self.headers(), timeout=timeout) as r:
                     node.models = [m["id"] for m in (await r.json())["data"]]
@@ -82,12 +86,22 @@ class Proxy:
         (self.nodes.succeeded if ok else self.nodes.failed)(node)
         return ok
 
+    def restarted(self, node: Node, instance: Optional[str]) -> None:
+        """The node answers as another process than before: the sessions it held are gone, and the next turn of
+        each says so (410); its models are asked again."""
+        if node.instance is not None:
+            for session in [s for s, (url, _) in self.sessions.items() if url == node.url]:
+                self.lost[session] = self.sessions.pop(session)
+            node.models = []
+        node.instance = instance
+
     async def watch(self) -> None:
         while True:
             await asyncio.gather(*(self.probe(n) for n in list(self.nodes.nodes.values())))
             idle = time.monotonic() - self.options.session_timeout
-            for session in [s for s, (_, used) in self.sessions.items() if used < idle]:
-                del self.sessions[session]
+            for table in (self.sessions, self.lost):
+                for session in [s for s, (_, used) in table.items() if used < idle]:
+                    del table[session]
             self.wake()  # a node may be back, or a circuit closed
             await asyncio.sleep(self.options.health_interval)
 
@@ -158,8 +172,14 @@ class Proxy:
         raise APIError(503, "no node can take the request now (every node is down, or failed it)")
 
     def owner(self, session) -> Optional[str]:
-        """The URL of the node holding this session's history, if the proxy placed it. A session whose node is gone
-        or down fails with 410 (its history is lost; the proxy forgets it, so the next turn starts afresh)."""
+        """The URL of the node holding this session's history, if the proxy placed it. A session whose node is gone,
+        down or restarted fails with 410 (its history is lost; the proxy forgets it, so the next turn starts
+        afresh)."""
+        if session in self.lost:
+            url = self.lost.pop(session)[0]
+            raise APIError(410, f"session {session} lived on {url}, which restarted: its history is lost. Send the "
+                           "turn again to start the session afresh (put the history in the prompt if the answer needs "
+                           "it)", "session_id", "session_lost")
         if session is None or session not in self.sessions:
             return None
         url = self.sessions[session][0]
@@ -269,6 +289,15 @@ class Relay(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.done()
+
+
+def _instance(health: bytes) -> Optional[str]:
+    """The process id in an lm api_server's /health; None from other servers (vLLM's /health is empty)."""
+    try:
+        found = json.loads(health).get("instance")
+    except (ValueError, AttributeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 def prompt_text(fields: dict) -> str:

@@ -2,6 +2,7 @@
 and the session ids in use."""
 
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Optional
 
@@ -48,6 +49,7 @@ class ServerState:
         self.load_error: Optional[str] = None
         self.metrics = Metrics(lambda: self.engine.stats if self.engine is not None else None)
         self.created = int(time.time())
+        self.instance = uuid.uuid4().hex  # /health says it: a proxy sees a restart (its sessions gone) by a new one
         self.sessions_in_use: dict[int, "Claim"] = {}  # session id -> the request running under it
         self.histories: dict[int, History] = {}  # interactive session id -> its conversation
         self.in_flight = 0  # generation requests being answered

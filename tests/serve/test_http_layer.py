@@ -45,7 +45,8 @@ def test_models_health_metrics(client):
     assert models["object"] == "list"
     assert models["data"][0]["id"] == "fake-model" and models["data"][0]["max_model_len"] == 256
     assert set(models["data"][0]) == {"id", "object", "created", "owned_by", "max_model_len"}
-    assert client.get("/health").json() == {"status": "ok"}
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and len(health["instance"]) == 32
     client.post("/v1/chat/completions", json=CHAT)
     text = client.get("/metrics").text
     for name in ("lm_requests_running", "lm_requests_waiting", "lm_kv_cache_blocks_used", "lm_kv_cache_blocks_total",

@@ -305,3 +305,20 @@ def test_a_new_session_is_named_by_the_proxy_and_cancel_or_a_refused_end_keeps_i
         one_shot = httpx.post(proxy + "/v1/chat/interactive", json={"prompt": "hi"})  # no session to keep
         assert one_shot.status_code == 200 and httpx.get(proxy + "/nodes/status").json()["sessions"] == 1
         assert len([e for e in engines if sid in e.sessions]) == 1
+
+
+def test_a_session_whose_node_restarted_fails_clearly_once():
+    with contextlib.ExitStack() as stack:
+        node_app = create_app(AsyncEngine(FakeEngine()))
+        node = stack.enter_context(serve_in_thread(node_app))
+        nodes = Nodes()
+        proxy = stack.enter_context(serve_in_thread(create_proxy(nodes, ProxyOptions(health_interval=0.05))))
+        assert httpx.post(proxy + "/nodes/add", json={"url": node}).status_code == 200
+        turn = {"prompt": "hi", "session_id": 5, "interactive_mode": True}
+        assert httpx.post(proxy + "/v1/chat/interactive", json=turn).status_code == 200
+        node_app.state.server.instance = "another process"  # what a restart between two probes looks like
+        wait_until(lambda: nodes.nodes[node].instance == "another process", "the probe did not see the restart")
+        r = httpx.post(proxy + "/v1/chat/interactive", json=turn)
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_lost"
+        assert "restarted" in r.json()["error"]["message"]
+        assert httpx.post(proxy + "/v1/chat/interactive", json=turn).status_code == 200  # afresh
