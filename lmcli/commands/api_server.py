@@ -78,6 +78,10 @@ def api_server(
         help="The most tokens one answer gets: requests that ask for more, or for nothing (max_tokens, "
              "request_output_len), stop there with finish_reason length. Default: what the context holds.",
         show_default=False)] = None,
+    shutdown_timeout: Annotated[float, typer.Option(
+        min=0.0, help="On SIGTERM or Ctrl-C: seconds for the requests in flight to finish (no new ones are taken; "
+        "/health says 503); then each still running ends with an error event and the server exits 0. 0: at "
+        "once.")] = 30.0,
     log_level: Annotated[LogLevel, typer.Option(help="Server log level; info logs every request.")] = LogLevel.warning,
     proxy_url: Annotated[Optional[str], typer.Option(
         help="Register with this `lm serve proxy` once the model is loaded; leave it on shutdown.",
@@ -176,12 +180,13 @@ def api_server(
         compute = "float32" if compute == "float16" else compute  # float16 runs as float32 on CPUs
         line = describe_formats(compute, weights, quant_policy, from_workspace=bool(ws.quantization))
         print(f"lm api_server: {line}", file=sys.stderr, flush=True)
+    from lmcli.serve.drain import DrainingServer
+
     config = uvicorn.Config(app, host=server_name, port=server_port, log_level=log_level.value,
-                            access_log=log_level in (LogLevel.info, LogLevel.debug), timeout_graceful_shutdown=5,
-                            **ssl_files)
-    server = uvicorn.Server(config)
+                            access_log=log_level in (LogLevel.info, LogLevel.debug), **ssl_files)
+    server = DrainingServer(config, app.state.server, shutdown_timeout)
     try:
-        server.run()  # on Ctrl-C uvicorn raises the signal again as it returns
+        server.run()
     finally:
         if proxy_url:
             deregister(proxy_url, url)

@@ -23,6 +23,10 @@ class EngineDead(RuntimeError):
     """The engine loop stopped on an error; nothing more will be generated."""
 
 
+class Stopping(EngineDead):
+    """The server is shutting down: a request still running when its drain ended."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Union[Engine, Callable[[], Engine]]):
         """engine: an Engine, or a function that builds one. Built here, the engine is made on the loop's own
@@ -175,6 +179,16 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def end_all(self, message: str) -> int:
+        """End every running request (a drain's end): each is aborted, its blocks freed, and its caller gets
+        Stopping(message) instead of its next output. Call it on the callers' event loop. Returns how many."""
+        error = Stopping(message)
+        running = list(self._streams)
+        for request_id in running:
+            self.abort(request_id)
+            self._deliver(request_id, error)
+        return len(running)
 
     async def call(self, fn, timeout: Optional[float] = None):
         """fn(engine) on the engine thread between steps; its result here."""

@@ -60,6 +60,8 @@ async def encode(request: Request) -> JSONResponse:
 
 async def health(request: Request) -> JSONResponse:
     state: ServerState = request.app.state.server
+    if state.draining:
+        return JSONResponse({"status": "error", "message": "the server is shutting down"}, 503)
     if state.engine is None:
         status = "error" if state.load_error else "loading"
         return JSONResponse({"status": status, "message": state.load_error or "the model is loading"}, 503)

@@ -53,6 +53,7 @@ class ServerState:
         self.sessions_in_use: dict[int, "Claim"] = {}  # session id -> the request running under it
         self.histories: dict[int, History] = {}  # interactive session id -> its conversation
         self.in_flight = 0  # generation requests being answered
+        self.draining = False  # shutting down: no new requests, /health 503 (serve/drain.py)
 
     def attach(self, engine: AsyncEngine) -> None:
         e = engine.engine
@@ -67,6 +68,8 @@ class ServerState:
         self.engine = engine
 
     def ready(self) -> AsyncEngine:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", code="shutting_down", headers={"Retry-After": "1"})
         if self.engine is None:
             raise APIError(503, self.load_error or "the model is still loading; try again when /health says ok",
                            code="loading")

@@ -185,3 +185,33 @@ def test_reasoning_parser_splits_a_real_models_think_block(smollm2_workspace, tm
         assert pieces == {"reasoning_content": reasoning, "content": content}  # greedy: the same, streamed
     finally:
         assert server.stop() in (0, 130) and "Traceback" not in server.stderr()
+
+
+def test_sigterm_lets_requests_finish_then_ends_the_rest_and_exits_0(smollm2_workspace, tmp_path):
+    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", "--shutdown-timeout", "5", log_dir=tmp_path).wait_ready()
+    chat = {"model": "SmolLM2-135M-Instruct", "messages": FRANCE, "stream": True, "temperature": 0}
+    try:
+        with httpx.Client(timeout=300) as client:
+            with client.stream("POST", s.url + "/v1/chat/completions",  # longer than any CPU runs in 5 s
+                               json={**chat, "max_tokens": 4000, "ignore_eos": True}) as long:
+                long_lines = long.iter_lines()
+                next(long_lines)
+                with client.stream("POST", s.url + "/v1/chat/completions", json={**chat, "max_tokens": 30,
+                                                                                 "ignore_eos": True}) as short:
+                    short_lines = short.iter_lines()
+                    next(short_lines)
+                    s.proc.send_signal(signal.SIGTERM)
+                    rest = [line for line in short_lines if line]
+                assert rest[-1] == "data: [DONE]" and '"finish_reason":"length"' in rest[-2], rest[-3:]
+                try:  # no new work while draining: the port is closed, or /health says 503
+                    assert httpx.get(s.url + "/health", timeout=10).status_code == 503
+                except httpx.TransportError:
+                    pass
+                ended = [line for line in long_lines if line]
+        assert ended[-1] == "data: [DONE]", ended[-3:]
+        error = json.loads(ended[-2][len("data: "):])["error"]
+        assert error["code"] == "shutting_down" and "5 s drain" in error["message"], ended[-2]
+        assert s.proc.wait(60) == 0, s.stderr()
+        assert "Traceback" not in s.stderr() and "ended 1 request(s)" in s.stderr(), s.stderr()
+    finally:
+        s.stop()

@@ -733,3 +733,45 @@ def test_a_client_gone_before_the_first_event_releases_its_request():
 
     in_flight, sessions, aborted = asyncio.run(run())
     assert in_flight == 0 and sessions == {} and aborted
+
+
+def test_a_draining_server_takes_no_new_work_and_its_drain_ends_what_runs():
+    from servers import serve_in_thread
+
+    fake = FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20)
+    engine = AsyncEngine(fake)
+    app = create_app(engine)
+    with serve_in_thread(app) as url:
+        outcomes = {}
+
+        def plain():
+            outcomes["plain"] = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
+
+        thread = threading.Thread(target=plain)
+        thread.start()
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as sse, \
+                httpx.stream("POST", url + "/v1/chat/interactive", json={"prompt": "hi", "stream": True},
+                              timeout=60) as ndjson:
+            sse_lines, ndjson_lines = sse.iter_lines(), ndjson.iter_lines()
+            next(sse_lines), next(ndjson_lines)
+            while len(engine._streams) < 3:  # all three running
+                time.sleep(0.01)
+            loop = next(iter(engine._streams.values()))[0]
+            app.state.server.draining = True
+            assert httpx.get(url + "/health").status_code == 503
+            r = httpx.post(url + "/v1/completions", json={"model": "fake-model", "prompt": "Hi"})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            loop.call_soon_threadsafe(engine.end_all, "the server is shutting down")
+            sse_rest = [line for line in sse_lines if line]
+            last = json.loads([line for line in ndjson_lines if line][-1])
+        thread.join(60)
+        assert sse_rest[-1] == "data: [DONE]"
+        assert json.loads(sse_rest[-2][6:])["error"]["code"] == "shutting_down"
+        assert "shutting down" in json.dumps(last)
+        assert outcomes["plain"].status_code == 503
+        assert outcomes["plain"].json()["error"]["code"] == "shutting_down"
+        deadline = time.monotonic() + 30
+        while len(fake.aborted) < 3 or fake.requests:  # aborted on the engine's thread: their KV freed
+            assert time.monotonic() < deadline, (fake.aborted, fake.requests)
+            time.sleep(0.01)
+    engine.close()
