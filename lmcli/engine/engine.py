@@ -222,7 +222,10 @@ class Engine:
             reason, message = "stop", f"the grammar refused a token: {seq.matcher.get_error()}"
         elif seq.matcher is not None and seq.matcher.is_stopped() and reason is None:
             reason = "stop"  # the grammar is complete: nothing but an end-of-sequence token could follow
-        if reason is None and (seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_len):
+        if reason is None and seq.num_tokens >= self.max_len:  # the context's end, not the request's: say so
+            reason, message = "length", f"the context is full ({self.max_len} tokens)" + (
+                "; end the session and start a new one" if seq.session is not None else "")
+        elif reason is None and seq.num_output_tokens >= p.max_tokens:
             reason = "length"
         if reason is not None:
             self.scheduler.finish(seq, reason, message)

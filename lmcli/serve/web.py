@@ -61,7 +61,8 @@ async def api_error(request: Request, e: APIError) -> Response:
 
 
 async def http_error(request: Request, e: HTTPException) -> Response:
-    return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None).response()
+    return APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None,
+                    headers=e.headers).response()  # 405: Allow
 
 
 async def server_error(request: Request, e: Exception) -> Response:

@@ -137,6 +137,28 @@ def test_session_full_busy_and_end(engine):
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
 
 
+def test_a_session_that_fills_mid_answer_says_so(engine):
+    def last_output():
+        outs = []
+        while engine.has_work:
+            outs += engine.step()
+        return [o for o in outs if o.finish_reason][-1]
+
+    ids = chat(engine, "Hello!")
+    engine.add_request("f1", ids, SamplingParams(temperature=0, max_tokens=4), session_id=4)
+    last_output()
+    history = len(engine.scheduler.sessions[4].token_ids)
+    engine.add_request("f2", [5] * (1024 - history - 3), SamplingParams(ignore_eos=True), session_id=4)
+    last = last_output()
+    assert last.finish_reason == "length" and last.num_output_tokens == 3
+    assert "context is full" in last.finish_message and "end the session" in last.finish_message
+    engine.end_session(4)
+    engine.add_request("f3", ids, SamplingParams(max_tokens=2, ignore_eos=True))
+    last = last_output()
+    assert last.finish_reason == "length" and last.finish_message is None  # what the request asked for
+    assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
 def test_detokenizer_multibyte_and_leading_spaces(engine):
     tok = engine.tokenizer
     text = " Grüße 你好 🤖 café — naïve ﷺ"

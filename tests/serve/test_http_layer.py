@@ -775,3 +775,11 @@ def test_a_draining_server_takes_no_new_work_and_its_drain_ends_what_runs():
             assert time.monotonic() < deadline, (fake.aborted, fake.requests)
             time.sleep(0.01)
     engine.close()
+
+
+def test_405_names_the_allowed_method_and_request_output_len_is_bounded(client):
+    r = client.get("/v1/chat/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["message"]
+    r = client.post("/v1/chat/interactive", json={"prompt": "hi", "request_output_len": 10 ** 12})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "request_output_len"
+    assert client.post("/v1/chat/interactive", json={"prompt": "hi", "request_output_len": 8}).status_code == 200
