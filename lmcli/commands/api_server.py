@@ -78,6 +78,12 @@ def api_server(
         help="The most tokens one answer gets: requests that ask for more, or for nothing (max_tokens, "
              "request_output_len), stop there with finish_reason length. Default: what the context holds.",
         show_default=False)] = None,
+    session_ttl: Annotated[float, typer.Option(
+        min=0.0, help="Seconds an interactive session may stay idle; then it is ended (history and KV cache freed) "
+        "and its next turn gets 410 session_expired. 0: kept for ever.")] = 3600.0,
+    max_sessions: Annotated[int, typer.Option(
+        min=0, help="Interactive sessions kept at once; a new one past it ends the least recently used idle one "
+        "(its next turn: 410). 0: no cap.")] = 1024,
     shutdown_timeout: Annotated[float, typer.Option(
         min=0.0, help="On SIGTERM or Ctrl-C: seconds for the requests in flight to finish (no new ones are taken; "
         "/health says 503); then each still running ends with an error event and the server exits 0. 0: at "
@@ -135,7 +141,7 @@ def api_server(
                             tool_call_parser=tool_call_parser and tool_call_parser.value,
                             reasoning_parser=reasoning_parser and reasoning_parser.value,
                             api_keys=split_keys(api_keys), max_concurrent_requests=max_concurrent_requests,
-                            max_output_len=max_output_len,
+                            max_output_len=max_output_len, session_ttl=session_ttl, max_sessions=max_sessions,
                             allow_origins=tuple(allow_origins or ()), allow_credentials=allow_credentials,
                             allow_methods=tuple(allow_methods or ("*",)), allow_headers=tuple(allow_headers or ("*",)))
     scheme = "https" if ssl else "http"

@@ -16,7 +16,7 @@ from lmcli.serve import protocol as p
 from lmcli.serve import web
 from lmcli.serve.common import TEMPLATE_ERRORS, parse
 from lmcli.serve.errors import APIError
-from lmcli.serve.interactive import chat_interactive
+from lmcli.serve.interactive import chat_interactive, expire_sessions
 from lmcli.serve.metrics import CONTENT_TYPE
 from lmcli.serve.openai_routes import chat_completions, completions
 from lmcli.serve.openapi import openapi_schema
@@ -97,9 +97,11 @@ def create_app(engine: Union[AsyncEngine, Callable[[], AsyncEngine]], options: S
             on_ready(state)
         else:
             loader = asyncio.ensure_future(_load(state, engine, on_ready, on_error))
+        expiry = asyncio.ensure_future(expire_sessions(state))
         try:
             yield
         finally:
+            expiry.cancel()
             if loader is not None:
                 loader.cancel()
             if state.engine is not None:

@@ -2,6 +2,7 @@
 history and KV cache, so a turn prefills only its new tokens; interactive_mode=false ends the session and runs
 the prompt on its own. Streamed as one JSON object per line (application/x-ndjson)."""
 
+import asyncio
 import random
 import uuid
 from typing import Optional
@@ -43,6 +44,8 @@ async def chat_interactive(request: Request) -> Response:
                                                   finish_reason="abort", session_id=sid).model_dump())
     if req.interactive_mode and sid == -1:
         sid = random.randrange(1 << 30, 1 << 31)
+    if req.interactive_mode:
+        await bound_sessions(state, engine, sid)
     rid = f"interactive-{uuid.uuid4().hex}"
     claim = state.claim(sid if sid != -1 else None, [rid])  # before any await: this session is ours from here on
     try:
@@ -56,6 +59,7 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
     """Run one turn; from the moment its stream exists, the stream's end releases the claim."""
     if not req.interactive_mode and sid != -1:  # end the session; this request runs on its own
         state.histories.pop(sid, None)
+        state.sessions.forget(sid)
         await engine_call(engine, lambda e: e.end_session(sid))  # gone before the answer: /metrics agrees at once
     if req.request_output_len == 0:  # LMDeploy's way to end a session: nothing to generate
         claim.release()
@@ -98,6 +102,8 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
         raise user_error(e) from None
     job = Job(state, "interactive", rid, claim)
     await job.start(engine, [(prompt_ids, params)], sid if req.interactive_mode else None)
+    if req.interactive_mode:  # idle from the turn's end
+        job.closing.append(lambda: state.sessions.touch(sid))
     if req.interactive_mode:  # the next turn sees from the engine's token count whether this one joined
         job.closing.append(lambda: state.histories.__setitem__(sid, History(
             history_messages, history_messages + messages + [{"role": "assistant", "content": job.choices[0].text}],
@@ -133,6 +139,43 @@ class InteractiveFormat(Format):
 
     def body(self) -> p.InteractiveResponse:
         return self.result(self.job.choices[0].text)
+
+
+async def bound_sessions(state: ServerState, engine, sid: int) -> None:
+    """Before a turn that keeps its session: 410 if the server ended this session (said once); past
+    --max-sessions, the least recently used idle session is ended to make room (429 if every one is busy)."""
+    book = state.sessions
+    why = book.why_ended(sid)
+    if why is not None:
+        raise APIError(410, f"session {sid} {why}: its history is gone. Send the turn again to start the session "
+                       "afresh", "session_id", "session_expired")
+    if book.full(sid):
+        victim = book.least_recent_idle(state.sessions_in_use)
+        if victim is None:
+            raise APIError(429, f"all {book.cap} sessions (--max-sessions) are running a turn; try again shortly",
+                           "session_id", "too_many_sessions", {"Retry-After": "1"})
+        book.touch(sid)  # before the await: the place is this session's
+        await end_session(state, engine, victim, f"was ended to make room for a newer one (--max-sessions {book.cap})")
+    book.touch(sid)
+
+
+async def end_session(state: ServerState, engine, sid: int, why: str) -> None:
+    """End a session its client left (idle too long, or to make room): its history and KV blocks are freed."""
+    state.sessions.end(sid, why)
+    state.histories.pop(sid, None)
+    await engine_call(engine, lambda e: e.end_session(sid))
+
+
+async def expire_sessions(state: ServerState) -> None:
+    """End sessions idle past --session-ttl, for the server's life."""
+    ttl = state.options.session_ttl
+    while ttl:
+        await asyncio.sleep(min(max(ttl / 4, 0.02), 30.0))
+        for sid in state.sessions.idle(state.sessions_in_use) if state.engine is not None else []:
+            try:
+                await end_session(state, state.engine, sid, f"was idle for more than {ttl:g} s (--session-ttl)")
+            except APIError:  # the engine is dead: /health says so
+                return
 
 
 async def engine_call(engine, fn):

@@ -9,6 +9,7 @@ from typing import Optional
 from lmcli.engine.async_engine import AsyncEngine
 from lmcli.serve.errors import APIError
 from lmcli.serve.metrics import Metrics
+from lmcli.serve.sessions import SessionBook
 from lmcli.serve.tool_parsers import default_parser
 
 
@@ -22,6 +23,8 @@ class ServerOptions:
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: Optional[int] = None
     max_output_len: Optional[int] = None  # the most tokens one answer gets, whatever it asks
+    session_ttl: float = 3600.0  # seconds an idle interactive session is kept (0: for ever)
+    max_sessions: int = 1024  # interactive sessions kept at once (0: no cap)
     allow_origins: tuple[str, ...] = ()
     allow_credentials: bool = False
     allow_methods: tuple[str, ...] = ("*",)
@@ -52,6 +55,7 @@ class ServerState:
         self.instance = uuid.uuid4().hex  # /health says it: a proxy sees a restart (its sessions gone) by a new one
         self.sessions_in_use: dict[int, "Claim"] = {}  # session id -> the request running under it
         self.histories: dict[int, History] = {}  # interactive session id -> its conversation
+        self.sessions = SessionBook(options.session_ttl, options.max_sessions)
         self.in_flight = 0  # generation requests being answered
         self.draining = False  # shutting down: no new requests, /health 503 (serve/drain.py)
 

@@ -783,3 +783,55 @@ def test_405_names_the_allowed_method_and_request_output_len_is_bounded(client):
     r = client.post("/v1/chat/interactive", json={"prompt": "hi", "request_output_len": 10 ** 12})
     assert r.status_code == 400 and r.json()["error"]["param"] == "request_output_len"
     assert client.post("/v1/chat/interactive", json={"prompt": "hi", "request_output_len": 8}).status_code == 200
+
+
+def test_past_max_sessions_the_least_recent_idle_session_ends_and_says_so_once():
+    fake = FakeEngine()
+    app, _ = make_app(fake, max_sessions=2)
+    with TestClient(app) as client:
+        def turn(sid):
+            return client.post("/v1/chat/interactive", json={"prompt": "hi", "session_id": sid,
+                                                             "interactive_mode": True})
+
+        for sid in (1, 2, 1, 3):  # 2 is then the least recently used
+            assert turn(sid).status_code == 200
+        assert sorted(fake.sessions) == [1, 3]
+        r = turn(2)
+        assert r.status_code == 410 and r.json()["error"]["code"] == "session_expired"
+        assert "--max-sessions 2" in r.json()["error"]["message"]
+        r = turn(2)  # afresh, which in turn ends 1
+        assert r.status_code == 200 and r.json()["history_tokens"] == 0 and sorted(fake.sessions) == [2, 3]
+        end = {"prompt": "", "session_id": 3, "interactive_mode": False, "request_output_len": 0}
+        assert client.post("/v1/chat/interactive", json=end).status_code == 200
+        assert turn(4).status_code == 200 and sorted(fake.sessions) == [2, 4]  # room without ending any
+
+
+def test_a_session_idle_past_its_ttl_is_ended():
+    fake = FakeEngine()
+    app, _ = make_app(fake, session_ttl=0.1)
+    with TestClient(app) as client:
+        turn = {"prompt": "hi", "session_id": 9, "interactive_mode": True}
+        assert client.post("/v1/chat/interactive", json=turn).status_code == 200
+        deadline = time.monotonic() + 30
+        while 9 in fake.sessions:  # ended by the server's own loop
+            assert time.monotonic() < deadline, "the idle session was kept"
+            time.sleep(0.02)
+        r = client.post("/v1/chat/interactive", json=turn)
+        assert r.status_code == 410 and "idle for more than 0.1 s" in r.json()["error"]["message"]
+        assert client.post("/v1/chat/interactive", json=turn).json()["history_tokens"] == 0
+
+
+def test_past_max_sessions_with_every_session_busy_is_a_429():
+    from servers import serve_in_thread
+
+    app, engine = make_app(FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20), max_sessions=1)
+    with serve_in_thread(app) as url:
+        busy = {"prompt": "hi", "session_id": 1, "interactive_mode": True, "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/interactive", json=busy, timeout=60) as s:
+            lines = s.iter_lines()
+            next(lines)
+            r = httpx.post(url + "/v1/chat/interactive", json={"prompt": "hi", "session_id": 2,
+                                                               "interactive_mode": True})
+            assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_sessions"
+            assert r.headers["retry-after"] == "1"
+    engine.close()
