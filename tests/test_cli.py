@@ -55,7 +55,7 @@ def test_the_proxy_help_describes_every_option():
     result = runner.invoke(build_app(), ["serve", "proxy", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     for option in ("--server-name", "--server-port", "--routing-strategy", "--node", "--config", "--api-keys",
-                   "--node-api-key", "--max-outstanding", "--max-queue", "--queue-timeout", "--session-timeout",
+                   "--node-api-key", "--max-outstanding", "--max-queue-len", "--queue-timeout", "--session-timeout",
                    "--allow-origins", "--log-level", "prefix_aware"):
         assert option in result.output
     result = runner.invoke(build_app(), ["serve", "proxy", "--node", "localhost:1", "--server-port", "0"])

@@ -71,9 +71,13 @@ def api_server(
     allow_headers: AllowHeadersOption = None,
     ssl: Annotated[bool, typer.Option(help="Serve HTTPS with the key and certificate in the files named by "
                                            "SSL_KEYFILE and SSL_CERTFILE.")] = False,
-    max_concurrent_requests: Annotated[Optional[int], typer.Option(
-        help="Answer 429 beyond this many generation requests at once. Default: no limit.",
-        show_default=False)] = None,
+    max_concurrent_requests: Annotated[int, typer.Option(
+        min=0, help="Generation requests answered at once; more wait in a queue, before their body is read. 0: no "
+        "limit.")] = 512,
+    max_queue_len: Annotated[int, typer.Option(
+        min=0, help="Requests that may wait for a place; beyond, 429 with Retry-After.")] = 512,
+    queue_timeout: Annotated[float, typer.Option(
+        min=0.0, help="Seconds a request may wait for a place; then 503 with Retry-After.")] = 60.0,
     max_output_len: Annotated[Optional[int], typer.Option(
         help="The most tokens one answer gets: requests that ask for more, or for nothing (max_tokens, "
              "request_output_len), stop there with finish_reason length. Default: what the context holds.",
@@ -140,7 +144,8 @@ def api_server(
     options = ServerOptions(model_name=model_name, chat_template=template, meta_instruction=meta_instruction,
                             tool_call_parser=tool_call_parser and tool_call_parser.value,
                             reasoning_parser=reasoning_parser and reasoning_parser.value,
-                            api_keys=split_keys(api_keys), max_concurrent_requests=max_concurrent_requests,
+                            api_keys=split_keys(api_keys), max_concurrent_requests=max_concurrent_requests or None,
+                            max_queue_len=max_queue_len, queue_timeout=queue_timeout,
                             max_output_len=max_output_len, session_ttl=session_ttl, max_sessions=max_sessions,
                             allow_origins=tuple(allow_origins or ()), allow_credentials=allow_credentials,
                             allow_methods=tuple(allow_methods or ("*",)), allow_headers=tuple(allow_headers or ("*",)))

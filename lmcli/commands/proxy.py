@@ -45,7 +45,7 @@ def proxy(
     max_outstanding: Annotated[int, typer.Option(
         min=0, help="Requests one node answers at once; beyond, requests wait in the proxy's queue. 0: no limit "
         "(no queue).")] = 256,
-    max_queue: Annotated[int, typer.Option(
+    max_queue_len: Annotated[int, typer.Option(
         min=0, help="Requests that may wait for a node with room; beyond, 429 with Retry-After.")] = 256,
     queue_timeout: Annotated[float, typer.Option(
         min=0.0, help="Seconds a request may wait in the queue; then 503.")] = 60.0,
@@ -70,7 +70,7 @@ def proxy(
             raise fail(NAME, f"--node {url}: give the api_server's URL, e.g. http://127.0.0.1:23333")
         nodes.add(url)
     app = create_proxy(nodes, ProxyOptions(
-        api_keys=split_keys(api_keys), node_api_key=node_api_key, max_queue=max_queue, queue_timeout=queue_timeout,
+        api_keys=split_keys(api_keys), node_api_key=node_api_key, max_queue=max_queue_len, queue_timeout=queue_timeout,
         session_timeout=session_timeout, allow_origins=tuple(allow_origins or ()), allow_credentials=allow_credentials,
         allow_methods=tuple(allow_methods or ("*",)), allow_headers=tuple(allow_headers or ("*",))))
     shown = "127.0.0.1" if server_name in ("0.0.0.0", "::") else server_name

@@ -6,6 +6,7 @@ from contextlib import asynccontextmanager
 from typing import Callable, Union
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -14,6 +15,7 @@ from starlette.routing import Route
 from lmcli.engine.async_engine import AsyncEngine
 from lmcli.serve import protocol as p
 from lmcli.serve import web
+from lmcli.serve.admission import Admission
 from lmcli.serve.common import TEMPLATE_ERRORS, parse
 from lmcli.serve.errors import APIError
 from lmcli.serve.interactive import chat_interactive, expire_sessions
@@ -117,7 +119,8 @@ def create_app(engine: Union[AsyncEngine, Callable[[], AsyncEngine]], options: S
         Route("/v1/chat/interactive", chat_interactive, methods=["POST"]),
         Route("/v1/encode", encode, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, middleware=web.middleware(options), lifespan=lifespan,
+    middleware = [*web.middleware(options), Middleware(Admission, state=state)]  # keys first, then a place
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
                     exception_handlers=web.EXCEPTION_HANDLERS)
     app.state.server = state
     app.state.version = __version__

@@ -17,8 +17,8 @@ from lmcli.errors import UserError
 from lmcli.serve import protocol as p
 from lmcli.engine.async_engine import EngineDead
 from lmcli.serve.answer import Choice, Format, Job, Piece, check_context, respond
-from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, parse, structured_output,
-                                user_error)
+from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, check_prompt_chars, message_texts,
+                                parse, structured_output, user_error)
 from lmcli.serve.errors import APIError
 from lmcli.serve.state import History, ServerState
 
@@ -70,6 +70,7 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
     messages = to_messages([m.model_dump() for m in req.prompt] if isinstance(req.prompt, list) else req.prompt)
     if not messages or not any(m["content"] for m in messages):
         raise APIError(400, "the prompt is empty", "prompt")
+    check_prompt_chars(state, message_texts(messages), "prompt")
     messages = plain_messages(messages, state.tokenizer.chat_template)
     history_ids = await engine_call(engine, lambda e: e.session_tokens(sid)) if req.interactive_mode else []
     kept = state.histories.get(sid)

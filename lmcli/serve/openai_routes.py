@@ -15,8 +15,8 @@ from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
 from lmcli.serve.answer import Job, check_context, respond
-from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, compiled, parse,
-                                structured_output, user_error)
+from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, check_prompt_chars, compiled,
+                                message_texts, parse, structured_output, user_error)
 from lmcli.serve.errors import APIError
 from lmcli.serve import tools
 from lmcli.serve.openai_format import ChatFormat, CompletionFormat
@@ -140,6 +140,7 @@ async def chat_completions(request: Request) -> Response:
     check_neutral(req, NEUTRAL)
     check_neutral(req, CHAT_ROUTER_NEUTRAL)
     check_messages(req.messages)
+    check_prompt_chars(state, message_texts(req.messages), "messages")
     template = state.tokenizer.chat_template
     plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls, state.tool_parser)
     if plan.calls_tools and req.response_format not in (None, {"type": "text"}):
@@ -194,6 +195,8 @@ async def completions(request: Request) -> Response:
                        "suffix", "unsupported_field")
     if req.echo and req.logprobs is not None:
         raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not computed)", "echo")
+    texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+    check_prompt_chars(state, texts, "prompt")  # each prompt's own check comes after tokenizing
     prompts = await run_in_threadpool(prompt_ids_of, state.tokenizer, req.prompt)
     echo = [state.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts] if req.echo else None
     rules = await structured_output(state, req.response_format)  # one grammar for every prompt

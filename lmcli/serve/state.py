@@ -21,7 +21,9 @@ class ServerOptions:
     tool_call_parser: Optional[str] = None  # tool_parsers.PARSERS name; default: picked from the chat template
     reasoning_parser: Optional[str] = None  # reasoning.REASONING_PARSERS name; default: none
     api_keys: tuple[str, ...] = ()
-    max_concurrent_requests: Optional[int] = None
+    max_concurrent_requests: Optional[int] = 512  # generation requests answered at once (None: no limit)
+    max_queue_len: int = 512  # requests that may wait for a place; more get 429 (serve/admission.py)
+    queue_timeout: float = 60.0  # seconds one may wait; then 503
     max_output_len: Optional[int] = None  # the most tokens one answer gets, whatever it asks
     session_ttl: float = 3600.0  # seconds an idle interactive session is kept (0: for ever)
     max_sessions: int = 1024  # interactive sessions kept at once (0: no cap)
@@ -57,6 +59,7 @@ class ServerState:
         self.histories: dict[int, History] = {}  # interactive session id -> its conversation
         self.sessions = SessionBook(options.session_ttl, options.max_sessions)
         self.in_flight = 0  # generation requests being answered
+        self.max_token_chars = 0  # characters of the vocabulary's longest token (0: unknown)
         self.draining = False  # shutting down: no new requests, /health 503 (serve/drain.py)
 
     def attach(self, engine: AsyncEngine) -> None:
@@ -65,6 +68,8 @@ class ServerState:
         if self.options.chat_template:
             self.tokenizer.chat_template = self.options.chat_template
         self.max_len = e.max_len
+        vocab = getattr(self.tokenizer, "get_vocab", None)  # the longest token, for prompts too long to tokenize
+        self.max_token_chars = max(map(len, vocab()), default=0) if vocab else 0
         self.grammars = getattr(e, "grammars", None)  # structured output (engine/grammar.py)
         self.tool_parser = self.options.tool_call_parser or default_parser(self.tokenizer.chat_template)
         self.generation = e.workspace.generation
@@ -91,12 +96,8 @@ class ServerState:
                                 "(see /v1/models)", "model", "model_not_found")
 
     def claim(self, session_id: Optional[int], request_ids: list[str]) -> "Claim":
-        """Count a generation request in (429 over --max-concurrent-requests) and hold its session id, if any (409 if
-        held). Synchronous, so two requests cannot both pass; Claim.release() undoes it."""
-        limit = self.options.max_concurrent_requests
-        if limit is not None and self.in_flight >= limit:
-            raise APIError(429, f"the server is answering {limit} requests already (--max-concurrent-requests); "
-                                "try again later", code="too_many_requests")
+        """Count a generation request in and hold its session id, if any (409 if held). Synchronous, so two requests
+        cannot both pass; Claim.release() undoes it. (--max-concurrent-requests is applied before: admission.py.)"""
         if session_id is not None and session_id in self.sessions_in_use:
             raise APIError(409, f"session {session_id} is busy with another request", "session_id", "session_busy")
         return Claim(self, session_id, request_ids)

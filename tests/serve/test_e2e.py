@@ -573,3 +573,14 @@ def test_logprob_bytes_rebuild_multibyte_characters(smollm2_workspace):
         ids = tok.encode(text, add_special_tokens=False)
         assert any("\ufffd" in tok.decode([i]) for i in ids) or text == "héllo wörld"
         assert b"".join(token_bytes(tok, i) for i in ids).decode() == text
+
+
+def test_a_megabyte_prompt_is_refused_without_tokenizing_it(server):
+    """SmolLM2's context (8192 tokens) at its vocabulary's longest token cannot hold 1 MB of text: a 400 from the
+    character count, not from tokenizing a megabyte first."""
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "word " * 200_000}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "1000000 characters" in r.json()["error"]["message"], r.text
+    assert httpx.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": FRANCE, "max_tokens": 2}).status_code == 200

@@ -442,7 +442,7 @@ def test_client_disconnect_aborts_at_once():
 
 
 def test_max_concurrent_requests():
-    app, engine = make_app(FakeEngine(step_delay=0.02), max_concurrent_requests=1)
+    app, engine = make_app(FakeEngine(step_delay=0.02), max_concurrent_requests=1, max_queue_len=0)
     with serve_in_thread(app) as url:
         t = threading.Thread(target=httpx.post, args=(url + "/v1/chat/completions",),
                              kwargs={"json": {**CHAT, "ignore_eos": True, "max_tokens": 50}, "timeout": 30})
@@ -450,6 +450,7 @@ def test_max_concurrent_requests():
         wait_until(lambda: engine.engine.requests)
         r = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10)
         assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert r.headers["retry-after"] == "1"
         assert httpx.get(url + "/v1/models").status_code == 200
         t.join()
         assert httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=10).status_code == 200
@@ -835,3 +836,80 @@ def test_past_max_sessions_with_every_session_busy_is_a_429():
             assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_sessions"
             assert r.headers["retry-after"] == "1"
     engine.close()
+
+
+def test_past_the_limit_requests_wait_their_turn_then_429_or_503():
+    app, engine = make_app(FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20),
+                           max_concurrent_requests=1, max_queue_len=1, queue_timeout=60)
+    with serve_in_thread(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as first:
+            lines = first.iter_lines()
+            next(lines)  # the one place is taken
+            second = []
+            t = threading.Thread(target=lambda: second.append(httpx.post(
+                url + "/v1/chat/completions", json={**CHAT, "max_tokens": 3}, timeout=60)))
+            t.start()
+            wait_until(lambda: find_admission(app).waiters)  # queued before its body was read
+            r = httpx.post(url + "/v1/completions", json={"model": "fake-model", "prompt": "Hi"})
+            assert r.status_code == 429 and r.headers["retry-after"] == "1" and "--max-queue-len" in r.text
+            assert announced_too_big(url).startswith(b"HTTP/1.1 413")  # refused before a byte of the body
+            assert not second
+        t.join(60)  # the first stream closed: its place went to the waiting request
+        assert second[0].status_code == 200 and second[0].json()["choices"][0]["message"]["content"] == "xxx"
+        assert find_admission(app).admitted == 0
+    engine.close()
+
+
+def test_a_wait_past_the_queue_timeout_is_a_503():
+    app, engine = make_app(FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20),
+                           max_concurrent_requests=1, queue_timeout=0)
+    with serve_in_thread(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as first:
+            lines = first.iter_lines()
+            next(lines)
+            r = httpx.post(url + "/v1/chat/completions", json=CHAT)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "queue_timeout" and r.headers["retry-after"]
+            cancel = httpx.post(url + "/v1/chat/interactive", json={"prompt": "", "session_id": 5, "cancel": True})
+            assert cancel.status_code == 200  # a control turn is never held back
+    engine.close()
+
+
+def find_admission(app):
+    from lmcli.serve.admission import Admission
+
+    layer = app.middleware_stack
+    while not isinstance(layer, Admission):
+        layer = layer.app
+    return layer
+
+
+def announced_too_big(url: str) -> bytes:
+    """The start of the answer to a POST that announces a 64 MiB body and sends none of it."""
+    import socket
+
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: " + str(64 << 20).encode() + b"\r\n\r\n")
+        return sock.recv(4096)
+
+
+def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing():
+    fake = FakeEngine()
+    calls = []
+    encode = fake.tokenizer.encode
+    fake.tokenizer.encode = lambda text, **kw: calls.append(len(text)) or encode(text, **kw)
+    app, _ = make_app(fake)
+    with TestClient(app) as client:
+        app.state.server.max_token_chars = 4  # 256 tokens of the fake context hold at most 1024 characters
+        long = "x" * 1100
+        for route, body, field in (
+                ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
+                    {"type": "text", "text": long}]}]}, "messages"),
+                ("/v1/completions", {"model": "fake-model", "prompt": [long]}, "prompt"),
+                ("/v1/chat/interactive", {"prompt": long}, "prompt")):
+            r = client.post(route, json=body)
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+            assert "1100 characters" in r.json()["error"]["message"]
+        assert not calls  # never tokenized
+        assert client.post("/v1/completions", json={"model": "fake-model", "prompt": "x" * 100}).status_code == 200

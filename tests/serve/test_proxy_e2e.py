@@ -123,7 +123,7 @@ def test_a_client_that_disconnects_through_the_proxy_frees_the_node(cluster):
 
 def test_a_full_queue_answers_429_with_retry_after(cluster, tmp_path):
     proxy, nodes = cluster
-    small = LmProxy("--node", nodes[0].url, "--max-outstanding", "1", "--max-queue", "0", log_dir=tmp_path)
+    small = LmProxy("--node", nodes[0].url, "--max-outstanding", "1", "--max-queue-len", "0", log_dir=tmp_path)
     try:
         small.wait_ready()
         with httpx.stream("POST", small.url + "/v1/chat/completions", timeout=300, json={
