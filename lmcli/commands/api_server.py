@@ -82,6 +82,9 @@ def api_server(
         help="The most tokens one answer gets: requests that ask for more, or for nothing (max_tokens, "
              "request_output_len), stop there with finish_reason length. Default: what the context holds.",
         show_default=False)] = None,
+    request_timeout: Annotated[float, typer.Option(
+        min=0.0, help="Seconds a generation request may run, from its start; then it ends (a stream with an error "
+        "event request_timeout and [DONE], a plain request with 504) and its KV cache is freed. 0: no limit.")] = 600.0,
     session_ttl: Annotated[float, typer.Option(
         min=0.0, help="Seconds an interactive session may stay idle; then it is ended (history and KV cache freed) "
         "and its next turn gets 410 session_expired. 0: kept for ever.")] = 3600.0,
@@ -147,6 +150,7 @@ def api_server(
                             api_keys=split_keys(api_keys), max_concurrent_requests=max_concurrent_requests or None,
                             max_queue_len=max_queue_len, queue_timeout=queue_timeout,
                             max_output_len=max_output_len, session_ttl=session_ttl, max_sessions=max_sessions,
+                            request_timeout=request_timeout,
                             allow_origins=tuple(allow_origins or ()), allow_credentials=allow_credentials,
                             allow_methods=tuple(allow_methods or ("*",)), allow_headers=tuple(allow_headers or ("*",)))
     scheme = "https" if ssl else "http"

@@ -27,6 +27,10 @@ class Stopping(EngineDead):
     """The server is shutting down: a request still running when its drain ended."""
 
 
+class TimedOut(EngineDead):
+    """A request ran past its time (the server's --request-timeout)."""
+
+
 class AsyncEngine:
     def __init__(self, engine: Union[Engine, Callable[[], Engine]]):
         """engine: an Engine, or a function that builds one. Built here, the engine is made on the loop's own
@@ -183,12 +187,17 @@ class AsyncEngine:
     def end_all(self, message: str) -> int:
         """End every running request (a drain's end): each is aborted, its blocks freed, and its caller gets
         Stopping(message) instead of its next output. Call it on the callers' event loop. Returns how many."""
-        error = Stopping(message)
         running = list(self._streams)
         for request_id in running:
+            self.fail(request_id, Stopping(message))
+        return len(running)
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        """End one running request: aborted (its blocks freed), and its caller gets error instead of its next
+        output. Call it on the callers' event loop."""
+        if request_id in self._streams:
             self.abort(request_id)
             self._deliver(request_id, error)
-        return len(running)
 
     async def call(self, fn, timeout: Optional[float] = None):
         """fn(engine) on the engine thread between steps; its result here."""

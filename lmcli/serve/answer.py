@@ -3,6 +3,7 @@ them and keeps one accumulator (Choice) per choice; a formatter per endpoint tur
 Piece) into SSE chunks or NDJSON lines, or the whole answer into one JSON body; respond() streams or collects,
 and ends the job (its streams, its claim, its metrics) either way."""
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
@@ -11,6 +12,7 @@ from starlette.requests import Request
 from starlette.background import BackgroundTask
 from starlette.responses import Response, StreamingResponse
 
+from lmcli.engine.async_engine import TimedOut
 from lmcli.engine.engine import Output
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.serve import protocol as p
@@ -101,6 +103,7 @@ class Job:
         self.cached: list[int] = []
         self.timer: Optional[RequestTimer] = None
         self.closing: list[Callable[[], None]] = []
+        self.deadline: Optional[asyncio.TimerHandle] = None  # --request-timeout
         self.closed = False
 
     async def start(self, engine, prompts: list[tuple[list[int], SamplingParams]],
@@ -118,6 +121,11 @@ class Job:
                                reasoner=self.reasoner() if self.reasoner else None)
                         for i in range(len(prompts) * self.n)]
         self.timer = RequestTimer(self.state.metrics, self.endpoint)
+        limit = self.state.options.request_timeout
+        if limit:  # the request ends there, however long it asked to run
+            error = TimedOut(f"the request ran past {limit:g} s (--request-timeout)")
+            ids = self.claim.request_ids[:len(prompts)]
+            self.deadline = asyncio.get_running_loop().call_later(limit, lambda: [engine.fail(i, error) for i in ids])
 
     async def run(self) -> AsyncIterator[tuple[Choice, Piece]]:
         async for k, out in merge(self.streams):
@@ -136,6 +144,8 @@ class Job:
         if self.closed:
             return
         self.closed = True
+        if self.deadline is not None:
+            self.deadline.cancel()
         for s in self.streams:
             s.close()
         try:

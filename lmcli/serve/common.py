@@ -13,7 +13,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from lmcli.engine import grammar
-from lmcli.engine.async_engine import EngineDead, RequestStream, Stopping
+from lmcli.engine.async_engine import EngineDead, RequestStream, Stopping, TimedOut
 from lmcli.engine.engine import Output, SessionBusy
 from lmcli.errors import UserError
 from lmcli.serve.errors import APIError, from_validation
@@ -130,6 +130,8 @@ async def compiled(state: ServerState, rules: Optional[str], field: str) -> Opti
 def user_error(e: Exception) -> APIError:
     if isinstance(e, SessionBusy):
         return APIError(409, str(e), "session_id", "session_busy")
+    if isinstance(e, TimedOut):
+        return APIError(504, str(e), code="request_timeout")
     if isinstance(e, Stopping):
         return APIError(503, str(e), code="shutting_down", headers={"Retry-After": "1"})
     if isinstance(e, EngineDead):

@@ -8,7 +8,7 @@ from starlette.responses import JSONResponse
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
          409: "conflict_error", 410: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-         503: "service_unavailable", 500: "server_error"}
+         503: "service_unavailable", 504: "timeout", 500: "server_error"}
 
 
 class APIError(Exception):

@@ -25,6 +25,7 @@ class ServerOptions:
     max_queue_len: int = 512  # requests that may wait for a place; more get 429 (serve/admission.py)
     queue_timeout: float = 60.0  # seconds one may wait; then 503
     max_output_len: Optional[int] = None  # the most tokens one answer gets, whatever it asks
+    request_timeout: float = 600.0  # seconds a generation request may run (0: no limit)
     session_ttl: float = 3600.0  # seconds an idle interactive session is kept (0: for ever)
     max_sessions: int = 1024  # interactive sessions kept at once (0: no cap)
     allow_origins: tuple[str, ...] = ()

@@ -913,3 +913,19 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing():
             assert "1100 characters" in r.json()["error"]["message"]
         assert not calls  # never tokenized
         assert client.post("/v1/completions", json={"model": "fake-model", "prompt": "x" * 100}).status_code == 200
+
+
+def test_a_request_past_the_request_timeout_ends_and_frees_its_blocks():
+    fake = FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20)
+    app, engine = make_app(fake, request_timeout=0.2)  # the answer would take 1000 s
+    with serve_in_thread(app) as url:
+        r = httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=60)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
+        assert "--request-timeout" in r.json()["error"]["message"]
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                "model": "fake-model", "prompt": ["a", "b"], "max_tokens": None, "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        assert json.loads(lines[-2][6:])["error"]["code"] == "request_timeout"
+        wait_until(lambda: len(fake.aborted) == 3 and not fake.requests)
+    engine.close()
