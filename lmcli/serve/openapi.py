@@ -44,6 +44,11 @@ def openapi_schema(version: str) -> dict:
     keyed = [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)]
     _, top = models_json_schema(keyed, ref_template="#/components/schemas/{model}")
     schemas = {name: to_openapi30(schema) for name, schema in top.get("$defs", {}).items()}
+    for name in strict_models() & schemas.keys():  # requests: null for any optional field means its default
+        required = set(schemas[name].get("required", ()))
+        for field, prop in schemas[name].get("properties", {}).items():
+            if field not in required and not prop.get("nullable"):
+                schemas[name]["properties"][field] = nullable(prop)
     ref = lambda m: {"$ref": f"#/components/schemas/{m.__name__}"}  # noqa: E731
     paths: dict = {}
     for path, method, op_id, summary, request, response, streamed in ROUTES:
@@ -108,6 +113,23 @@ def proxy_openapi(version: str) -> dict:
                           "400": {"description": "No URL, or the node does not answer", **error},
                           "404": {"description": "No such node", **error}}}}
     return doc
+
+
+def strict_models() -> set:
+    """The names of the request models (protocol.Strict's subclasses, at any depth)."""
+    out, todo = set(), [p.Strict]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            out.add(sub.__name__)
+            todo.append(sub)
+    return out
+
+
+def nullable(prop: dict) -> dict:
+    if "$ref" in prop:  # a $ref takes no siblings in 3.0
+        extra = {k: v for k, v in prop.items() if k != "$ref"}
+        return {"allOf": [{"$ref": prop["$ref"]}], **extra, "nullable": True}
+    return {**prop, "nullable": True}
 
 
 def to_openapi30(node):
