@@ -29,6 +29,9 @@ class Admission:
                                 scope, receive, send)
         if scope["path"] == "/v1/chat/interactive":
             body, receive = await read(receive)
+            if body is None:
+                return await refuse(APIError(413, f"the request body is over {MAX_BODY >> 20} MiB",
+                                             code="body_too_large"), scope, receive, send)
             if is_control(body):
                 return await self.app(scope, receive, send)
         try:
@@ -88,7 +91,7 @@ def is_control(body: bytes) -> bool:
 
 
 async def read(receive):
-    """The whole body (at most MAX_BODY and a chunk), and a receive that hands it to the app again."""
+    """The whole body, and a receive that hands it to the app again; None past MAX_BODY (read no further)."""
     chunks, size, more = [], 0, True
     while more:
         message = await receive()
@@ -96,7 +99,9 @@ async def read(receive):
             return b"", receive
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
-        more = message.get("more_body", False) and size <= MAX_BODY
+        more = message.get("more_body", False)
+        if size > MAX_BODY:
+            return None, receive
     body, sent = b"".join(chunks), False
 
     async def replay():

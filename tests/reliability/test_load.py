@@ -1,0 +1,146 @@
+"""The real server under mixed load, clients that leave, and a flood (issue: reliability). Sized for CI; the soak
+profile multiplies every count: LM_SOAK=10 pytest tests/reliability (docs/reliability.md).
+
+- Mixed: workers send, in a seeded random order, plain and streamed chat, completions with every prompt shape
+  (text, texts, token ids, lists of token ids; n=2 too), interactive sessions of three turns, and streams that
+  the client drops after 0 to 3 chunks. Every answer not dropped must be a 200; afterwards nothing may be left
+  running, no session kept, and the KV cache back at its start level.
+- Flood: 8 places and 8 queued, 160 requests at once: each answer is a 200 or a 429 with Retry-After, and the
+  server then answers as before. The time to each 429 is printed, not asserted (it depends on the CPU)."""
+
+import os
+import random
+import re
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serve"))
+from servers import LmServer  # noqa: E402
+
+MODEL = "SmolLM2-135M-Instruct"
+SCALE = int(os.environ.get("LM_SOAK", "1"))
+CHAT = [{"role": "user", "content": "Name a colour."}]
+
+
+def gauges(url: str) -> dict:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return {m[0]: float(m[1]) for m in re.findall(r"^(\w+) (\S+)$", text, re.M)}
+
+
+def wait_until(condition, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_workspace, tmp_path_factory):
+    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", "--max-output-len", "64",
+                 log_dir=tmp_path_factory.mktemp("log"))
+    try:
+        yield s.wait_ready()
+    finally:
+        s.stop()
+        assert "Traceback" not in s.stderr(), s.stderr()
+
+
+def one(client: httpx.Client, url: str, kind: str, rng: random.Random) -> str:
+    """One operation; returns its outcome ('ok', 'dropped') or raises AssertionError with the failure."""
+    if kind == "chat":
+        r = client.post(url + "/v1/chat/completions", json={"model": MODEL, "messages": CHAT, "max_tokens": 8})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] is not None, r.text
+    elif kind == "stream":
+        with client.stream("POST", url + "/v1/chat/completions", json={
+                "model": MODEL, "messages": CHAT, "max_tokens": 8, "stream": True}) as s:
+            lines = [line for line in s.iter_lines() if line]
+        assert s.status_code == 200 and lines[-1] == "data: [DONE]", lines[-2:]
+    elif kind == "completion":
+        prompt = rng.choice(["Once upon a time", ["One", "Two"], [1, 2, 3, 4], [[5, 6, 7], [8, 9]]])
+        r = client.post(url + "/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 6,
+                                                       "n": rng.choice([1, 2])})
+        assert r.status_code == 200, r.text
+    elif kind == "session":
+        sid = rng.randrange(1, 1 << 30)
+        for k, text in enumerate(("Hello.", "Tell me more.", "Thanks.")):
+            r = client.post(url + "/v1/chat/interactive", json={
+                "prompt": text, "session_id": sid, "interactive_mode": k < 2, "request_output_len": 8})
+            assert r.status_code == 200, r.text
+    elif kind == "drop":
+        with client.stream("POST", url + "/v1/chat/completions", json={
+                "model": MODEL, "messages": CHAT, "max_tokens": 60, "ignore_eos": True, "stream": True}) as s:
+            lines = s.iter_lines()
+            for _ in range(rng.randrange(4)):
+                next(lines)
+        return "dropped"  # leaving the with-block closes the connection mid-answer
+    return "ok"
+
+
+def test_mixed_load_and_dropped_clients_leave_nothing_behind(server):
+    start = gauges(server.url)
+    kinds = ["chat", "stream", "completion", "session", "drop"]
+    rng = random.Random(0)
+    plan = [rng.choice(kinds) for _ in range(40 * SCALE)]
+    failures, outcomes = [], {}
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        local = random.Random(k)
+        with httpx.Client(timeout=300) as client:
+            for i in range(k, len(plan), 8):
+                try:
+                    outcome = one(client, server.url, plan[i], local)
+                except (AssertionError, httpx.HTTPError) as e:
+                    outcome = "failed"
+                    with lock:
+                        failures.append(f"{plan[i]}: {e}")
+                with lock:
+                    outcomes[(plan[i], outcome)] = outcomes.get((plan[i], outcome), 0) + 1
+
+    begun = time.monotonic()
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(worker, range(8)))
+    took = time.monotonic() - begun
+    wait_until(lambda: gauges(server.url)["lm_requests_running"] == 0, "requests still running")
+    end = gauges(server.url)
+    print(f"\nmixed load: {len(plan)} operations in {took:.1f} s, {dict(sorted(outcomes.items()))}; "
+          f"failures {len(failures)}; KV blocks used {start['lm_kv_cache_blocks_used']:.0f} -> "
+          f"{end['lm_kv_cache_blocks_used']:.0f}; sessions {end['lm_sessions']:.0f}")
+    assert not failures, failures[:5]
+    assert end["lm_sessions"] == 0 and end["lm_requests_waiting"] == 0
+    assert end["lm_kv_cache_blocks_used"] == start["lm_kv_cache_blocks_used"]
+
+
+def test_a_flood_gets_200_or_429_and_the_server_goes_on(smollm2_workspace, tmp_path):
+    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", "--max-concurrent-requests", "8", "--max-queue-len", "8",
+                 log_dir=tmp_path).wait_ready()
+    try:
+        client = httpx.Client(timeout=300, limits=httpx.Limits(max_connections=64))  # one, as a load tool's
+
+        def ask(_):
+            begun = time.monotonic()
+            r = client.post(s.url + "/v1/chat/completions",
+                            json={"model": MODEL, "messages": CHAT, "max_tokens": 16, "ignore_eos": True})
+            return r, time.monotonic() - begun
+
+        with client, ThreadPoolExecutor(64) as pool:
+            answers = list(pool.map(ask, range(160 * SCALE)))
+        codes = [r.status_code for r, _ in answers]
+        refused = sorted(t for r, t in answers if r.status_code == 429)
+        print(f"\nflood: {len(codes)} requests, 64 at a time: {codes.count(200)} answered, {len(refused)} refused "
+              f"(429), time to a 429: median {statistics.median(refused or [0]) * 1e3:.0f} ms, "
+              f"p99 {refused[int(len(refused) * 0.99) - 1] * 1e3 if refused else 0:.0f} ms")
+        assert set(codes) <= {200, 429} and codes.count(200) >= 16, codes
+        assert all(r.headers.get("retry-after") == "1" for r, _ in answers if r.status_code == 429)
+        wait_until(lambda: gauges(s.url)["lm_requests_running"] == 0, "requests still running")
+        assert httpx.post(s.url + "/v1/chat/completions", timeout=300,
+                          json={"model": MODEL, "messages": CHAT, "max_tokens": 4}).status_code == 200
+    finally:
+        s.stop()
