@@ -196,8 +196,8 @@ class AsyncEngine:
         """End one running request: aborted (its blocks freed), and its caller gets error instead of its next
         output. Call it on the callers' event loop."""
         if request_id in self._streams:
+            self._deliver(request_id, error)  # before the abort's own final output can reach the caller
             self.abort(request_id)
-            self._deliver(request_id, error)
 
     async def call(self, fn, timeout: Optional[float] = None):
         """fn(engine) on the engine thread between steps; its result here."""

@@ -19,10 +19,14 @@ class Admission:
         self.app, self.state = app, state
         self.admitted = 0  # generation requests being answered
         self.waiters: list = []  # futures of the queued, oldest first
+        state.on_drain.append(self.flush)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATE:
             return await self.app(scope, receive, send)
+        if self.state.draining:
+            return await refuse(APIError(503, "the server is shutting down", code="shutting_down",
+                                         headers={"Retry-After": "1"}), scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if length.isdigit() and int(length) > MAX_BODY:
             return await refuse(APIError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="body_too_large"),
@@ -63,14 +67,22 @@ class Admission:
             if not waiter.done():  # (a place handed over as the time ran out is taken)
                 raise APIError(503, f"no room within {options.queue_timeout:g} s (--queue-timeout)",
                                code="queue_timeout", headers={"Retry-After": "1"}) from None
-        except BaseException:  # cancelled: a place handed over meanwhile goes to the next
-            if waiter.done():
+        except BaseException:  # cancelled (or the drain began): a place handed over meanwhile goes to the next
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
                 self.admitted -= 1
                 self.wake()
             raise
         finally:
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
+
+    def flush(self) -> None:
+        """The server is shutting down: every waiting request gets its 503 now."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(APIError(503, "the server is shutting down", code="shutting_down",
+                                              headers={"Retry-After": "1"}))
 
     def wake(self) -> None:
         """Places that came free go to the oldest waiters (counted in here, so no newcomer takes them)."""

@@ -2,7 +2,8 @@
 connections (uvicorn's shutdown), new requests on open connections get 503 and /health says 503, and requests in
 flight run on for up to `timeout` seconds. Then every request still running is ended: a stream gets an error event
 (503 shutting_down) and its [DONE] (NDJSON: an error line), a plain request a 503; their KV blocks are freed. The
-process then exits 0, not by the signal. A second Ctrl-C stops at once (uvicorn's force exit)."""
+process then exits 0, not by the signal. A second Ctrl-C stops at once (uvicorn's force exit). While the model is
+still loading there is nothing to drain: the signal ends the process, as it would without this."""
 
 import asyncio
 import contextlib
@@ -33,6 +34,7 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
         if first and self.loop is not None:
             self.state.draining = True
+            self.loop.call_soon_threadsafe(self.state.drained)  # requests waiting for a place: 503 now
             self.loop.call_soon_threadsafe(self.loop.call_later, self.timeout, self.end)
 
     def end(self) -> None:
@@ -45,4 +47,5 @@ class DrainingServer(uvicorn.Server):
     def capture_signals(self):
         with super().capture_signals():
             yield
-            self._captured_signals.clear()  # drained: exit 0, not by the signal again
+            if self.state.engine is not None:  # drained: exit 0, not by the signal again
+                self._captured_signals.clear()  # (while loading, the signal ends the process: the load cannot wait)

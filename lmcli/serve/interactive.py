@@ -3,6 +3,7 @@ history and KV cache, so a turn prefills only its new tokens; interactive_mode=f
 the prompt on its own. Streamed as one JSON object per line (application/x-ndjson)."""
 
 import asyncio
+import logging
 import random
 import uuid
 from typing import Optional
@@ -173,10 +174,14 @@ async def expire_sessions(state: ServerState) -> None:
     while ttl:
         await asyncio.sleep(min(max(ttl / 4, 0.02), 30.0))
         for sid in state.sessions.idle(state.sessions_in_use) if state.engine is not None else []:
+            if sid not in state.sessions.idle(state.sessions_in_use):  # a turn came in while an earlier one ended
+                continue
             try:
                 await end_session(state, state.engine, sid, f"was idle for more than {ttl:g} s (--session-ttl)")
             except APIError:  # the engine is dead: /health says so
                 return
+            except Exception:  # never the end of the sweep
+                logging.getLogger("lmcli.serve").exception("ending idle session %s", sid)
 
 
 async def engine_call(engine, fn):

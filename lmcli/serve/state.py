@@ -62,6 +62,7 @@ class ServerState:
         self.in_flight = 0  # generation requests being answered
         self.max_token_chars = 0  # characters of the vocabulary's longest token (0: unknown)
         self.draining = False  # shutting down: no new requests, /health 503 (serve/drain.py)
+        self.on_drain: list = []  # called (on the event loop) when the drain begins
 
     def attach(self, engine: AsyncEngine) -> None:
         e = engine.engine
@@ -76,6 +77,11 @@ class ServerState:
         self.generation = e.workspace.generation
         self.model_name = self.options.model_name or e.workspace.model_name
         self.engine = engine
+
+    def drained(self) -> None:
+        self.draining = True
+        for fn in self.on_drain:
+            fn()
 
     def ready(self) -> AsyncEngine:
         if self.draining:

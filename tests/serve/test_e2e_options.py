@@ -215,3 +215,31 @@ def test_sigterm_lets_requests_finish_then_ends_the_rest_and_exits_0(smollm2_wor
         assert "Traceback" not in s.stderr() and "ended 1 request(s)" in s.stderr(), s.stderr()
     finally:
         s.stop()
+
+
+def test_sigterm_stops_a_tensor_parallel_server_and_its_workers(smollm2_workspace, tmp_path):
+    s = LmServer(smollm2_workspace, "--tp", "2", "--dtype", "float32", log_dir=tmp_path).wait_ready()
+    try:
+        workers = subprocess.run(["pgrep", "-f", "lmcli.engine.distributed"], capture_output=True, text=True)
+        mine = [int(pid) for pid in workers.stdout.split() if str(s.proc.pid) in _ancestors(int(pid))]
+        assert len(mine) == 1, workers.stdout
+        r = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
+            "model": "SmolLM2-135M-Instruct", "messages": FRANCE, "max_tokens": 4})
+        assert r.status_code == 200
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(120) == 0, s.stderr()
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{mine[0]}") and "Z" not in _state(mine[0]):  # no worker outlives it
+            assert time.monotonic() < deadline, f"worker {mine[0]} survived the server"
+            time.sleep(0.1)
+        assert "Traceback" not in s.stderr(), s.stderr()
+    finally:
+        s.stop()
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"

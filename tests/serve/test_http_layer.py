@@ -929,3 +929,23 @@ def test_a_request_past_the_request_timeout_ends_and_frees_its_blocks():
         assert json.loads(lines[-2][6:])["error"]["code"] == "request_timeout"
         wait_until(lambda: len(fake.aborted) == 3 and not fake.requests)
     engine.close()
+
+
+def test_when_the_drain_begins_the_queued_get_503_at_once():
+    app, engine = make_app(FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20),
+                           max_concurrent_requests=1, queue_timeout=600)
+    with serve_in_thread(app) as url:
+        with httpx.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as first:
+            lines = first.iter_lines()
+            next(lines)
+            queued = []
+            t = threading.Thread(target=lambda: queued.append(httpx.post(url + "/v1/chat/completions", json=CHAT,
+                                                                          timeout=60)))
+            t.start()
+            wait_until(lambda: find_admission(app).waiters)
+            loop = next(iter(engine._streams.values()))[0]
+            loop.call_soon_threadsafe(app.state.server.drained)
+            t.join(60)  # not the queue's 600 s, nor the first answer's end
+            assert queued[0].status_code == 503 and queued[0].json()["error"]["code"] == "shutting_down"
+            assert find_admission(app).admitted == 1  # the first still holds its place
+    engine.close()
