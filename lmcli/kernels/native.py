@@ -11,6 +11,7 @@ import hashlib
 import os
 import platform
 import subprocess
+import tempfile
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -127,7 +128,7 @@ def build(name: str) -> Optional[ctypes.CDLL]:
 
     flags = [*FLAGS, *dict((n, f) for n, _, f in LEVELS)[name]]
     source = b"".join((SOURCES / f).read_bytes() for f in (*FILES, *HEADERS))
-    key = hashlib.sha256(source + " ".join(flags).encode() + platform.processor().encode()
+    key = hashlib.sha256(source + " ".join(flags).encode() + b"linked apart" + platform.processor().encode()
                          + _cpu_flags().encode()).hexdigest()[:16]
     path = cache_dir() / "kernels" / f"lmcli-{name}-{key}.so"
     if not path.exists():
@@ -135,8 +136,7 @@ def build(name: str) -> Optional[ctypes.CDLL]:
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         cc = os.environ.get("CC", "cc")
         try:
-            subprocess.run([cc, *flags, *(str(SOURCES / f) for f in FILES), "-o", str(tmp), "-lm"],
-                           check=True, capture_output=True, timeout=120)
+            compile_and_link(cc, flags, tmp)
         except (OSError, subprocess.SubprocessError):
             return None
         tmp.replace(path)
@@ -149,6 +149,20 @@ def build(name: str) -> Optional[ctypes.CDLL]:
         fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * ints + list(more)
         fn.restype = result
     return lib
+
+
+def compile_and_link(cc: str, flags: list, out: Path) -> None:
+    """Each source compiled with flags (-ffast-math among them), then linked without -ffast-math: linked with it,
+    gcc adds crtfastmath.o, whose constructor turns on flush-to-zero for the whole process that loads the library
+    (numpy, hypothesis and the user's own code would then see no subnormal numbers)."""
+    with tempfile.TemporaryDirectory() as build_dir:
+        objects = []
+        for f in FILES:
+            objects.append(str(Path(build_dir) / (Path(f).stem + ".o")))
+            subprocess.run([cc, *flags, "-c", str(SOURCES / f), "-o", objects[-1]], check=True, capture_output=True,
+                           timeout=120)
+        subprocess.run([cc, "-shared", "-fopenmp", *objects, "-o", str(out), "-lm"], check=True,
+                       capture_output=True, timeout=120)
 
 
 @lru_cache(maxsize=None)

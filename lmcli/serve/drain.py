@@ -37,6 +37,12 @@ class DrainingServer(uvicorn.Server):
             self.loop.call_soon_threadsafe(self.state.drained)  # requests waiting for a place: 503 now
             self.loop.call_soon_threadsafe(self.loop.call_later, self.timeout, self.end)
 
+    async def _wait_tasks_to_complete(self) -> None:
+        """uvicorn waits for every connection to close, idle keep-alive ones too; an idle TLS connection closes
+        only when its peer answers the TLS shutdown or asyncio gives up (30 s). The drain waits for requests."""
+        while self.server_state.tasks and not self.force_exit:
+            await asyncio.sleep(0.1)
+
     def end(self) -> None:
         engine = self.state.engine
         count = engine.end_all(f"the server is shutting down (its {self.timeout:g} s drain ended)") if engine else 0

@@ -85,10 +85,6 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
             prompt_ids = await run_in_threadpool(encode_chat, state.tokenizer, messages)
     except TEMPLATE_ERRORS as e:
         raise APIError(400, f"the chat template refused the prompt: {e}", "prompt") from None
-    if req.request_output_len is not None and req.request_output_len >= state.max_len:
-        raise APIError(400, f"request_output_len is {req.request_output_len}, but this model's context holds "
-                       f"{state.max_len} tokens (prompt and output together)", "request_output_len",
-                       "context_length_exceeded")
     max_tokens = state.output_len(req.request_output_len)
     if not history_ids:  # a session's later turns: the engine checks the whole history
         check_context(state, len(prompt_ids), None, "prompt")  # an answer asked too long ends at the context

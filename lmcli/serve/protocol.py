@@ -181,7 +181,7 @@ class InteractiveRequest(Strict):
                                    "next turn. false: end the session; this request runs on its own.")
     stream: bool = Field(False, description="Send one JSON object per line (application/x-ndjson) as tokens come.")
     stop: Stop = None
-    request_output_len: Optional[int] = Field(None, ge=0, description="The most tokens to generate; 0 ends the session (with interactive_mode=false). Default: what "
+    request_output_len: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="The most tokens to generate; 0 ends the session (with interactive_mode=false). Default: what "
                                               "is left of the session.")
     top_p: float = Field(0.8, gt=0, le=1)
     top_k: int = Field(40, ge=0)

@@ -381,7 +381,7 @@ def test_engine_options_full_session_and_busy(smollm2_workspace, tmp_path):
             assert r["history_tokens"] >= 0 and r["tokens"] >= 0
             if r["message"]:
                 break
-        assert r["finish_reason"] == "length" and "session" in r["message"] and r["tokens"] == 0
+        assert r["finish_reason"] == "length" and "session" in r["message"]  # full at the start or mid-answer
         with httpx.stream("POST", s.url + "/v1/chat/interactive", timeout=60, json={
                 "prompt": "Count to a thousand.", "session_id": 6, "interactive_mode": True, "stream": True,
                 "ignore_eos": True, "request_output_len": 60}) as running:
