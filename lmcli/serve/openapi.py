@@ -53,8 +53,8 @@ def openapi_schema(version: str) -> dict:
     paths: dict = {}
     for path, method, op_id, summary, request, response, streamed in ROUTES:
         content = {JSON: {"schema": ref(response)}}
-        if streamed:
-            content[streamed[0]] = {"schema": ref(streamed[1])}
+        if streamed:  # a stream's events, or an error event where the answer had to end early
+            content[streamed[0]] = {"schema": {"oneOf": [ref(streamed[1]), ref(p.ErrorResponse)]}}
         op = {"operationId": op_id, "summary": summary,
               "responses": {"200": {"description": "OK", "content": content}}}
         if request is not None:

@@ -1,7 +1,7 @@
 """The bodies of the HTTP API as pydantic models: they check requests (strict types, ranges, no unknown fields)
 and they are the OpenAPI schema. Field names follow OpenAI, and LMDeploy for /v1/chat/interactive."""
 
-from typing import Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
@@ -58,6 +58,7 @@ class StreamOptions(Strict):
 
 
 Stop = Optional[Union[str, list[str]]]
+TokenId = Annotated[int, Field(ge=0)]  # and below the vocabulary's size, which the engine checks
 
 
 class SamplingFields(Strict):
@@ -160,7 +161,7 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     null_is_a_value: ClassVar[frozenset] = frozenset({"max_tokens"})  # null: what is left of the context
     model: str = Field(description="One of the ids from /v1/models.")
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+    prompt: Union[str, list[str], list[TokenId], list[list[TokenId]]] = Field(
         description="Text, texts, token ids, or lists of token ids; each prompt gets n choices.")
     max_tokens: Optional[int] = Field(16, ge=1, description="The most tokens to generate (OpenAI's default, 16); "
                                       "null: what is left of the context.")

@@ -23,7 +23,10 @@ from servers import LmServer, serve_in_thread  # noqa: E402
 
 CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance, status_code_conformance,
           negative_data_rejection, allow_header_conformance, response_headers_conformance]
-LIMITS = {"max_tokens": 2, "max_completion_tokens": 2, "request_output_len": 2, "n": 2}
+# field: (kept at most, the schema's own maximum); only values the schema allows are changed, so that a case
+# made to break the schema still breaks it
+LIMITS = {"max_tokens": (2, None), "max_completion_tokens": (2, None), "request_output_len": (2, 2**31 - 1),
+          "n": (2, 16)}
 SENT = {"fake-model": 0, "SmolLM2-135M-Instruct": 0}  # cases sent, printed for docs/reliability.md
 
 
@@ -36,7 +39,9 @@ def fake_url():
 
 @pytest.fixture(scope="module")
 def real_url(smollm2_workspace, tmp_path_factory):
-    server = LmServer(smollm2_workspace, "--dtype", "bfloat16", log_dir=tmp_path_factory.mktemp("log"))
+    # --max-output-len: a case that asks for nothing (what the context leaves) must not generate 8192 tokens
+    server = LmServer(smollm2_workspace, "--dtype", "bfloat16", "--max-output-len", "4",
+                      log_dir=tmp_path_factory.mktemp("log"))
     try:
         yield server.wait_ready().url
         print(f"\nschemathesis: {SENT['SmolLM2-135M-Instruct']} cases on SmolLM2")
@@ -56,14 +61,15 @@ def real_api(real_url):
 
 
 def served(case, model: str) -> None:
-    """The served model's name where a body names one (else every case stops at 404), answers kept short."""
+    """The served model's name where a body names one (else every case stops at 404), answers kept short. Only
+    schema-valid values are replaced: a case made to break the schema must stay broken."""
     SENT[model] += 1
     if isinstance(case.body, dict):
-        if "model" in case.body:
+        if isinstance(case.body.get("model"), str):
             case.body["model"] = model
-        for field, most in LIMITS.items():
+        for field, (most, allowed) in LIMITS.items():
             value = case.body.get(field)
-            if isinstance(value, int) and not isinstance(value, bool) and value > most:
+            if isinstance(value, int) and not isinstance(value, bool) and most < value <= (allowed or value):
                 case.body[field] = most
         if case.path == "/v1/completions" and "max_tokens" not in case.body:
             case.body["max_tokens"] = 2
