@@ -198,7 +198,10 @@ async def completions(request: Request) -> Response:
     texts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
     check_prompt_chars(state, texts, "prompt")  # each prompt's own check comes after tokenizing
     prompts = await run_in_threadpool(prompt_ids_of, state.tokenizer, req.prompt)
-    echo = [state.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts] if req.echo else None
+    try:  # (before the engine checks the ids against the vocabulary)
+        echo = [state.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts] if req.echo else None
+    except (ValueError, OverflowError, IndexError, TypeError) as e:
+        raise APIError(400, f"the prompt's token ids are not all in the vocabulary ({e})", "prompt") from None
     rules = await structured_output(state, req.response_format)  # one grammar for every prompt
     params = [sampling_params(state, req, req.max_tokens, len(ids), "prompt", req.logprobs, rules) for ids in prompts]
     if len(prompts) * req.n > 64:

@@ -951,3 +951,8 @@ def test_when_the_drain_begins_the_queued_get_503_at_once():
             assert queued[0].status_code == 503 and queued[0].json()["error"]["code"] == "shutting_down"
             assert find_admission(app).admitted == 1  # the first still holds its place
     engine.close()
+
+
+def test_echo_of_token_ids_outside_the_vocabulary_is_a_400(client):
+    r = client.post("/v1/completions", json={"model": "fake-model", "prompt": [10 ** 12], "echo": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # found by schemathesis: it was a 500
