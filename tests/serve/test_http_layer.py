@@ -841,8 +841,7 @@ def test_past_max_sessions_with_every_session_busy_is_a_429():
 
 
 def test_past_the_limit_requests_wait_their_turn_then_429_or_503():
-    app, engine = make_app(FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20),
-                           max_concurrent_requests=1, max_queue_len=1, queue_timeout=60)
+    app, engine = one_place(max_queue_len=1, queue_timeout=60)
     with serve_in_thread(app) as url:
         with httpx.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as first:
             lines = first.iter_lines()
@@ -863,8 +862,7 @@ def test_past_the_limit_requests_wait_their_turn_then_429_or_503():
 
 
 def test_a_wait_past_the_queue_timeout_is_a_503():
-    app, engine = make_app(FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20),
-                           max_concurrent_requests=1, queue_timeout=0)
+    app, engine = one_place(queue_timeout=0)
     with serve_in_thread(app) as url:
         with httpx.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as first:
             lines = first.iter_lines()
@@ -874,6 +872,12 @@ def test_a_wait_past_the_queue_timeout_is_a_503():
             cancel = httpx.post(url + "/v1/chat/interactive", json={"prompt": "", "session_id": 5, "cancel": True})
             assert cancel.status_code == 200  # a control turn is never held back
     engine.close()
+
+
+def one_place(**options):
+    """An app with room for one request at a time, whose answers run for 1000 s unless ended."""
+    return make_app(FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20), max_concurrent_requests=1,
+                    **options)
 
 
 def find_admission(app):
@@ -934,8 +938,7 @@ def test_a_request_past_the_request_timeout_ends_and_frees_its_blocks():
 
 
 def test_when_the_drain_begins_the_queued_get_503_at_once():
-    app, engine = make_app(FakeEngine(step_delay=0.01, answer="x" * 100_000, max_len=1 << 20),
-                           max_concurrent_requests=1, queue_timeout=600)
+    app, engine = one_place(queue_timeout=600)
     with serve_in_thread(app) as url:
         with httpx.stream("POST", url + "/v1/chat/completions", json={**CHAT, "stream": True}, timeout=60) as first:
             lines = first.iter_lines()
