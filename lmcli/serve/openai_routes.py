@@ -71,37 +71,6 @@ def _pick(value, default, fallback):
     return value if value is not None else default if default is not None else fallback
 
 
-# The chat fields of OpenAI and LMDeploy for what this server does not do: the values that ask for nothing
-NOT_YET = "not supported by this server yet"
-NEUTRAL = {
-    "functions": ((None, []), "the deprecated functions API is not served; send tools"),
-    "function_call": ((None, "none", "auto"), "the deprecated functions API is not served; send tool_choice"),
-    "do_preprocess": ((True,), "messages always go through the chat template (raw text: /v1/completions)"),
-    "audio": ((None,), "audio output is not supported: the models here write text"),
-    "modalities": ((None, ["text"]), "the models here write text only"),
-    "moderation": ((None,), "this server runs no moderation"),
-    "prediction": ((None,), f"predicted outputs are {NOT_YET}"),
-    "prompt_cache_options": ((None,), "the prefix cache here has no options per request"),
-    "prompt_cache_retention": ((None,), "the prefix cache here keeps what memory allows"),
-    "reasoning_effort": ((None,), "the models here do not take a reasoning effort"),
-    "service_tier": ((None, "auto", "default"), "this server has one tier"),
-    "store": ((None, False), "completions are not stored here"),
-    "verbosity": ((None, "medium"), "the models here take no verbosity"),
-    "web_search_options": ((None,), "this server does not search the web"),
-}
-
-ROUTER_NEUTRAL = {
-    "no_stop_trim": ((False,), "stop strings are always trimmed from the output here"),
-    "return_hidden_states": ((False,), "hidden states are not returned"),
-}
-CHAT_ROUTER_NEUTRAL = {
-    "include_reasoning": ((True,), "reasoning is returned in reasoning_content (send separate_reasoning=false to "
-                                   "keep it in content)"),
-    "stream_reasoning": ((True,), "reasoning streams as it comes"),
-    "continue_final_message": ((False,), f"continuing the last assistant message is {NOT_YET}"),
-}
-
-
 def check_neutral(req, fields: dict) -> None:
     for field, (neutral, why) in fields.items():
         if getattr(req, field) not in neutral:
@@ -119,7 +88,7 @@ async def opening(request: Request, model):
     state: ServerState = request.app.state.server
     req = await parse(request, model)
     check_kwargs(req.kwargs)
-    check_neutral(req, ROUTER_NEUTRAL)
+    check_neutral(req, p.ROUTER_NEUTRAL)
     engine = state.ready()
     state.check_model(req.model)
     return state, req, engine, check_stream_options(req)
@@ -137,8 +106,8 @@ async def chat_completions(request: Request) -> Response:
     state, req, engine, include_usage = await opening(request, p.ChatCompletionRequest)
     if req.top_logprobs and not req.logprobs:  # 0, LMDeploy's APIClient's default, asks for nothing
         raise APIError(400, "top_logprobs needs logprobs=true", "top_logprobs")
-    check_neutral(req, NEUTRAL)
-    check_neutral(req, CHAT_ROUTER_NEUTRAL)
+    check_neutral(req, p.NEUTRAL)
+    check_neutral(req, p.CHAT_ROUTER_NEUTRAL)
     check_messages(req.messages)
     check_prompt_chars(state, message_texts(req.messages), "messages")
     template = state.tokenizer.chat_template

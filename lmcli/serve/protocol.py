@@ -7,6 +7,37 @@ from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_valid
 
 # ---- requests ----
 
+# Fields of OpenAI, LMDeploy and the routers (vllm-router, smg) for what this server does not do: the values that
+# ask for nothing, accepted; any other is a 400 naming the field and saying why (the routes check them)
+NOT_YET = "not supported by this server yet"
+NEUTRAL = {
+    "functions": ((None, []), "the deprecated functions API is not served; send tools"),
+    "function_call": ((None, "none", "auto"), "the deprecated functions API is not served; send tool_choice"),
+    "do_preprocess": ((True,), "messages always go through the chat template (raw text: /v1/completions)"),
+    "audio": ((None,), "audio output is not supported: the models here write text"),
+    "modalities": ((None, ["text"]), "the models here write text only"),
+    "moderation": ((None,), "this server runs no moderation"),
+    "prediction": ((None,), f"predicted outputs are {NOT_YET}"),
+    "prompt_cache_options": ((None,), "the prefix cache here has no options per request"),
+    "prompt_cache_retention": ((None,), "the prefix cache here keeps what memory allows"),
+    "reasoning_effort": ((None,), "the models here do not take a reasoning effort"),
+    "service_tier": ((None, "auto", "default"), "this server has one tier"),
+    "store": ((None, False), "completions are not stored here"),
+    "verbosity": ((None, "medium"), "the models here take no verbosity"),
+    "web_search_options": ((None,), "this server does not search the web"),
+}
+
+ROUTER_NEUTRAL = {
+    "no_stop_trim": ((False,), "stop strings are always trimmed from the output here"),
+    "return_hidden_states": ((False,), "hidden states are not returned"),
+}
+CHAT_ROUTER_NEUTRAL = {
+    "include_reasoning": ((True,), "reasoning is returned in reasoning_content (send separate_reasoning=false to "
+                                   "keep it in content)"),
+    "stream_reasoning": ((True,), "reasoning streams as it comes"),
+    "continue_final_message": ((False,), f"continuing the last assistant message is {NOT_YET}"),
+}
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
@@ -98,7 +129,7 @@ class SamplingFields(Strict):
                                       "session id in use gets 409. No history is kept; see /v1/chat/interactive.")
     user: Optional[str] = Field(None, description="Your end user's id; written to the server log with the request.")
     # what SGLang's and vLLM's routers (vllm-router, smg) add to every request they forward, at these values:
-    # accepted as they are, else a 400 naming the field (openai_routes.ROUTER_NEUTRAL)
+    # accepted as they are, else a 400 naming the field (ROUTER_NEUTRAL)
     no_stop_trim: Any = False
     return_hidden_states: Any = False
 
@@ -136,7 +167,7 @@ class ChatCompletionRequest(SamplingFields):
                                                     "{\"type\": \"function\", \"function\": {\"name\": ...}} "
                                                     "(that function, enforced).")
     # OpenAI's and LMDeploy's fields for what this server does not do (yet): accepted with the value that asks for
-    # nothing, else a 400 naming the field (openai_routes.NEUTRAL says which values and why)
+    # nothing, else a 400 naming the field (NEUTRAL says which values and why)
     separate_reasoning: bool = Field(True, description="SGLang's: false leaves the reasoning in content (with "
                                      "--reasoning-parser).")
     include_reasoning: Any = True  # vLLM's and SGLang's routers send these at these values
