@@ -88,7 +88,7 @@ class Engine:
         if not prompt_ids:
             raise UserError("the prompt is empty")
         if any(not 0 <= t < vocab for t in prompt_ids):
-            raise UserError(f"token ids must be in [0, {vocab})")
+            raise UserError(f"token ids must be in [0, {vocab})", "prompt")
         if any(not 0 <= t < vocab for t in params.stop_token_ids):
             raise UserError(f"stop_token_ids must be in [0, {vocab})", "stop_token_ids")
         if any(not 0 <= t < vocab for t, _ in params.logit_bias):

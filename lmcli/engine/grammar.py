@@ -131,6 +131,9 @@ def _grammar_of(response_format: Optional[dict]) -> Optional[str]:
         return None
     response_format = {k: v for k, v in response_format.items() if v is not None}  # null: not there (LMDeploy)
     kind = response_format.get("type")
+    if kind not in ("text", "json_object", "json_schema", "regex_schema"):  # (a dict or list is not hashable)
+        raise UserError(f"response_format.type must be text, json_object, json_schema or regex_schema, not "
+                        f"{json.dumps(kind)}", "response_format.type")
     extra = set(response_format) - {"type", kind}
     if extra:
         raise UserError(f"response_format of type {kind!r} takes no {', '.join(sorted(extra))}", "response_format")
@@ -140,20 +143,22 @@ def _grammar_of(response_format: Optional[dict]) -> Optional[str]:
         return json_object()
     if kind == "json_schema":
         spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise UserError("response_format.json_schema must be an object with the schema under 'schema'",
+        if not isinstance(spec, dict):
+            raise UserError("response_format.json_schema must be an object: {\"name\": ..., \"schema\": {...}}",
                             "response_format.json_schema")
         spec = {k: v for k, v in spec.items() if v is not None}
         unknown = set(spec) - {"name", "description", "schema", "strict"}
         if unknown:
             raise UserError(f"response_format.json_schema has no {', '.join(sorted(unknown))}",
                             "response_format.json_schema")
+        for key, kind, name in (("name", str, "a string"), ("description", str, "a string"),
+                                ("strict", bool, "true or false"), ("schema", dict, "an object")):
+            if key in spec and not isinstance(spec[key], kind):
+                raise UserError(f"response_format.json_schema.{key} must be {name}",
+                                f"response_format.json_schema.{key}")
         # no schema: any JSON (OpenAI's schema is optional); strict or not, the schema is enforced
         return json_schema(spec.get("schema") or {})
-    if kind == "regex_schema":  # LMDeploy's
-        pattern = response_format.get("regex_schema")
-        if not isinstance(pattern, str) or not pattern:
-            raise UserError("response_format.regex_schema must be a regular expression", "response_format")
-        return regex(pattern)
-    raise UserError(f"response_format.type must be text, json_object, json_schema or regex_schema, not "
-                    f"{json.dumps(kind)}", "response_format.type")
+    pattern = response_format.get("regex_schema")  # regex_schema, LMDeploy's
+    if not isinstance(pattern, str) or not pattern:
+        raise UserError("response_format.regex_schema must be a regular expression", "response_format")
+    return regex(pattern)

@@ -49,7 +49,7 @@ class SamplingParams:
         ]
         for ok, message in checks:
             if not ok:
-                raise UserError(message)
+                raise UserError(message, message.split()[0])  # each message starts with its field
         if self.grammar is not None and self.min_tokens:
             raise UserError("min_tokens cannot be combined with structured output: the grammar decides where the "
                             "answer ends", "min_tokens")

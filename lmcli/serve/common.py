@@ -17,6 +17,7 @@ from lmcli.engine.async_engine import EngineDead, RequestStream, Stopping, Timed
 from lmcli.engine.engine import Output, SessionBusy
 from lmcli.errors import UserError
 from lmcli.serve.errors import APIError, from_validation
+from lmcli.serve.protocol import ROLE_FIELD_OWNER, ROLE_FIELDS
 from lmcli.serve.state import ServerState
 
 M = TypeVar("M", bound=BaseModel)
@@ -72,29 +73,38 @@ def message_texts(messages) -> list:
 
 def check_messages(messages: list, field: str = "messages") -> None:
     """What the messages ask that this server cannot do, as a 400 naming the part at fault: the deprecated
-    function role and function_call, audio, content other than text, malformed tool calls."""
+    function role and function_call, audio, content other than text, a field another role's (protocol.ROLE_FIELDS),
+    malformed tool calls. /openapi.json says the same (openapi_requests.py)."""
     for i, m in enumerate(messages):
         at = f"{field}.{i}"
         if m.role == "function":
             raise APIError(400, "function messages belong to the deprecated functions API; send tool messages",
                            f"{at}.role")
         for name in ("function_call", "audio"):
-            if getattr(m, name):
+            if getattr(m, name) is not None:
                 raise APIError(400, f"{name} in a message is not supported here (the deprecated functions API: "
                                     "use tool_calls; audio: the models read text)", f"{at}.{name}")
+        for name in ("refusal", "tool_calls", "tool_call_id"):
+            if getattr(m, name) is not None and name not in ROLE_FIELDS[m.role]:
+                raise APIError(400, f"a {m.role} message has no {name} (it is {ROLE_FIELD_OWNER[name]})",
+                               f"{at}.{name}")
         for k, call in enumerate(m.tool_calls or []):
             fn = call.get("function") if isinstance(call, dict) else None
-            if m.role != "assistant" or not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
-                    not isinstance(fn.get("arguments"), str) or call.get("type", "function") != "function":
+            if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \
+                    not isinstance(fn.get("arguments"), str) or call.get("type", "function") != "function" or \
+                    not isinstance(call.get("id", ""), (str, type(None))):
                 raise APIError(400, "tool_calls are an assistant's: [{\"id\", \"type\": \"function\", "
                                     "\"function\": {\"name\": ..., \"arguments\": \"JSON text\"}}]",
                                f"{at}.tool_calls.{k}")
         if m.content is None and m.refusal is None and not m.tool_calls:
             raise APIError(400, "a message needs content (or, from the assistant, a refusal or tool_calls)",
                            f"{at}.content")
+        parts = ("text", "refusal") if m.role == "assistant" else ("text",)
         for k, part in enumerate(m.content if isinstance(m.content, list) else []):
-            if part.type not in ("text", "refusal"):
-                raise APIError(400, f"the models here read text only, not {part.type}", f"{at}.content.{k}")
+            if part.type not in parts:
+                what = f"the models here read text only, not {part.type}" if part.type not in ("text", "refusal") \
+                    else f"a {m.role} message has no refusal parts (an assistant's only)"
+                raise APIError(400, what, f"{at}.content.{k}")
             if (part.text if part.type == "text" else part.refusal) is None:
                 raise APIError(400, f"a {part.type} part needs its {part.type}", f"{at}.content.{k}.{part.type}")
 

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import random
 import uuid
+from dataclasses import replace
 from typing import Optional
 
 from starlette.concurrency import run_in_threadpool
@@ -33,6 +34,9 @@ async def chat_interactive(request: Request) -> Response:
     if req.adapter_name is not None:
         raise APIError(400, "no LoRA adapters are loaded on this server; send no adapter_name", "adapter_name")
     engine = state.ready()
+    if isinstance(req.prompt, list):  # every field checked, even on a turn that only ends a session
+        check_messages(req.prompt, "prompt")
+    params = await sampling(state, req)
     sid = req.session_id
     if req.cancel:
         if sid == -1:
@@ -50,13 +54,14 @@ async def chat_interactive(request: Request) -> Response:
     rid = f"interactive-{uuid.uuid4().hex}"
     claim = state.claim(sid if sid != -1 else None, [rid])  # before any await: this session is ours from here on
     try:
-        return await _turn(request, state, engine, req, sid, rid, claim)
+        return await _turn(request, state, engine, req, params, sid, rid, claim)
     except BaseException:
         claim.release()
         raise
 
 
-async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, claim) -> Response:
+async def _turn(request, state: ServerState, engine, req, params: SamplingParams, sid: int, rid: str,
+                claim) -> Response:
     """Run one turn; from the moment its stream exists, the stream's end releases the claim."""
     if not req.interactive_mode and sid != -1:  # end the session; this request runs on its own
         state.histories.pop(sid, None)
@@ -66,8 +71,6 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
         claim.release()
         return JSONResponse(p.InteractiveResponse(text="", tokens=0, input_tokens=0, history_tokens=0,
                                                   finish_reason="stop", session_id=sid).model_dump())
-    if isinstance(req.prompt, list):
-        check_messages(req.prompt, "prompt")
     messages = to_messages([m.model_dump() for m in req.prompt] if isinstance(req.prompt, list) else req.prompt)
     if not messages or not any(m["content"] for m in messages):
         raise APIError(400, "the prompt is empty", "prompt")
@@ -88,15 +91,9 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
     max_tokens = state.output_len(req.request_output_len)
     if not history_ids:  # a session's later turns: the engine checks the whole history
         check_context(state, len(prompt_ids), None, "prompt")  # an answer asked too long ends at the context
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     try:
-        params = SamplingParams(max_tokens=max_tokens, temperature=req.temperature,
-                                top_p=req.top_p, top_k=req.top_k, repetition_penalty=req.repetition_penalty,
-                                ignore_eos=req.ignore_eos, stop=stop, seed=req.seed, min_p=req.min_p,
-                                min_tokens=req.min_new_tokens or 0, skip_special_tokens=req.skip_special_tokens,
-                                spaces_between_special_tokens=req.spaces_between_special_tokens,
-                                grammar=await structured_output(state, req.response_format))
-    except UserError as e:
+        params = replace(params, max_tokens=max_tokens)
+    except UserError as e:  # min_new_tokens past request_output_len
         raise user_error(e) from None
     job = Job(state, "interactive", rid, claim)
     await job.start(engine, [(prompt_ids, params)], sid if req.interactive_mode else None)
@@ -107,6 +104,20 @@ async def _turn(request, state: ServerState, engine, req, sid: int, rid: str, cl
             history_messages, history_messages + messages + [{"role": "assistant", "content": job.choices[0].text}],
             len(history_ids))))
     return await respond(request, job, InteractiveFormat(job, sid), req.stream)
+
+
+async def sampling(state: ServerState, req: p.InteractiveRequest) -> SamplingParams:
+    """The turn's sampling (its max_tokens set later, from the session's room), or a 400 naming the field."""
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    try:
+        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                              repetition_penalty=req.repetition_penalty, ignore_eos=req.ignore_eos, stop=stop,
+                              seed=req.seed, min_p=req.min_p, min_tokens=req.min_new_tokens or 0,
+                              skip_special_tokens=req.skip_special_tokens,
+                              spaces_between_special_tokens=req.spaces_between_special_tokens,
+                              grammar=await structured_output(state, req.response_format))
+    except UserError as e:
+        raise user_error(e) from None
 
 
 class InteractiveFormat(Format):

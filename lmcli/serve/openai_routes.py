@@ -73,7 +73,8 @@ def _pick(value, default, fallback):
 
 def check_neutral(req, fields: dict) -> None:
     for field, (neutral, why) in fields.items():
-        if getattr(req, field) not in neutral:
+        value = getattr(req, field)
+        if not any(value == v and type(value) is type(v) for v in neutral):  # 0 is not false here
             raise APIError(400, f"{field}: {why}; send {' or '.join(json.dumps(v) for v in neutral)}", field)
 
 
@@ -169,8 +170,8 @@ async def completions(request: Request) -> Response:
     prompts = await run_in_threadpool(prompt_ids_of, state.tokenizer, req.prompt)
     try:  # (before the engine checks the ids against the vocabulary)
         echo = [state.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts] if req.echo else None
-    except (ValueError, OverflowError, IndexError, TypeError) as e:
-        raise APIError(400, f"the prompt's token ids are not all in the vocabulary ({e})", "prompt") from None
+    except (ValueError, OverflowError, IndexError, TypeError):
+        raise APIError(400, "the prompt's token ids are not all in the vocabulary", "prompt") from None
     rules = await structured_output(state, req.response_format)  # one grammar for every prompt
     params = [sampling_params(state, req, req.max_tokens, len(ids), "prompt", req.logprobs, rules) for ids in prompts]
     if len(prompts) * req.n > 64:

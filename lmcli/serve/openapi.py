@@ -8,6 +8,7 @@ from functools import lru_cache
 from pydantic.json_schema import models_json_schema
 
 from lmcli.serve import protocol as p
+from lmcli.serve.openapi_requests import refine
 
 JSON, SSE, NDJSON = "application/json", "text/event-stream", "application/x-ndjson"
 
@@ -44,6 +45,7 @@ def openapi_schema(version: str) -> dict:
     keyed = [(m, "validation") for m in sorted(models, key=lambda m: m.__name__)]
     _, top = models_json_schema(keyed, ref_template="#/components/schemas/{model}")
     schemas = {name: to_openapi30(schema) for name, schema in top.get("$defs", {}).items()}
+    refine(schemas)
     for name in strict_models() & schemas.keys():  # requests: null for any optional field means its default
         required = set(schemas[name].get("required", ()))
         for field, prop in schemas[name].get("properties", {}).items():
@@ -129,6 +131,8 @@ def nullable(prop: dict) -> dict:
     if "$ref" in prop:  # a $ref takes no siblings in 3.0
         extra = {k: v for k, v in prop.items() if k != "$ref"}
         return {"allOf": [{"$ref": prop["$ref"]}], **extra, "nullable": True}
+    if "enum" in prop and None not in prop["enum"]:  # 3.0: an enum must list null too
+        return {**prop, "enum": [*prop["enum"], None], "nullable": True}
     return {**prop, "nullable": True}
 
 
@@ -148,6 +152,8 @@ def to_openapi30(node):
         else:
             node["anyOf"] = rest
         node["nullable"] = True
+        if "enum" in node and None not in node["enum"]:  # 3.0: a nullable enum lists null too
+            node["enum"] = [*node["enum"], None]
     if "const" in node:
         node["enum"] = [node.pop("const")]
     for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):

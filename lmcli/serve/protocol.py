@@ -65,10 +65,15 @@ class ContentPart(Strict):
     file: Optional[dict] = None
 
 
+# the fields only some roles' messages take (besides role, content and name), as OpenAI's API has them
+ROLE_FIELDS = {"system": (), "developer": (), "user": (), "assistant": ("refusal", "tool_calls"),
+               "tool": ("tool_call_id",), "function": ()}
+ROLE_FIELD_OWNER = {"refusal": "an assistant's", "tool_calls": "an assistant's", "tool_call_id": "a tool message's"}
+
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
-        description="`developer` is OpenAI's newer name for `system` and is rendered as it; `tool` and `function` "
-                    "(results of tool calls) are a 400 until tool calling is built.")
+        description="`developer` is OpenAI's newer name for `system` and is rendered as it; `tool` answers an "
+                    "assistant's tool call; `function` (the deprecated functions API) is a 400.")
     content: Optional[Union[str, list[ContentPart]]] = Field(None, description="A string or parts; null only "
                                                              "beside an assistant's refusal.")
     name: Optional[str] = Field(None, description="Who speaks: passed to the chat template where it reads it, "
@@ -111,8 +116,8 @@ class SamplingFields(Strict):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float = Field(1.0, gt=0, le=10, description="Multiplicative, over prompt and output "
                                       "tokens; 1 is off.")
-    seed: Optional[int] = Field(None, ge=0, description="The same seed and request give the same output, whatever "
-                                "else the server is running.")
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="The same seed and request give the same output, "
+                                "whatever else the server is running.")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
     min_tokens: int = Field(0, ge=0, description="End-of-sequence and stop tokens are held off until this many "
                             "tokens are out.")
@@ -213,8 +218,9 @@ class InteractiveRequest(Strict):
                                    "next turn. false: end the session; this request runs on its own.")
     stream: bool = Field(False, description="Send one JSON object per line (application/x-ndjson) as tokens come.")
     stop: Stop = None
-    request_output_len: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="The most tokens to generate; 0 ends the session (with interactive_mode=false). Default: what "
-                                              "is left of the session.")
+    request_output_len: Optional[int] = Field(None, ge=0, le=2**31 - 1, description="The most tokens to generate; 0 "
+                                              "ends the session (with interactive_mode=false). Default: what is left "
+                                              "of the session.")
     top_p: float = Field(0.8, gt=0, le=1)
     top_k: int = Field(40, ge=0)
     temperature: float = Field(0.8, ge=0, le=2)
@@ -222,7 +228,7 @@ class InteractiveRequest(Strict):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     cancel: bool = Field(False, description="Stop the session's running turn (prompt is then ignored).")
-    seed: Optional[int] = Field(None, ge=0)
+    seed: Optional[int] = Field(None, ge=0, lt=2**63)
     min_new_tokens: Optional[int] = Field(None, ge=0, description="End-of-sequence and stop tokens are held off "
                                           "until this many tokens are out.")
     min_p: float = Field(0.0, ge=0, le=1)

@@ -40,6 +40,9 @@ def plan(tools: Optional[list], choice, parallel: Optional[bool], parser: str) -
             raise APIError(400, f"a function has no {', '.join(sorted(unknown))}", f"tools.{i}.function")
         if not isinstance(fn.get("name"), str) or not NAME.fullmatch(fn["name"]):
             raise APIError(400, "a function's name is 1 to 64 letters, digits, _ . or -", f"tools.{i}.function.name")
+        for key, kind, what in (("description", str, "a string"), ("strict", bool, "true or false")):
+            if fn.get(key) is not None and not isinstance(fn[key], kind):
+                raise APIError(400, f"a function's {key} is {what}", f"tools.{i}.function.{key}")
         if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
             raise APIError(400, "a function's parameters are a JSON schema (an object)",
                            f"tools.{i}.function.parameters")

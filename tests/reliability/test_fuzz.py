@@ -2,16 +2,22 @@
 first over the fake engine (the HTTP layer, many cases), then over the real model (fewer, each answer cut short).
 The same cases every run; LM_SOAK=1 draws new ones, ten times as many. Each answer is checked: no 5xx, the
 documented status codes and content types, the response body against its schema, a schema-violating request
-refused, 405 with Allow. A request that hangs fails by the client's timeout."""
+refused, a schema-valid one accepted unless it breaks a rule between fields (which OpenAPI 3.0 cannot state), 405
+with Allow. A request that hangs fails by the client's timeout."""
 
+import json
 import os
+import re
 import sys
 from pathlib import Path
 
+import jsonschema
 import pytest
 import schemathesis
+from schemathesis import Case, Response
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.converter import to_json_schema
 from schemathesis.specs.openapi.checks import (allow_header_conformance, content_type_conformance,
                                                negative_data_rejection, response_headers_conformance,
                                                response_schema_conformance, status_code_conformance)
@@ -22,8 +28,69 @@ from lmcli.engine.async_engine import AsyncEngine  # noqa: E402
 from lmcli.serve.api_server import create_app  # noqa: E402
 from servers import LmServer, serve_in_thread  # noqa: E402
 
-CHECKS = [not_a_server_error, response_schema_conformance, content_type_conformance, status_code_conformance,
-          negative_data_rejection, allow_header_conformance, response_headers_conformance]
+
+# The rules a schema-valid request can still break, by the field its 400 names: rules between fields, and what only
+# the model knows (its vocabulary, whether it fills in the middle), or a JSON schema or regex that cannot be enforced.
+# Each is in the field's description in /openapi.json.
+SAMPLING = {"stream_options", "min_tokens", "min_new_tokens", "logit_bias", "stop_token_ids", "response_format"}
+ASSISTANT = {"messages.N.content"}  # an assistant's message needs content, a refusal or tool calls
+BETWEEN_FIELDS = {"/v1/chat/completions": SAMPLING | ASSISTANT | {"max_tokens", "top_logprobs", "tool_choice", "tools"},
+                  "/v1/completions": SAMPLING | {"prompt", "best_of", "echo", "suffix"},
+                  "/v1/chat/interactive": SAMPLING | {"prompt", "session_id"}}  # prompt.N.content too
+
+
+@schemathesis.check
+def schema_valid_data_accepted(ctx, response: Response, case: Case):
+    """schemathesis's positive_data_acceptance, less the 400s that name a rule of BETWEEN_FIELDS."""
+    if not case.meta.generation.mode.is_positive or response.status_code < 400 or response.status_code == 404:
+        return None
+    if response.status_code in (409, 429):  # a session in use, a full queue: not about the request's data
+        return None
+    error = response.json().get("error", {}) if response.status_code == 400 else {}
+    param = re.sub(r"\.\d+", ".N", str(error.get("param") or ""))  # messages.0.content: messages.N.content
+    if {param, param.split(".")[0]} & BETWEEN_FIELDS.get(case.path, set()):
+        return None
+    if error.get("code") == "context_length_exceeded":  # the prompt's tokens: only the tokenizer knows
+        return None
+    raise AssertionError(f"a schema-valid request was refused: {response.status_code} {response.text[:300]}")
+
+
+VALIDATORS: dict = {}
+
+
+def json_schema_of(doc: dict, name: str) -> jsonschema.Draft202012Validator:
+    """A validator for one component of an OpenAPI 3.0 document, its references kept."""
+    if (id(doc), name) in VALIDATORS:
+        return VALIDATORS[id(doc), name]
+    defs = {k: to_json_schema(v, "nullable") for k, v in doc["components"]["schemas"].items()}
+    text = json.dumps({"$ref": f"#/$defs/{name}", "$defs": defs}).replace("#/components/schemas/", "#/$defs/")
+    VALIDATORS[id(doc), name] = jsonschema.Draft202012Validator(json.loads(text))
+    return VALIDATORS[id(doc), name]
+
+
+@schemathesis.check
+def response_matches_schema(ctx, response: Response, case: Case):
+    """schemathesis's response_schema_conformance, but server-sent events read as an OpenAPI 3.0 document writes
+    them (as OpenAI's does): the schema is that of each event's data, the JSON of a chunk or an error, and the
+    last event's data is [DONE]. (schemathesis reads the schema as the event's, as OpenAPI 3.2's itemSchema.)"""
+    if not response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
+        return response_schema_conformance(ctx, response, case)
+    chunk = {"/v1/chat/completions": "ChatCompletionChunk", "/v1/completions": "CompletionResponse"}[case.path]
+    data = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
+    if response.stream_cut_short or response.is_truncated:  # schemathesis read only the first events
+        data = data[:-1]
+    else:
+        assert data and data.pop() == "[DONE]", response.text[-300:]
+    for item in data:
+        event = json.loads(item)
+        name = "ErrorResponse" if "error" in event else chunk
+        errors = list(json_schema_of(case.operation.schema.raw_schema, name).iter_errors(event))
+        assert not errors, f"an event is not a {name}: {errors[0].message}\n{item[:300]}"
+
+
+CHECKS = [not_a_server_error, response_matches_schema, content_type_conformance, status_code_conformance,
+          negative_data_rejection, schema_valid_data_accepted, allow_header_conformance,
+          response_headers_conformance]
 # field: (kept at most, the schema's own maximum); only values the schema allows are changed, so that a case
 # made to break the schema still breaks it
 LIMITS = {"max_tokens": (2, None), "max_completion_tokens": (2, None), "request_output_len": (2, 2**31 - 1),

@@ -266,7 +266,7 @@ BAD = [
     ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": {"not": {"type": "string"}}}}},
      400, "response_format", None),  # a keyword the grammar cannot enforce: never ignored
     ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": "x"}}}, 400,
-     "response_format.json_schema", None),
+     "response_format.json_schema.schema", None),
     ({**CHAT, "response_format": {"type": "regex_schema", "regex_schema": "(unclosed"}}, 400, "response_format", None),
     ({**CHAT, "response_format": {"type": "json_object"}, "min_tokens": 3}, 400, "min_tokens", None),
     ({**CHAT, "do_preprocess": False}, 400, "do_preprocess", None),
@@ -276,14 +276,30 @@ BAD = [
     ({**CHAT, "max_tokens": 250}, 400, "max_tokens", "context_length_exceeded"),
     ({**CHAT, "stream_options": {"include_usage": True}}, 400, "stream_options", None),
     ({**CHAT, "top_logprobs": 2}, 400, "top_logprobs", None),
-    ({**CHAT, "min_tokens": 9, "max_tokens": 3}, 400, None, None),
+    ({**CHAT, "min_tokens": 9, "max_tokens": 3}, 400, "min_tokens", None),
     ({**CHAT, "messages": [{"role": "user", "content": "RAISE"}]}, 400, "messages", None),
-    ({**CHAT, "seed": 2**64}, 400, None, None),
+    ({**CHAT, "seed": 2**64}, 400, "seed", "invalid_value"),
     ({**CHAT, "logit_bias": {"token": 5}}, 400, "logit_bias", None),
     ({**CHAT, "logit_bias": {"5": 101}}, 400, "logit_bias", None),
     ({**CHAT, "logit_bias": {"5": "high"}}, 400, "logit_bias.5", "invalid_value"),
     ({**CHAT, "min_tokens": 2, "min_new_tokens": 3}, 400, "min_new_tokens", None),
     (b"[" * 100_000, 400, None, "invalid_json"),
+    # what the fuzz suite found once /openapi.json said each role's fields: each a 400 naming the field
+    ({**CHAT, "messages": [{"role": "user", "content": "x", "refusal": "no"}]}, 400, "messages.0.refusal", None),
+    ({**CHAT, "messages": [{"role": "user", "content": "x", "tool_call_id": "c"}]}, 400, "messages.0.tool_call_id",
+     None),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}, 400,
+     "messages.0.content.0", None),
+    ({**CHAT, "messages": [{"role": "tool", "content": "x", "audio": {}}]}, 400, "messages.0.audio", None),
+    ({**CHAT, "messages": [{"role": "assistant", "tool_calls": [{"id": {}, "type": "function", "function": {
+        "name": "f", "arguments": "{}"}}]}]}, 400, "messages.0.tool_calls.0", None),
+    ({**CHAT, "return_hidden_states": 0}, 400, "return_hidden_states", None),  # 0 is not false
+    ({**CHAT, "response_format": {"type": {}}}, 400, "response_format.type", None),  # was a 500
+    ({**CHAT, "response_format": {"type": "json_schema", "json_schema": {"schema": None, "strict": {}}}}, 400,
+     "response_format.json_schema.strict", None),
+    ({**CHAT, "tools": [{"type": "function", "function": {"name": "f", "description": 5}}]}, 400,
+     "tools.0.function.description", None),
+    ({**CHAT, "seed": 2**63}, 400, "seed", "invalid_value"),
 ]
 
 
@@ -312,6 +328,13 @@ def test_bad_chat_requests(client, body, status, param, code):
     ("/v1/encode", {"input": 5}, "input"),
     ("/v1/encode", {"input": "RAISE", "do_preprocess": True}, "input"),
     ("/v1/chat/interactive", {"prompt": "RAISE"}, "prompt"),
+    # a turn that only ends a session (request_output_len 0) checks its fields too
+    ("/v1/chat/interactive", {"prompt": "", "request_output_len": 0, "stop": ""}, "stop"),
+    ("/v1/chat/interactive", {"prompt": "", "request_output_len": 0,
+                              "response_format": {"type": "regex_schema", "regex_schema": ""}}, "response_format"),
+    ("/v1/chat/interactive", {"prompt": [{"role": "tool", "content": "", "audio": {}}], "request_output_len": 0},
+     "prompt.0.audio"),
+    ("/v1/completions", {"model": "fake-model", "prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
 ])
 def test_bad_requests_elsewhere(client, path, body, param):
     r = client.post(path, json=body)
