@@ -40,6 +40,9 @@ def api_server(
     max_batch_size: Annotated[int, typer.Option(help="Most sequences computed in one step.")] = 128,
     cache_max_entry_count: Annotated[float, typer.Option(
         help="Share of free memory for the KV cache (on CPU: of available RAM, at most 4 GiB).")] = 0.8,
+    num_kv_blocks: Annotated[Optional[int], typer.Option(
+        help="A KV cache of exactly this many blocks (a fixed footprint), instead of --cache-max-entry-count's "
+             "share.", show_default=False)] = None,
     cache_block_seq_len: Annotated[int, typer.Option(help="Tokens per KV cache block.")] = 64,
     max_prefill_token_num: Annotated[int, typer.Option(help="Most tokens computed in one step.")] = 2048,
     enable_prefix_caching: Annotated[bool, typer.Option(
@@ -163,7 +166,7 @@ def api_server(
             ws.path, dtype=dtype.value, device=device, tp=tp, session_len=session_len,
             quantization=quantization.value if quantization else None, quant_policy=quant_policy,
             cache_block_seq_len=cache_block_seq_len, cache_max_entry_count=cache_max_entry_count,
-            max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num,
+            num_blocks=num_kv_blocks, max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num,
             enable_prefix_caching=enable_prefix_caching, eager=eager)
 
     def on_ready(state) -> None:

@@ -1,10 +1,11 @@
 """/metrics in Prometheus text format (prometheus-client): the engine's gauges and counters, read from its
-latest snapshot, and request latencies measured at the HTTP layer."""
+latest snapshot, request latencies measured at the HTTP layer, and the process's memory, files and CPU time."""
 
 import time
 from typing import Callable, Optional
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector, disable_created_metrics,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 disable_created_metrics()  # no *_created series: scrapers do not need them
@@ -46,6 +47,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(snapshot))
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, process_open_fds, CPU seconds (Linux)
         self.requests = Counter("lm_requests", "Finished generation requests by endpoint and finish reason.",
                                 ["endpoint", "finish_reason"], registry=r)
         self.prompt_tokens = Counter("lm_prompt_tokens", "Prompt tokens of finished requests.", registry=r)
