@@ -32,6 +32,7 @@ ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int4",)
@@ -56,6 +57,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool = False
+    qk_norm: bool = False  # an RMSNorm over each head's query and key before rotary (Qwen3)
     hidden_act: str = "silu"
     rope_scaling: Optional[dict] = None  # HF's rope parameters beyond theta ({"rope_type": "llama3", ...}), or None
     sliding_window: Optional[int] = None  # tokens; None = full attention
@@ -121,6 +123,9 @@ def layer_tensors(config: ModelConfig, i: int, hf: Callable[[str], "torch.Tensor
         p + "mlp.gate_up_proj.weight": cat([hf(p + "mlp.gate_proj.weight"), hf(p + "mlp.up_proj.weight")]),
         p + "mlp.down_proj.weight": hf(p + "mlp.down_proj.weight"),
     }
+    if config.qk_norm:
+        for x in "qk":
+            out[p + f"self_attn.{x}_norm.weight"] = hf(p + f"self_attn.{x}_norm.weight")
     if config.qkv_bias:
         out[p + "self_attn.qkv_proj.bias"] = torch.cat([hf(p + f"self_attn.{x}_proj.bias") for x in "qkv"])
     return out

@@ -80,3 +80,56 @@ def test_workspace_stands_alone_and_dtype_option(smollm2_gguf, smollm2_workspace
         assert t.dtype == torch.bfloat16
         assert torch.equal(t, fp32[name].to(torch.bfloat16)), name
     assert ws.tokenizer().apply_chat_template(CONVERSATIONS[0], tokenize=False).startswith("<|im_start|>system")
+
+
+def test_qwen3_gguf(smollm2_gguf, tmp_path):
+    """A Qwen3 GGUF as llama.cpp lays one out (qwen3: no rotary row interleaving, a norm over each head's query
+    and key), written with gguf-py from a small random transformers model, with SmolLM2's tokenizer metadata:
+    lm convert gives back the model's own weights and configuration."""
+    import gguf
+    import numpy as np
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                         rope_theta=1e6, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config).eval()
+    path = tmp_path / "qwen3-tiny.gguf"
+    w = gguf.GGUFWriter(path, "qwen3")
+    for name, value in (("block_count", 2), ("context_length", 512), ("embedding_length", 64),
+                        ("feed_forward_length", 96), ("head_count", 4), ("head_count_kv", 2), ("key_length", 32),
+                        ("layer_norm_rms_eps", config.rms_norm_eps), ("rope_freq_base", 1e6)):
+        getattr(w, f"add_{name}")(value)
+    source = gguf.GGUFReader(smollm2_gguf)
+    for key, field in source.fields.items():
+        if key.startswith("tokenizer."):
+            value = field.contents()
+            kind = field.types[0]
+            w.add_key_value(key, value, kind, field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    layer = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate",
+             "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    theirs = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    for name, t in theirs.items():
+        if name not in names:
+            i, rest = name.removeprefix("model.layers.").split(".", 1)
+            names[name] = f"blk.{i}.{layer[rest.removesuffix('.weight')]}.weight"
+        w.add_tensor(names[name], np.ascontiguousarray(t.numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+    done = run_lm("convert", path, "--dst-path", tmp_path / "ws")
+    assert done.returncode == 0, done.stderr
+    ws = Workspace.load(tmp_path / "ws")
+    c = ws.config
+    assert (c.architecture, c.qk_norm, c.head_dim, c.num_kv_heads, c.rope_theta) == ("Qwen3ForCausalLM", True, 32, 2,
+                                                                                     1e6)
+    ours = unfuse(ws)
+    assert ours.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert torch.equal(ours[name].float(), t), name

@@ -27,10 +27,11 @@ def unfused_weights(ws: Workspace) -> dict:
 
 
 def hf_model(ws: Workspace, dtype: str = None):
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    import transformers
 
     c = ws.config
-    cls, config_cls = (Qwen2ForCausalLM, Qwen2Config) if c.family == "qwen2" else (LlamaForCausalLM, LlamaConfig)
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3"}.get(c.family, "Llama")
+    cls, config_cls = getattr(transformers, f"{name}ForCausalLM"), getattr(transformers, f"{name}Config")
     config = config_cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                         num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,

@@ -10,7 +10,7 @@ from lmcli.known_models import sha256_file
 from lmcli.workspace import ModelConfig, unsupported_architecture
 
 # general.architecture -> the Hugging Face architecture it holds
-GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 # GGUF tensor names -> Hugging Face names; {i} is the layer index.
 OUTER_NAMES = {
@@ -27,6 +27,8 @@ LAYER_NAMES = {
     "attn_k.bias": "self_attn.k_proj.bias",
     "attn_v.bias": "self_attn.v_proj.bias",
     "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q_norm.weight": "self_attn.q_norm.weight",  # Qwen3
+    "attn_k_norm.weight": "self_attn.k_norm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
     "ffn_gate.weight": "mlp.gate_proj.weight",
     "ffn_up.weight": "mlp.up_proj.weight",
@@ -156,4 +158,5 @@ def _model_config(meta, arch: str, tensors: dict) -> ModelConfig:
         max_position_embeddings=int(need("context_length")),
         tie_word_embeddings="lm_head.weight" not in tensors,
         qkv_bias="model.layers.0.self_attn.q_proj.bias" in tensors,
+        qk_norm="model.layers.0.self_attn.q_norm.weight" in tensors,
     )

@@ -69,7 +69,7 @@ def model_config(arch: str, c) -> ModelConfig:
     if rope.get("rope_type", rope.get("type", "default")) == "default":
         rope = {}
     sliding = getattr(c, "sliding_window", None)
-    if arch == "Qwen2ForCausalLM" and not getattr(c, "use_sliding_window", False):
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not getattr(c, "use_sliding_window", False):
         sliding = None
     return ModelConfig(
         architecture=arch,
@@ -86,6 +86,7 @@ def model_config(arch: str, c) -> ModelConfig:
         max_position_embeddings=c.max_position_embeddings,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(c, "attention_bias", False)),
+        qk_norm=arch == "Qwen3ForCausalLM",
         hidden_act=c.hidden_act,
         sliding_window=sliding,
     )

@@ -1,4 +1,5 @@
-"""Model classes by architecture, imported lazily. Qwen2 is Llama with q/k/v biases (a config flag)."""
+"""Model classes by architecture, imported lazily. Qwen2 is Llama with q/k/v biases, Qwen3 Llama with a norm over
+each head's query and key (config flags)."""
 
 import importlib
 
@@ -6,6 +7,7 @@ MODELS = {
     "LlamaForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
     "MistralForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
+    "Qwen3ForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
 }
 
 

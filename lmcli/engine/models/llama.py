@@ -1,4 +1,4 @@
-"""The Llama family (Llama 2/3, SmolLM2, Mistral) and Qwen2. Parameter names are the workspace's."""
+"""The Llama family (Llama 2/3, SmolLM2, Mistral), Qwen2 and Qwen3. Parameter names are the workspace's."""
 
 import torch
 from torch import nn
@@ -28,7 +28,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, c: ModelConfig, tp: TP):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias, tp)
+        self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias, tp,
+                                   c.rms_norm_eps if c.qk_norm else None)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, tp)
 
@@ -53,7 +54,7 @@ class DecoderLayer(nn.Module):
     def native_parts(self):
         """What kernels.decode_layer takes of this layer (norms, weights, caches, eps, scale, heads), or None."""
         a, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
-        if a.qkv_proj.bias is not None or a.o_proj.tp.size > 1 or n1.eps != n2.eps:
+        if a.qkv_proj.bias is not None or a.q_norm is not None or a.o_proj.tp.size > 1 or n1.eps != n2.eps:
             return None
         weights = tuple(p.packed for p in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj))
         return ((n1.weight, n2.weight), weights, a.k_cache, a.v_cache, n1.eps, a.scale, a.num_heads,

@@ -1,0 +1,73 @@
+"""Each model family the workspace takes, end to end: a small random model written by transformers'
+save_pretrained, converted with `lm convert`, run by the engine; its greedy tokens must be transformers' own
+(float32, prompts of a few lengths, some past a KV block, decoded together; Qwen3 also over two
+tensor-parallel ranks, whose heads share the query and key norms)."""
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from lmcli.engine.engine import Engine
+from lmcli.engine.sampling_params import SamplingParams
+from conftest import run_lm
+
+NEW_TOKENS = 12
+SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}  # short: the prompts reach past it
+FAMILIES = {
+    # Qwen3: a norm over each head's query and key, head_dim set apart from hidden / heads
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config(**SMALL, head_dim=32, tie_word_embeddings=True, rope_theta=1e6)),
+    "llama3.x": (LlamaForCausalLM, LlamaConfig(**SMALL, rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE})),
+}
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(smollm2_workspace):
+    from lmcli.workspace import Workspace
+
+    return Workspace.load(smollm2_workspace).tokenizer_path
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (5, 70, 150)]
+
+
+@pytest.mark.parametrize("family,tp", [(name, 1) for name in FAMILIES] + [("qwen3", 2)])
+def test_greedy_tokens_are_transformers(family, tp, tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    model_cls, config = FAMILIES[family]
+    torch.manual_seed(0)
+    model = model_cls(config).eval()
+    model.save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "hf")
+    done = run_lm("convert", tmp_path / "hf", "--dst-path", tmp_path / "ws")
+    assert done.returncode == 0, done.stderr
+
+    theirs = []
+    with torch.inference_mode():
+        for ids in prompts():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            theirs.append((out.sequences[0, len(ids):].tolist(), torch.stack(out.logits)[:, 0]))
+
+    engine = Engine(tmp_path / "ws", dtype="float32", cache_block_seq_len=64, tp=tp)
+    params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = {}
+    for i, ids in enumerate(prompts()):
+        engine.add_request(str(i), ids, params)
+    try:
+        while engine.has_work:
+            for o in engine.step():
+                outputs.setdefault(o.request_id, []).extend(o.token_ids)
+    finally:
+        engine.close()
+    for i, (tokens, logits) in enumerate(theirs):
+        mine = outputs[str(i)]
+        if mine != tokens:  # only where transformers' own top two were a near-tie
+            j = next(k for k, (a, b) in enumerate(zip(mine, tokens)) if a != b)
+            top2 = logits[j].topk(2).values
+            assert (top2[0] - top2[1]).item() < 1e-4, f"{family}: prompt {i} differs at token {j}: {mine} {tokens}"
