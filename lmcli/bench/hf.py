@@ -30,19 +30,27 @@ def hf_model(ws: Workspace, dtype: str = None):
     import transformers
 
     c = ws.config
+    per_frequency = (c.rope_scaling or {}).get("rope_type") == "freq_factors"  # transformers has no such type
+    transformers_rope = {} if per_frequency else (c.rope_scaling or {})
     name = {"qwen2": "Qwen2", "qwen3": "Qwen3"}.get(c.family, "Llama")
     cls, config_cls = getattr(transformers, f"{name}ForCausalLM"), getattr(transformers, f"{name}Config")
     config = config_cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                         num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
                         max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-                        rope_parameters={"rope_theta": c.rope_theta, "rope_type": "default", **(c.rope_scaling or {})},
+                        rope_parameters={"rope_theta": c.rope_theta, "rope_type": "default", **transformers_rope},
                         attention_bias=c.qkv_bias)
     model = cls(config).to(getattr(torch, dtype or ws.dtype)).eval()
     missing, unexpected = model.load_state_dict(unfused_weights(ws), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     if c.tie_word_embeddings:
         model.tie_weights()
+    if per_frequency:  # llama.cpp's rope_freqs: its frequencies, set where transformers keeps them
+        from lmcli.engine.layers.rotary import inv_frequencies
+
+        inv = inv_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+        model.model.rotary_emb.inv_freq.copy_(inv)
+        model.model.rotary_emb.original_inv_freq = inv.clone()
     model.generation_config.eos_token_id = None  # benchmarks and tests want exactly max_new_tokens
     model.generation_config.pad_token_id = 0
     return model

@@ -57,14 +57,16 @@ def open_gguf(path: Path) -> Source:
     arch = meta("general.architecture")
     if arch not in GGUF_ARCHITECTURES:
         raise UserError(unsupported_architecture(f"{arch} (GGUF)") + " (in GGUF: " + ", ".join(GGUF_ARCHITECTURES) + ")")
-    tensors = {}
+    tensors, freq_factors = {}, None
     for t in reader.tensors:
+        if t.name == "rope_freqs.weight":  # Llama 3.x: Llama 3's rope scaling as one divisor per frequency
+            freq_factors = [float(x) for x in gguf.dequantize(t.data, t.tensor_type).reshape(-1)]
+            continue
         hf_name = _hf_name(t.name)
         if hf_name is None:
-            raise UserError(f"{path}: tensor {t.name} is not supported (llama.cpp's per-frequency rope factors "
-                            "and other extras are not); convert the Hugging Face folder instead")
+            raise UserError(f"{path}: tensor {t.name} is not supported; convert the Hugging Face folder instead")
         tensors[hf_name] = t
-    config = _model_config(meta, arch, tensors)
+    config = _model_config(meta, arch, tensors, freq_factors)
 
     def tensor(name: str):
         import numpy as np
@@ -128,7 +130,7 @@ def _hf_name(gguf_name: str):
     return None
 
 
-def _model_config(meta, arch: str, tensors: dict) -> ModelConfig:
+def _model_config(meta, arch: str, tensors: dict, freq_factors) -> ModelConfig:
     def need(key):
         value = meta(f"{arch}.{key}")
         if value is None:
@@ -143,6 +145,10 @@ def _model_config(meta, arch: str, tensors: dict) -> ModelConfig:
         rope_scaling = {"rope_type": "linear", "factor": float(meta(f"{arch}.rope.scaling.factor"))}
     elif meta(f"{arch}.rope.scaling.type") not in (None, "none"):
         raise UserError(f"GGUF rope scaling {meta(f'{arch}.rope.scaling.type')!r} is not supported")
+    if freq_factors is not None:
+        if rope_scaling is not None:
+            raise UserError("this GGUF has both rope_freqs and linear rope scaling; convert the Hugging Face folder")
+        rope_scaling = {"rope_type": "freq_factors", "factors": freq_factors}
     return ModelConfig(
         architecture=GGUF_ARCHITECTURES[arch],
         vocab_size=int(vocab),

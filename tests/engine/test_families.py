@@ -1,5 +1,6 @@
 """Each model family the workspace takes, end to end: a small random model written by transformers'
-save_pretrained, converted with `lm convert`, run by the engine; its greedy tokens must be transformers' own
+save_pretrained (or as a GGUF, as llama.cpp's converter writes one), converted with `lm convert` to the model's
+own weights, run by the engine; its greedy tokens must be transformers' own
 (float32, prompts of a few lengths, some past a KV block, decoded together; Qwen3 also over two
 tensor-parallel ranks, whose heads share the query and key norms)."""
 
@@ -9,7 +10,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCau
 
 from lmcli.engine.engine import Engine
 from lmcli.engine.sampling_params import SamplingParams
-from conftest import run_lm
+from lmcli.workspace import Workspace
+from conftest import run_lm, unfuse
+from gguf_writer import same_weights, write_gguf
 
 NEW_TOKENS = 12
 SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -25,8 +28,6 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(smollm2_workspace):
-    from lmcli.workspace import Workspace
-
     return Workspace.load(smollm2_workspace).tokenizer_path
 
 
@@ -35,17 +36,23 @@ def prompts() -> list[list[int]]:
     return [torch.randint(3, 49152, (n,), generator=g).tolist() for n in (5, 70, 150)]
 
 
-@pytest.mark.parametrize("family,tp", [(name, 1) for name in FAMILIES] + [("qwen3", 2)])
-def test_greedy_tokens_are_transformers(family, tp, tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("family,tp,source", [(name, 1, "hf") for name in FAMILIES] + [("qwen3", 2, "hf")]
+                         + [(name, 1, "gguf") for name in FAMILIES])
+def test_greedy_tokens_are_transformers(family, tp, source, tmp_path, tokenizer_dir, smollm2_gguf):
+    """source gguf: the model written as llama.cpp's converter would (Llama 3's rope scaling as its rope_freqs)."""
     from transformers import AutoTokenizer
 
     model_cls, config = FAMILIES[family]
     torch.manual_seed(0)
     model = model_cls(config).eval()
-    model.save_pretrained(tmp_path / "hf")
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "hf")
-    done = run_lm("convert", tmp_path / "hf", "--dst-path", tmp_path / "ws")
+    if source == "hf":
+        model.save_pretrained(tmp_path / "hf")
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "hf")
+    else:
+        write_gguf(tmp_path / "m.gguf", {"qwen3": "qwen3", "llama3.x": "llama"}[family], model, smollm2_gguf)
+    done = run_lm("convert", tmp_path / ("hf" if source == "hf" else "m.gguf"), "--dst-path", tmp_path / "ws")
     assert done.returncode == 0, done.stderr
+    same_weights(unfuse(Workspace.load(tmp_path / "ws")), model)
 
     theirs = []
     with torch.inference_mode():

@@ -1,4 +1,5 @@
-"""Rotary position embedding: cos/sin tables for every position, with Llama 3 and linear rope scaling."""
+"""Rotary position embedding: cos/sin tables for every position, with Llama 3's, linear and per-frequency
+(llama.cpp's rope_freqs) rope scaling."""
 
 import math
 from typing import Optional
@@ -16,6 +17,11 @@ def inv_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> tor
         return inv
     if kind == "linear":
         return inv / scaling["factor"]
+    if kind == "freq_factors":  # llama.cpp's rope_freqs tensor: a divisor per frequency (Llama 3.x GGUFs)
+        factors = torch.tensor(scaling["factors"], dtype=torch.float32)
+        if factors.shape != inv.shape:
+            raise UserError(f"rope freq_factors: {factors.numel()} factors for {inv.numel()} frequencies")
+        return inv / factors
     if kind == "llama3":
         factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
         old_len = scaling["original_max_position_embeddings"]
@@ -25,7 +31,7 @@ def inv_frequencies(head_dim: int, theta: float, scaling: Optional[dict]) -> tor
         middle = (1 - smooth) * scaled / factor + smooth * scaled
         is_middle = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(is_middle, middle, scaled)
-    raise UserError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3)")
+    raise UserError(f"rope scaling {kind!r} is not supported (supported: default, linear, llama3, freq_factors)")
 
 
 class Rotary(nn.Module):
