@@ -59,7 +59,9 @@ class ModelConfig:
     qkv_bias: bool = False
     qk_norm: bool = False  # an RMSNorm over each head's query and key before rotary (Qwen3)
     hidden_act: str = "silu"
-    rope_scaling: Optional[dict] = None  # HF's rope parameters beyond theta ({"rope_type": "llama3", ...}), or None
+    # HF's rope parameters beyond theta ({"rope_type": "llama3", ...}), a GGUF's per-frequency divisors
+    # ({"rope_type": "freq_factors", "factors": [...]}), or None
+    rope_scaling: Optional[dict] = None
     sliding_window: Optional[int] = None  # tokens; None = full attention
 
     def __post_init__(self):

@@ -80,4 +80,3 @@ def test_workspace_stands_alone_and_dtype_option(smollm2_gguf, smollm2_workspace
         assert t.dtype == torch.bfloat16
         assert torch.equal(t, fp32[name].to(torch.bfloat16)), name
     assert ws.tokenizer().apply_chat_template(CONVERSATIONS[0], tokenize=False).startswith("<|im_start|>system")
-

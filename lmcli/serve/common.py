@@ -85,8 +85,8 @@ def check_messages(messages: list, field: str = "messages") -> None:
                 raise APIError(400, f"{name} in a message is not supported here (the deprecated functions API: "
                                     "use tool_calls; audio: the models read text)", f"{at}.{name}")
         for name in ("refusal", "tool_calls", "tool_call_id"):
-            if getattr(m, name) is not None and name not in ROLE_FIELDS[m.role]:
-                raise APIError(400, f"a {m.role} message has no {name} (it is {ROLE_FIELD_OWNER[name]})",
+            if getattr(m, name) not in (None, []) and name not in ROLE_FIELDS[m.role]:  # [] asks for nothing
+                raise APIError(400, f"{m.role} messages have no {name} (it is {ROLE_FIELD_OWNER[name]})",
                                f"{at}.{name}")
         for k, call in enumerate(m.tool_calls or []):
             fn = call.get("function") if isinstance(call, dict) else None
@@ -107,6 +107,9 @@ def check_messages(messages: list, field: str = "messages") -> None:
                 raise APIError(400, what, f"{at}.content.{k}")
             if (part.text if part.type == "text" else part.refusal) is None:
                 raise APIError(400, f"a {part.type} part needs its {part.type}", f"{at}.content.{k}.{part.type}")
+            for key in ("text", "refusal", "image_url", "input_audio", "file"):
+                if key != part.type and getattr(part, key) is not None:
+                    raise APIError(400, f"a {part.type} part has no {key}", f"{at}.content.{k}.{key}")
 
 
 def check_kwargs(kwargs: Optional[dict]) -> None:

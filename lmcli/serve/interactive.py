@@ -94,7 +94,7 @@ async def _turn(request, state: ServerState, engine, req, params: SamplingParams
     try:
         params = replace(params, max_tokens=max_tokens)
     except UserError as e:  # min_new_tokens past request_output_len
-        raise user_error(e) from None
+        raise sampling_error(e) from None
     job = Job(state, "interactive", rid, claim)
     await job.start(engine, [(prompt_ids, params)], sid if req.interactive_mode else None)
     if req.interactive_mode:  # idle from the turn's end
@@ -117,7 +117,16 @@ async def sampling(state: ServerState, req: p.InteractiveRequest) -> SamplingPar
                               spaces_between_special_tokens=req.spaces_between_special_tokens,
                               grammar=await structured_output(state, req.response_format))
     except UserError as e:
-        raise user_error(e) from None
+        raise sampling_error(e) from None
+
+
+OWN_NAMES = {"min_tokens": "min_new_tokens", "max_tokens": "request_output_len"}  # SamplingParams' -> LMDeploy's
+
+
+def sampling_error(e: UserError) -> APIError:
+    """A 400 for a sampling error, in this endpoint's field names."""
+    message = " ".join(OWN_NAMES.get(word, word) for word in str(e).split(" "))
+    return APIError(400, message, OWN_NAMES.get(e.param, e.param))
 
 
 class InteractiveFormat(Format):

@@ -20,7 +20,7 @@ def ref(name: str) -> dict:
 def accepted(values: tuple, why: str) -> dict:
     """A neutral field: the values that ask for nothing, and why no other is served."""
     kept = [v for v in values if v is not None]
-    kind = {bool: "boolean", str: "string", list: "array"}
+    kind = {bool: "boolean", str: "string", list: "array", int: "integer", float: "number", dict: "object"}
     out = {"description": f"Only {' or '.join(map(json.dumps, values))}: {why}."}
     if kept:
         out.update(type=kind[type(kept[0])], enum=kept + [None], nullable=True)  # null: the default
@@ -31,14 +31,21 @@ def accepted(values: tuple, why: str) -> dict:
     return out
 
 
+def nulls(*keys) -> dict:
+    """Fields that may be sent, as null only (null means not there)."""
+    return {k: NULL_ONLY for k in keys}
+
+
 def message_schemas(base: dict) -> dict:
     """One schema per role (OpenAI's shape), chosen by `role`; base: pydantic's single Message schema."""
     props = base["properties"]
+    others = ("image_url", "input_audio", "file")
     text_part = {"type": "object", "required": ["type", "text"], "additionalProperties": False,
-                 "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}}
+                 "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"},
+                                **nulls("refusal", *others)}}
     refusal_part = {"type": "object", "required": ["type", "refusal"], "additionalProperties": False,
                     "properties": {"type": {"type": "string", "enum": ["refusal"]},
-                                   "refusal": {"type": "string"}}}
+                                   "refusal": {"type": "string"}, **nulls("text", *others)}}
     call = {"type": "object", "required": ["function"],
             "properties": {"id": {"type": "string", "nullable": True}, "type": {"type": "string", "enum": ["function"]},
                            "function": {"type": "object", "required": ["name", "arguments"],
@@ -52,10 +59,13 @@ def message_schemas(base: dict) -> dict:
         return out if required else {**out, "nullable": True}
 
     def message(roles: list, content_schema: dict, required: list, **extra) -> dict:
+        """extra: the fields this role owns; another role's are null only (tool_calls also [])."""
+        others = {**nulls("refusal", "tool_call_id"), "tool_calls": {"type": "array", "maxItems": 0, "items": call,
+                                                                      "nullable": True}}
         return {"type": "object", "additionalProperties": False, "required": required,
                 "properties": {"role": {"type": "string", "enum": roles, "description": props["role"]["description"]},
-                               "content": content_schema, "name": props["name"], "function_call": NULL_ONLY,
-                               "audio": NULL_ONLY, **extra}}
+                               "content": content_schema, "name": props["name"], **nulls("function_call", "audio"),
+                               **others, **extra}}
 
     text = content([text_part], True)
     assistant = message(["assistant"], content([text_part, refusal_part], False), ["role"], refusal=props["refusal"],
@@ -75,11 +85,12 @@ def message_schemas(base: dict) -> dict:
     return out
 
 
-RESPONSE_FORMAT = {"oneOf": [
+RESPONSE_FORMAT = {"oneOf": [  # each type's own field, the others null only (LMDeploy's client sends them so)
     {"type": "object", "required": ["type"], "additionalProperties": False,
-     "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
+     "properties": {"type": {"type": "string", "enum": ["text", "json_object"]},
+                    **nulls("json_schema", "regex_schema")}},
     {"type": "object", "required": ["type", "json_schema"], "additionalProperties": False,
-     "properties": {"type": {"type": "string", "enum": ["json_schema"]}, "json_schema": {
+     "properties": {"type": {"type": "string", "enum": ["json_schema"]}, **nulls("regex_schema"), "json_schema": {
          "type": "object", "additionalProperties": False,
          "properties": {"name": {"type": "string", "nullable": True},
                         "description": {"type": "string", "nullable": True},
@@ -87,14 +98,14 @@ RESPONSE_FORMAT = {"oneOf": [
                                    "description": "A JSON schema; a keyword that cannot be enforced is a 400"},
                         "strict": {"type": "boolean", "nullable": True}}}}},
     {"type": "object", "required": ["type", "regex_schema"], "additionalProperties": False,
-     "properties": {"type": {"type": "string", "enum": ["regex_schema"]},
+     "properties": {"type": {"type": "string", "enum": ["regex_schema"]}, **nulls("json_schema"),
                     "regex_schema": {**TEXT, "description": "A regular expression the whole output matches"}}},
 ]}
 
 TOOL = {"type": "object", "required": ["type", "function"], "properties": {
     "type": {"type": "string", "enum": ["function"]},
     "function": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": {
-        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"},
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}(?!\\n)$"},  # (a final newline is not $)
         "description": {"type": "string", "nullable": True},
         "parameters": {"type": "object", "nullable": True, "description": "A JSON schema for the arguments"},
         "strict": {"type": "boolean", "nullable": True}}}}}

@@ -227,7 +227,8 @@ class InteractiveRequest(Strict):
     repetition_penalty: float = Field(1.0, gt=0, le=10)
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    cancel: bool = Field(False, description="Stop the session's running turn (prompt is then ignored).")
+    cancel: bool = Field(False, description="Stop the session's running turn (the prompt is not run; the "
+                         "request's fields are still checked).")
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     min_new_tokens: Optional[int] = Field(None, ge=0, description="End-of-sequence and stop tokens are held off "
                                           "until this many tokens are out.")

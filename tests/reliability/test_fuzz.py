@@ -29,26 +29,39 @@ from lmcli.serve.api_server import create_app  # noqa: E402
 from servers import LmServer, serve_in_thread  # noqa: E402
 
 
-# The rules a schema-valid request can still break, by the field its 400 names: rules between fields, and what only
-# the model knows (its vocabulary, whether it fills in the middle), or a JSON schema or regex that cannot be enforced.
-# Each is in the field's description in /openapi.json.
-SAMPLING = {"stream_options", "min_tokens", "min_new_tokens", "logit_bias", "stop_token_ids", "response_format"}
-ASSISTANT = {"messages.N.content"}  # an assistant's message needs content, a refusal or tool calls
-BETWEEN_FIELDS = {"/v1/chat/completions": SAMPLING | ASSISTANT | {"max_tokens", "top_logprobs", "tool_choice", "tools"},
-                  "/v1/completions": SAMPLING | {"prompt", "best_of", "echo", "suffix"},
-                  "/v1/chat/interactive": SAMPLING | {"prompt", "session_id"}}  # prompt.N.content too
+# The rules a schema-valid request can still break, by the exact field its 400 names (indexes as N): rules between
+# fields, and what only the model knows (its vocabulary, whether it fills in the middle), or a JSON schema or regex
+# that cannot be enforced. Each is in the field's description in /openapi.json.
+SAMPLING = {"logit_bias",  # token ids in the vocabulary
+            "stop_token_ids",  # the same
+            "response_format"}  # a schema or regex that can be enforced
+OPENAI = SAMPLING | {"stream_options",  # needs stream
+                     "min_tokens", "min_new_tokens"}  # at most max_tokens, not with structured output; the same
+BETWEEN_FIELDS = {
+    "/v1/chat/completions": OPENAI | {"max_tokens",  # max_completion_tokens the same
+                                      "top_logprobs",  # needs logprobs
+                                      "tool_choice",  # a name among the tools; required needs tools
+                                      "tools",  # names unique; parameters that can be enforced
+                                      "messages.N.content"},  # an assistant's: content, refusal or tool calls
+    "/v1/completions": OPENAI | {"prompt",  # token ids in the vocabulary
+                                 "best_of", "echo", "suffix"},  # n; not with logprobs; a model that fills in
+    "/v1/chat/interactive": SAMPLING | {"min_new_tokens",  # at most request_output_len, not with structured output
+                                        "prompt",  # not empty unless request_output_len is 0
+                                        "prompt.N.content",  # an assistant's: content, refusal or tool calls
+                                        "session_id"}}  # cancel needs one
 
 
 @schemathesis.check
 def schema_valid_data_accepted(ctx, response: Response, case: Case):
     """schemathesis's positive_data_acceptance, less the 400s that name a rule of BETWEEN_FIELDS."""
-    if not case.meta.generation.mode.is_positive or response.status_code < 400 or response.status_code == 404:
+    if case.meta is None or not case.meta.generation.mode.is_positive or response.status_code < 400 \
+            or response.status_code == 404:
         return None
     if response.status_code in (409, 429):  # a session in use, a full queue: not about the request's data
         return None
     error = response.json().get("error", {}) if response.status_code == 400 else {}
     param = re.sub(r"\.\d+", ".N", str(error.get("param") or ""))  # messages.0.content: messages.N.content
-    if {param, param.split(".")[0]} & BETWEEN_FIELDS.get(case.path, set()):
+    if param in BETWEEN_FIELDS.get(case.path, ()):
         return None
     if error.get("code") == "context_length_exceeded":  # the prompt's tokens: only the tokenizer knows
         return None
@@ -62,7 +75,8 @@ def json_schema_of(doc: dict, name: str) -> jsonschema.Draft202012Validator:
     """A validator for one component of an OpenAPI 3.0 document, its references kept."""
     if (id(doc), name) in VALIDATORS:
         return VALIDATORS[id(doc), name]
-    defs = {k: to_json_schema(v, "nullable") for k, v in doc["components"]["schemas"].items()}
+    defs = {k: to_json_schema(v, "nullable", is_response_schema=True, upgrade_legacy_exclusive_bounds=True)
+            for k, v in doc["components"]["schemas"].items()}
     text = json.dumps({"$ref": f"#/$defs/{name}", "$defs": defs}).replace("#/components/schemas/", "#/$defs/")
     VALIDATORS[id(doc), name] = jsonschema.Draft202012Validator(json.loads(text))
     return VALIDATORS[id(doc), name]

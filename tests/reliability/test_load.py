@@ -110,10 +110,11 @@ def mixed(url: str, plan: list) -> tuple[float, dict, list]:
 
 
 def test_mixed_load_and_dropped_clients_leave_nothing_behind(server):
-    """The same mix in rounds: the first ones warm the server up until every block of its fixed KV pool has been
-    used (its pages touched: the pool is reserved, not resident, until then), and the last must leave what it
-    found: KV blocks, sessions, open files, and memory within a bound (a leak of every request's state, or of
-    every connection's, would pass it only in a short run; the soak profile runs ten times as many)."""
+    """The same mix in rounds: the first ones warm the server up (its fixed KV pool, faulted in while idle and as
+    blocks are first used, filled twice over; the allocator's arenas; torch's and the tokenizer's caches), and the
+    last must leave what it found: KV blocks, sessions, open files, and memory within a bound (a leak of every
+    request's state, or of every connection's, would pass it only in a short run; the soak profile runs ten
+    times as many)."""
     start = gauges(server.url)
     kinds = ["chat", "stream", "completion", "session", "drop"]
     rng = random.Random(0)

@@ -152,6 +152,11 @@ def test_defaults_that_lmdeploy_and_openai_clients_send_are_accepted(client):
     for field, value in [("image_url", "http://x/cat.png"), ("adapter_name", "lora"), ("kwargs", {"a": 1})]:
         r = client.post("/v1/chat/interactive", json={"prompt": "Hi", field: value})
         assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+    # what a pydantic client dumps with every field: other roles' and other types' fields as null, [] for no calls
+    dumped = {**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", "image_url": None}],
+                                    "refusal": None, "tool_calls": [], "tool_call_id": None, "name": None}],
+              "response_format": {"type": "text", "json_schema": None, "regex_schema": None}}
+    assert client.post("/v1/chat/completions", json=dumped).status_code == 200
 
 
 def test_enable_thinking_and_chat_template_kwargs_reach_the_template(client):
@@ -291,6 +296,8 @@ BAD = [
     ({**CHAT, "messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}, 400,
      "messages.0.content.0", None),
     ({**CHAT, "messages": [{"role": "tool", "content": "x", "audio": {}}]}, 400, "messages.0.audio", None),
+    ({**CHAT, "messages": [{"role": "user", "content": [{"type": "text", "text": "x", "file": {}}]}]}, 400,
+     "messages.0.content.0.file", None),
     ({**CHAT, "messages": [{"role": "assistant", "tool_calls": [{"id": {}, "type": "function", "function": {
         "name": "f", "arguments": "{}"}}]}]}, 400, "messages.0.tool_calls.0", None),
     ({**CHAT, "return_hidden_states": 0}, 400, "return_hidden_states", None),  # 0 is not false
@@ -335,6 +342,9 @@ def test_bad_chat_requests(client, body, status, param, code):
     ("/v1/chat/interactive", {"prompt": [{"role": "tool", "content": "", "audio": {}}], "request_output_len": 0},
      "prompt.0.audio"),
     ("/v1/completions", {"model": "fake-model", "prompt": "x", "min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+    ("/v1/chat/interactive", {"prompt": "x", "min_new_tokens": 5, "request_output_len": 2}, "min_new_tokens"),
+    ("/v1/chat/interactive", {"prompt": "x", "min_new_tokens": 2, "response_format": {"type": "json_object"}},
+     "min_new_tokens"),
 ])
 def test_bad_requests_elsewhere(client, path, body, param):
     r = client.post(path, json=body)
