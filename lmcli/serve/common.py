@@ -17,7 +17,7 @@ from lmcli.engine.async_engine import EngineDead, RequestStream, Stopping, Timed
 from lmcli.engine.engine import Output, SessionBusy
 from lmcli.errors import UserError
 from lmcli.serve.errors import APIError, from_validation
-from lmcli.serve.protocol import ROLE_FIELD_OWNER, ROLE_FIELDS
+from lmcli.serve.protocol import ROLE_FIELDS
 from lmcli.serve.state import ServerState
 
 M = TypeVar("M", bound=BaseModel)
@@ -84,10 +84,9 @@ def check_messages(messages: list, field: str = "messages") -> None:
             if getattr(m, name) is not None:
                 raise APIError(400, f"{name} in a message is not supported here (the deprecated functions API: "
                                     "use tool_calls; audio: the models read text)", f"{at}.{name}")
-        for name in ("refusal", "tool_calls", "tool_call_id"):
-            if getattr(m, name) not in (None, []) and name not in ROLE_FIELDS[m.role]:  # [] asks for nothing
-                raise APIError(400, f"{m.role} messages have no {name} (it is {ROLE_FIELD_OWNER[name]})",
-                               f"{at}.{name}")
+        for name, owner in ROLE_FIELDS.items():
+            if getattr(m, name) not in (None, []) and m.role != owner:  # [] asks for nothing
+                raise APIError(400, f"{m.role} messages have no {name} ({owner} messages do)", f"{at}.{name}")
         for k, call in enumerate(m.tool_calls or []):
             fn = call.get("function") if isinstance(call, dict) else None
             if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or \

@@ -131,8 +131,6 @@ def nullable(prop: dict) -> dict:
     if "$ref" in prop:  # a $ref takes no siblings in 3.0
         extra = {k: v for k, v in prop.items() if k != "$ref"}
         return {"allOf": [{"$ref": prop["$ref"]}], **extra, "nullable": True}
-    if "enum" in prop and None not in prop["enum"]:  # 3.0: an enum must list null too
-        return {**prop, "enum": [*prop["enum"], None], "nullable": True}
     return {**prop, "nullable": True}
 
 

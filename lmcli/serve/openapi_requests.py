@@ -60,8 +60,8 @@ def message_schemas(base: dict) -> dict:
 
     def message(roles: list, content_schema: dict, required: list, **extra) -> dict:
         """extra: the fields this role owns; another role's are null only (tool_calls also [])."""
-        others = {**nulls("refusal", "tool_call_id"), "tool_calls": {"type": "array", "maxItems": 0, "items": call,
-                                                                      "nullable": True}}
+        others = {**nulls(*p.ROLE_FIELDS), "tool_calls": {"type": "array", "maxItems": 0, "items": call,
+                                                           "nullable": True}}
         return {"type": "object", "additionalProperties": False, "required": required,
                 "properties": {"role": {"type": "string", "enum": roles, "description": props["role"]["description"]},
                                "content": content_schema, "name": props["name"], **nulls("function_call", "audio"),

@@ -66,9 +66,8 @@ class ContentPart(Strict):
 
 
 # the fields only some roles' messages take (besides role, content and name), as OpenAI's API has them
-ROLE_FIELDS = {"system": (), "developer": (), "user": (), "assistant": ("refusal", "tool_calls"),
-               "tool": ("tool_call_id",), "function": ()}
-ROLE_FIELD_OWNER = {"refusal": "an assistant's", "tool_calls": "an assistant's", "tool_call_id": "a tool message's"}
+ROLE_FIELDS = {"refusal": "assistant", "tool_calls": "assistant", "tool_call_id": "tool"}  # field -> its role
+
 
 class Message(Strict):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"] = Field(
