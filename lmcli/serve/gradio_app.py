@@ -142,10 +142,10 @@ def build(url: str, api_key: Optional[str] = None):
         sending = [message.submit(send, [message, chatbot, session, *knobs], [message, chatbot, session, status]),
                    send_button.click(send, [message, chatbot, session, *knobs], [message, chatbot, session, status])]
         # Cancelling an answer first, then acting in a .then(): a cancelled answer's last update would otherwise
-        # land after this event's own and undo it.
+        # land after this event's own and undo it (or, after Stop, the text the server sent as it stopped).
         regenerating = regenerate_button.click(None, cancels=sending).then(
             regenerate, [chatbot, session, *knobs], [chatbot, session, status])
-        stop_button.click(stop, [session], [status], cancels=[*sending, regenerating])
+        stop_button.click(None, cancels=[*sending, regenerating]).then(stop, [session], [status])
         reset_button.click(None, cancels=[*sending, regenerating]).then(reset, [session], [chatbot, session, status])
         demo.unload(closed)  # a closed or reloaded tab ends its server session
     return demo, theme
