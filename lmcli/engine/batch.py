@@ -23,6 +23,7 @@ class Batch:
     # (num_decode, the decodes' most blocks): as wide as the decodes need, not as a long chunk's table (the PyTorch
     # decode reads every column); default: the block table's first rows
     decode_block_tables: torch.Tensor = None
+    max_context: int = 0  # the longest context_lens entry (known without reading the tensor: no device sync)
     backend: Any = None  # the attention backend (lmcli.kernels.backend), set by the model runner
     meta: dict = field(default_factory=dict)  # what the backend's prepare() derived for its kernels
 
@@ -72,6 +73,6 @@ def build_batch(items: list[tuple], block_size: int, device="cpu") -> tuple[Batc
                   slot_mapping=torch.tensor(slots, **as_long), num_decode=nd, block_tables=block_tables,
                   context_lens=torch.tensor(contexts, **as_long), cu_seqlens_q=torch.tensor(cu, **as_long),
                   max_seqlen_q=max((cu[j + 1] - cu[j] for j in range(len(order))), default=0),
-                  prefills=prefills,
+                  prefills=prefills, max_context=max(contexts, default=0),
                   sample_idx=torch.tensor(sample_idx, **as_long), decode_block_tables=decode_tables)
     return batch, sampled

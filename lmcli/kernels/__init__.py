@@ -228,13 +228,14 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return reference.silu_and_mul(x)
 
 
-def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
+def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float, window: Optional[int] = None) -> torch.Tensor:
     """See reference.paged_attention; in bfloat16 on CPU, the native kernels read K/V in place: one for the
     decodes, one for each chunk of several tokens (faster than torch's CPU flash kernel at every size measured:
     64 tokens 0.054 vs 0.172 ms, 1024 tokens 6.7 vs 19.5 ms, 40 tokens after 1060 cached ones 0.57 vs 1.48 ms).
     Without native bfloat16 products (AVX2 CPUs, or a lower LMCLI_CPU_ISA) the chunks run in float32. Over the
     8-bit cache (kernels/kv8.py) the decodes have a native kernel of their own, and chunks widen their context's
-    blocks to bfloat16 for the chunk kernel (float32 where it does not apply)."""
+    blocks to bfloat16 for the chunk kernel (float32 where it does not apply). A sliding window that a sequence
+    has outgrown takes PyTorch's path for that sequence (the native kernels see whole contexts, for now)."""
     decode = chunk = None
     lib = q.dtype == torch.bfloat16 and q.device.type == "cpu" and native.library() is not None
     if isinstance(k_cache, Int8Cache):
@@ -244,7 +245,7 @@ def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Ten
                 else None
             return reference.decode_attention(qd, kc, vc, b, s) if out is None else out
         chunk = s8_chunk_attention if lib and native.bf16_products() else float32_chunk_attention
-        return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode_s8, chunk)
+        return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode_s8, chunk, window)
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         chunk = native.prefill_attention if lib and native.bf16_products() else float32_chunk_attention
     if lib:
@@ -252,7 +253,7 @@ def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Ten
         def decode(qd, kc, vc, b, s):
             out = native.paged_decode_attention(qd, kc, vc, b.decode_block_tables, b.decode_lens, s)
             return reference.decode_attention(qd, kc, vc, b, s) if out is None else out
-    return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode, chunk)
+    return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode, chunk, window)
 
 
 def s8_chunk_attention(q, k_cache: Int8Cache, v_cache: Int8Cache, block_table, context: int, scale: float,

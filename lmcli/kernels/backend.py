@@ -5,6 +5,7 @@ rather than once per layer. The model and layer files are the same on every devi
 import torch
 
 from lmcli import kernels
+from lmcli.kernels import reference
 
 
 class NativeBackend:
@@ -19,8 +20,8 @@ class NativeBackend:
     def rotary_store(self, qkv, heads, kv_heads, cos, sin, k_cache, v_cache, batch):
         return kernels.rotary_store(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, batch.slot_mapping)
 
-    def attention(self, q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
-        return kernels.paged_attention(q, k, v, k_cache, v_cache, batch, scale)
+    def attention(self, q, k, v, k_cache, v_cache, batch, scale: float, window=None) -> torch.Tensor:
+        return kernels.paged_attention(q, k, v, k_cache, v_cache, batch, scale, window)
 
 
 class TritonBackend:
@@ -42,7 +43,9 @@ class TritonBackend:
     def rotary_store(self, qkv, heads, kv_heads, cos, sin, k_cache, v_cache, batch):
         return self._store(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, batch.slot_mapping)
 
-    def attention(self, q, k, v, k_cache, v_cache, batch, scale: float) -> torch.Tensor:
+    def attention(self, q, k, v, k_cache, v_cache, batch, scale: float, window=None) -> torch.Tensor:
+        if window is not None and batch.max_context > window:  # the kernels see whole contexts, for now
+            return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, window=window)
         out = torch.empty_like(q)
         nd = batch.num_decode
         if nd:

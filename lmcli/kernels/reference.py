@@ -1,6 +1,8 @@
 """Pure PyTorch versions of every op: the CPU path and the oracle that kernels are tested against.
 Numerics follow Hugging Face transformers' Llama (the fidelity tests compare against it)."""
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -53,32 +55,43 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                    v_cache: torch.Tensor, batch, scale: float, decode=None, chunk=None) -> torch.Tensor:
+                    v_cache: torch.Tensor, batch, scale: float, decode=None, chunk=None,
+                    window: Optional[int] = None) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole context, read through block tables.
 
     q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim): the new tokens, already stored in the cache,
     (num_blocks, kv_heads, block_size, head_dim). The batch puts its decode tokens (one per sequence) first,
     then each prefill chunk. decode: another implementation of decode_attention, if given; chunk: another for one
     sequence's chunk, chunk(q (L, heads, d), k_cache, v_cache, block_table, context, scale, out (L, heads, d)),
-    which writes out and returns True, or returns False to decline.
+    which writes out and returns True, or returns False to decline. window: sliding-window attention, the query
+    at position p sees the keys at p - window + 1 .. p (None: all before it); decode and chunk then serve only
+    the sequences whose context fits in the window.
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     nd = batch.num_decode
     if nd:
-        out[:nd] = (decode or decode_attention)(q[:nd], k_cache, v_cache, batch, scale)
+        slides = window is not None and batch.max_context > window
+        if slides or decode is None:
+            out[:nd] = decode_attention(q[:nd], k_cache, v_cache, batch, scale, window)
+        else:
+            out[:nd] = decode(q[:nd], k_cache, v_cache, batch, scale)
     for start, length, context, block_table in batch.prefills:
         span = slice(start, start + length)
-        if chunk is not None and chunk(q[span], k_cache, v_cache, block_table, context, scale, out[span]):
+        slides = window is not None and context > window
+        if chunk is not None and not slides and chunk(q[span], k_cache, v_cache, block_table, context, scale,
+                                                      out[span]):
             continue
         qi = q[span].transpose(0, 1)  # (heads, length, head_dim)
-        if context == length:  # no earlier tokens: attend to the chunk itself
+        if context == length and not slides:  # no earlier tokens: attend to the chunk itself
             ki, vi = k[span].transpose(0, 1), v[span].transpose(0, 1)
             o = sdpa(qi, ki, vi, is_causal=True, scale=scale)
         else:
             ki, vi = gather_context(k_cache, block_table, context), gather_context(v_cache, block_table, context)
-            # query i sits at position context - length + i and sees keys 0..that position
+            # query i sits at position context - length + i and sees keys 0..that position (window: the last ones)
             keys = torch.arange(context, device=q.device)
             mask = keys <= keys[context - length:, None]
+            if slides:
+                mask &= keys > keys[context - length:, None] - window
             o = sdpa(qi, ki, vi, attn_mask=mask, scale=scale)
         out[span] = o.transpose(0, 1)
     return out
@@ -90,15 +103,18 @@ def sdpa(q, k, v, **kwargs) -> torch.Tensor:
     return F.scaled_dot_product_attention(q[None], k[None], v[None], enable_gqa=True, **kwargs)[0]
 
 
-def decode_attention(q, k_cache, v_cache, batch, scale):
+def decode_attention(q, k_cache, v_cache, batch, scale, window: Optional[int] = None):
     """One query per sequence, block by block, with no copy of the context into one piece.
 
-    q (seqs, heads, head_dim); batch.decode_block_tables (seqs, max_blocks); batch.decode_lens (seqs,)."""
+    q (seqs, heads, head_dim); batch.decode_block_tables (seqs, max_blocks); batch.decode_lens (seqs,). window:
+    each query sees its last `window` keys only."""
     block_tables = batch.decode_block_tables
     b, nb = block_tables.shape
     kv_heads, bs, d = k_cache.shape[1:]
     keys = torch.arange(nb * bs, device=q.device)
-    bias = torch.zeros((), device=q.device).masked_fill(keys >= batch.decode_lens[:, None], float("-inf"))
+    lens = batch.decode_lens[:, None]
+    hidden = (keys >= lens) | (keys < lens - window) if window is not None else keys >= lens
+    bias = torch.zeros((), device=q.device).masked_fill(hidden, float("-inf"))
     bias = bias.view(b, 1, 1, nb * bs)  # 0 for keys in the context, -inf after it
     group = q.shape[1] // kv_heads
     # tiny batched products are faster in float32 on CPUs; many sequences' worth are faster in bfloat16

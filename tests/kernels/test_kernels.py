@@ -129,18 +129,24 @@ def test_the_cpu_isa_can_be_forced_and_is_checked(isa):
         assert done.returncode != 0 and "this CPU lacks" in done.stderr
 
 
-def naive_attention(q, ks, vs, positions):
-    """q (t, h, d) of one sequence at the given positions; ks, vs (context, kv_heads, d)."""
+def naive_attention(q, ks, vs, positions, window=None):
+    """q (t, h, d) of one sequence at the given positions; ks, vs (context, kv_heads, d); window: each position
+    sees its last `window` keys only."""
     group = q.shape[1] // ks.shape[1]
     k, v = ks.repeat_interleave(group, 1).float(), vs.repeat_interleave(group, 1).float()
     scores = torch.einsum("thd,lhd->htl", q.float(), k) / q.shape[-1] ** 0.5
-    scores = scores.masked_fill(torch.arange(k.shape[0])[None, None, :] > positions[None, :, None], float("-inf"))
-    return torch.einsum("htl,lhd->thd", scores.softmax(-1), v)
+    keys = torch.arange(k.shape[0])[None, None, :]
+    hidden = keys > positions[None, :, None]
+    if window is not None:
+        hidden |= keys <= positions[None, :, None] - window
+    return torch.einsum("htl,lhd->thd", scores.masked_fill(hidden, float("-inf")).softmax(-1), v)
 
 
+@pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("impl", [kernels.paged_attention, reference.paged_attention])
 @pytest.mark.parametrize("dtype,num_decode", [(torch.float32, 3), (torch.bfloat16, 2), (torch.bfloat16, 9)])
-def test_paged_attention_matches_naive_attention(dtype, num_decode, impl):
+def test_paged_attention_matches_naive_attention(dtype, num_decode, impl, window):
+    """window 5: sliding-window attention, which most of these contexts outgrow (the shortest decode's does not)."""
     torch.manual_seed(num_decode)
     bs, kv_heads, heads, d, num_blocks = 4, 2, 6, 8, 64
     k_cache = torch.randn(num_blocks, kv_heads, bs, d, dtype=dtype)
@@ -158,7 +164,7 @@ def test_paged_attention_matches_naive_attention(dtype, num_decode, impl):
     q = torch.randn(t, heads, d, dtype=dtype)
     k, v = torch.randn(t, kv_heads, d, dtype=dtype), torch.randn(t, kv_heads, d, dtype=dtype)
     reference.store_kv(k, v, k_cache, v_cache, batch.slot_mapping, bs)
-    out = impl(q, k, v, k_cache, v_cache, batch, d ** -0.5)
+    out = impl(q, k, v, k_cache, v_cache, batch, d ** -0.5, window=window)
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     start = 0
     order = [i for i, it in enumerate(items) if len(it[0]) == 1] + [i for i, it in enumerate(items) if len(it[0]) > 1]
@@ -168,7 +174,7 @@ def test_paged_attention_matches_naive_attention(dtype, num_decode, impl):
         flat = torch.tensor(table)
         ks = k_cache[flat].transpose(0, 1).flatten(1, 2)[:, :c + n].transpose(0, 1)
         vs = v_cache[flat].transpose(0, 1).flatten(1, 2)[:, :c + n].transpose(0, 1)
-        expected = naive_attention(q[start:start + n], ks, vs, torch.arange(c, c + n))
+        expected = naive_attention(q[start:start + n], ks, vs, torch.arange(c, c + n), window)
         torch.testing.assert_close(out[start:start + n].float(), expected, **tol)
         start += n
 

@@ -12,9 +12,11 @@ from lmcli.engine.layers.parallel import TP, head_shard
 
 class Attention(nn.Module):
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, tp: TP,
-                 qk_norm_eps: Optional[float] = None):
-        """qk_norm_eps: an RMSNorm over each head's query and key, before rotary (Qwen3), with this epsilon."""
+                 qk_norm_eps: Optional[float] = None, window: Optional[int] = None):
+        """qk_norm_eps: an RMSNorm over each head's query and key, before rotary (Qwen3), with this epsilon.
+        window: sliding-window attention, each token seeing the last `window` tokens (itself included)."""
         super().__init__()
+        self.window = window
         (q0, q1), (k0, k1) = head_shard(num_heads, num_kv_heads, tp)
         self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, k1 - k0, head_dim
         self.scale = head_dim ** -0.5
@@ -37,5 +39,5 @@ class Attention(nn.Module):
             qkv = torch.cat([q, k, v], dim=1)
         ops = batch.backend
         q, k, v = ops.rotary_store(qkv, h, hk, cos, sin, self.k_cache, self.v_cache, batch)
-        o = ops.attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale)
+        o = ops.attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale, self.window)
         return self.o_proj(o.flatten(1))

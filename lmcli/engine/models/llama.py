@@ -14,6 +14,11 @@ from lmcli.errors import UserError
 from lmcli.workspace import ModelConfig
 
 
+def slides(window, batch) -> bool:
+    """A sliding window that some sequence of the batch has outgrown: the one-call kernels see whole contexts."""
+    return window is not None and batch.max_context > window
+
+
 class MLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, tp: TP):
         super().__init__()
@@ -29,7 +34,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias, tp,
-                                   c.rms_norm_eps if c.qk_norm else None)
+                                   c.rms_norm_eps if c.qk_norm else None, c.sliding_window)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, tp)
 
@@ -49,7 +54,9 @@ class DecoderLayer(nn.Module):
         """The whole layer in one native call for a batch of decodes (kernels.decode_layer), where it applies; a
         one-row step on 4-bit weights spent as long in Python between the kernels as in them."""
         parts = self.native_parts()
-        return None if parts is None else kernels.decode_layer(x, residual, *parts[:2], cos, sin, batch, *parts[2:])
+        if parts is None or slides(self.self_attn.window, batch):
+            return None
+        return kernels.decode_layer(x, residual, *parts[:2], cos, sin, batch, *parts[2:])
 
     def native_parts(self):
         """What kernels.decode_layer takes of this layer (norms, weights, caches, eps, scale, heads), or None."""
@@ -69,6 +76,7 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = Rotary(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype)
         self.table = None  # all_layers: the layers' addresses for one native call, False where it cannot apply
+        self.window = c.sliding_window
 
     def forward(self, input_ids, positions, batch):
         x, residual = self.embed_tokens(input_ids), None
@@ -87,7 +95,9 @@ class LlamaModel(nn.Module):
         layers' addresses are taken once, at the first step (the KV cache is attached after the model is built)."""
         if self.table is None:
             self.table = kernels.decode_layer_table([layer.native_parts() for layer in self.layers]) or False
-        return kernels.decode_layers(x, self.table, cos, sin, batch) if self.table else None
+        if not self.table or slides(self.window, batch):
+            return None
+        return kernels.decode_layers(x, self.table, cos, sin, batch)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -95,9 +105,6 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         if c.hidden_act != "silu":
             raise UserError(f"activation {c.hidden_act!r} is not supported")
-        if c.sliding_window is not None and c.sliding_window < max_positions:
-            raise UserError(f"sliding-window attention ({c.sliding_window} tokens) is not supported yet; "
-                            f"set session_len to at most {c.sliding_window}")
         self.tie = c.tie_word_embeddings
         self.model = LlamaModel(c, tp, max_positions, dtype)
         self.lm_head = self.model.embed_tokens if self.tie else VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
