@@ -62,6 +62,24 @@ def smollm2_int4_workspace(smollm2_gguf, tmp_path_factory) -> Path:
     return dst
 
 
+@pytest.fixture(scope="session")
+def prebuilt_kernels(tmp_path_factory) -> Path:
+    """The native kernels built ahead of time, as the Dockerfile builds them (`python -m lmcli.kernels.prebuilt
+    DIR`, with this machine's compiler), once per test session."""
+    folder = tmp_path_factory.mktemp("kernels")
+    done = subprocess.run([sys.executable, "-m", "lmcli.kernels.prebuilt", str(folder)], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr
+    return folder
+
+
+def without_compiler(kernels: Path, cache: Path) -> dict:
+    """An environment like the Docker image's: LMCLI_KERNELS_DIR=kernels, no C compiler to be found (CC names none,
+    PATH holds only this Python's scripts) and an empty cache, so that only a prebuilt library can load."""
+    return {**os.environ, "LMCLI_KERNELS_DIR": str(kernels), "CC": "/nonexistent", "LMCLI_CACHE": str(cache),
+            "PATH": str(Path(sys.executable).parent)}
+
+
 LMDEPLOY_WHEEL = "lmdeploy==0.9.2.post1"  # LMDeploy's own client and request models, as its users have them
 
 

@@ -4,7 +4,9 @@ through ctypes. Anything missing (no compiler, not Linux, LMCLI_NATIVE_KERNELS=0
 The same sources are built once per instruction-set level (LEVELS): each C function has an AVX-512 body, an
 AVX2 + FMA body and a plain one that any compiler vectorizes (ARM too), picked by the compiler flags of the level.
 The best level this CPU has is the one loaded; LMCLI_CPU_ISA=avx512, =avx2 or =portable forces a lower one (so
-that the lower paths are tested on a machine that has the higher ones too)."""
+that the lower paths are tested on a machine that has the higher ones too). Where LMCLI_KERNELS_DIR names a folder
+of libraries built ahead of time for fixed instruction sets (kernels/prebuilt.py; a container image has no
+compiler), the best one this CPU can run for the level is loaded instead of compiling."""
 
 import ctypes
 import hashlib
@@ -66,8 +68,11 @@ def missing_features(level: str) -> list:
 
 def available_levels() -> list:
     """The levels this CPU can run, best first (portable always)."""
-    x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
-    return [n for n, need, _ in LEVELS if not need or (x86 and not missing_features(n))]
+    return [n for n, need, _ in LEVELS if not need or (x86() and not missing_features(n))]
+
+
+def x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 
 
 @lru_cache(maxsize=None)
@@ -94,8 +99,13 @@ def bf16_products() -> bool:
 
 def describe() -> str:
     """One line for the server's start-up log: the kernel level and why, and how bfloat16 products run."""
+    from lmcli.kernels import prebuilt
+
     why = "LMCLI_CPU_ISA" if os.environ.get("LMCLI_CPU_ISA") else f"the best of {', '.join(available_levels())}"
     kernels = level() if library() is not None else "none (LMCLI_NATIVE_KERNELS=0 or no C compiler): PyTorch only"
+    loaded = prebuilt.find(level())
+    if library() is not None and loaded:
+        kernels += f" (prebuilt: {loaded})"
     products = ("bfloat16 products native" if bf16_products() else
                 "no native bfloat16 products: bfloat16 weights kept, products of many rows in float32")
     if amx_rows():
@@ -124,22 +134,11 @@ def library() -> Optional[ctypes.CDLL]:
 def build(name: str) -> Optional[ctypes.CDLL]:
     if os.environ.get("LMCLI_NATIVE_KERNELS", "1") == "0" or not sys.platform.startswith("linux"):
         return None
-    from lmcli.known_models import cache_dir
+    from lmcli.kernels import prebuilt
 
-    flags = [*FLAGS, *dict((n, f) for n, _, f in LEVELS)[name]]
-    source = b"".join((SOURCES / f).read_bytes() for f in (*FILES, *HEADERS))
-    key = hashlib.sha256(source + " ".join(flags).encode() + b"linked apart" + platform.processor().encode()
-                         + _cpu_flags().encode()).hexdigest()[:16]
-    path = cache_dir() / "kernels" / f"lmcli-{name}-{key}.so"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        cc = os.environ.get("CC", "cc")
-        try:
-            compile_and_link(cc, flags, tmp)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        tmp.replace(path)
+    path = prebuilt.find(name) or _compiled(name)
+    if path is None:
+        return None
     try:
         lib = ctypes.CDLL(str(path))
     except OSError:
@@ -149,6 +148,30 @@ def build(name: str) -> Optional[ctypes.CDLL]:
         fn.argtypes = [ctypes.c_void_p] * pointers + [ctypes.c_int64] * ints + list(more)
         fn.restype = result
     return lib
+
+
+def _compiled(name: str) -> Optional[Path]:
+    """The level's library compiled for this CPU (-march=native) into the user's cache, once; None without a
+    compiler."""
+    from lmcli.known_models import cache_dir
+
+    flags = [*FLAGS, *dict((n, f) for n, _, f in LEVELS)[name]]
+    path = cache_dir() / "kernels" / f"lmcli-{name}-{key(flags, platform.processor(), _cpu_flags())}.so"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            compile_and_link(os.environ.get("CC", "cc"), flags, tmp)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        tmp.replace(path)
+    return path
+
+
+def key(flags: list, *more: str) -> str:
+    """A library's name tag: a digest of the sources, the flags and whatever else it was built for."""
+    source = b"".join((SOURCES / f).read_bytes() for f in (*FILES, *HEADERS))
+    return hashlib.sha256(source + " ".join(flags).encode() + b"linked apart" + "".join(more).encode()).hexdigest()[:16]
 
 
 def compile_and_link(cc: str, flags: list, out: Path) -> None:

@@ -41,13 +41,14 @@ def serve_in_thread(app):
 
 
 class LmServer:
-    """`lm serve api_server WORKSPACE ...` in a subprocess; stderr goes to a file the test can read."""
+    """`lm serve api_server WORKSPACE ...` in a subprocess (command: what stands for `lm`); stderr goes to a file the
+    test can read."""
 
-    def __init__(self, workspace, *args, env=None, log_dir=None, scheme="http", port=None):
+    def __init__(self, workspace, *args, env=None, log_dir=None, scheme="http", port=None, command=(LM,)):
         self.port = port or free_port()
         self.url = f"{scheme}://127.0.0.1:{self.port}"
         self.log = Path(log_dir or "/tmp") / f"lm-server-{self.port}.log"
-        self.args = [str(LM), "serve", "api_server", str(workspace), "--server-name", "127.0.0.1",
+        self.args = [*map(str, command), "serve", "api_server", str(workspace), "--server-name", "127.0.0.1",
                      "--server-port", str(self.port), *map(str, args)]
         self.env = {**os.environ, **(env or {})}
         self.start()
