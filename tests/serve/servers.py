@@ -22,6 +22,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_for(condition, timeout: float = 60, step: float = 0.1):
+    """condition()'s first true result, asked every step seconds; fails the test after timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not (result := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(step)
+    return result
+
+
 @contextlib.contextmanager
 def serve_in_thread(app):
     """Yield the base URL of app served by uvicorn on a free port."""

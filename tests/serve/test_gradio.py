@@ -14,7 +14,7 @@ import pytest
 from fake_engine import FakeEngine
 from lmcli.engine.async_engine import AsyncEngine
 from lmcli.serve.api_server import create_app
-from servers import LM, LmServer, free_port, serve_in_thread
+from servers import LM, LmServer, free_port, serve_in_thread, wait_for
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt install chromium)")
@@ -92,14 +92,6 @@ def send(page, text: str) -> None:
     box = page.locator("#message textarea")
     box.fill(text)
     box.press("Enter")
-
-
-def wait_for(condition, timeout: float = 60, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while not (result := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(step)
-    return result
 
 
 def metric(api_url: str, name: str) -> float:
