@@ -32,8 +32,16 @@ def api_server(
     workspace: Annotated[Path, typer.Argument(help="The workspace made by `lm convert`.", show_default=False)],
     server_name: Annotated[str, typer.Option(help="The address to listen on.")] = "0.0.0.0",
     server_port: Annotated[int, typer.Option(help="The port to listen on.")] = 23333,
-    tp: Annotated[int, typer.Option(help="Tensor-parallel ranks (processes on this machine); on GPUs one GPU a rank, "
-                                         "from --device's on (cuda:2 with --tp 2: cuda:2 and cuda:3).")] = 1,
+    tp: Annotated[int, typer.Option(help="Tensor-parallel ranks (processes), over all --nnodes machines; on GPUs one "
+                                         "GPU a rank, from --device's on (cuda:2 with --tp 2: cuda:2 and cuda:3).")
+                  ] = 1,
+    nnodes: Annotated[int, typer.Option(help="Machines the --tp ranks run on, --tp / --nnodes on each. Run this same "
+                                             "command on every one, each with its --node-rank.")] = 1,
+    node_rank: Annotated[int, typer.Option(help="This machine's place among --nnodes: 0 serves HTTP and holds rank 0; "
+                                                "the others run their ranks' workers only.")] = 0,
+    master_addr: Annotated[str, typer.Option(help="Node 0's address, as the other nodes reach it.")] = "127.0.0.1",
+    master_port: Annotated[int, typer.Option(help="The port node 0 listens on for the other nodes' ranks (with "
+                                                  "--nnodes above 1).")] = 29500,
     session_len: Annotated[Optional[int], typer.Option(
         help="Most tokens a sequence or session may hold (prompt and output). Default: the model's context.",
         show_default=False)] = None,
@@ -106,7 +114,7 @@ def api_server(
     """Serve a workspace over an OpenAI-compatible HTTP API (and LMDeploy's /v1/chat/interactive).
 
     Open the printed URL in a browser for the API docs."""
-    from lmcli.engine.config import resolve_device, weights_format
+    from lmcli.engine.config import ParallelConfig, resolve_device, weights_format
     from lmcli.errors import UserError
     from lmcli.workspace import Workspace
 
@@ -120,8 +128,17 @@ def api_server(
             from lmcli.convert import read_chat_template
 
             template = read_chat_template(chat_template)
+        parallel = ParallelConfig(tp=tp, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                                  master_port=master_port)
     except UserError as e:
         raise fail(NAME, str(e))
+    if node_rank > 0:  # no HTTP here: this node's ranks, until node 0 ends them
+        from lmcli.engine.distributed import run_node
+
+        first, last = node_rank * parallel.local_ranks, (node_rank + 1) * parallel.local_ranks - 1
+        print(f"lm api_server: node {node_rank} of {nnodes}: tensor-parallel ranks {first}..{last} of {tp}, for "
+              f"node 0 at {master_addr}:{master_port}", file=sys.stderr, flush=True)
+        raise typer.Exit(run_node(parallel, str(ws.path)))
     if not 0 < server_port < 65536:
         raise fail(NAME, f"--server-port must be in 1..65535, not {server_port}")
     if max_concurrent_requests is not None and max_concurrent_requests < 1:
@@ -167,7 +184,8 @@ def api_server(
             quantization=quantization.value if quantization else None, quant_policy=quant_policy,
             cache_block_seq_len=cache_block_seq_len, cache_max_entry_count=cache_max_entry_count,
             num_blocks=num_kv_blocks, max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num,
-            enable_prefix_caching=enable_prefix_caching, eager=eager)
+            enable_prefix_caching=enable_prefix_caching, eager=eager, nnodes=nnodes, master_addr=master_addr,
+            master_port=master_port)
 
     def on_ready(state) -> None:
         print(f"lm api_server: {state.model_name} is ready at {url} (open it in a browser for the API docs)",

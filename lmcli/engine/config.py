@@ -94,11 +94,31 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """tp ranks over nnodes machines (torchrun's names), tp // nnodes on each: node n holds ranks n*k .. n*k+k-1.
+    Rank 0 (node 0) hosts the rendezvous at master_addr:master_port; one node needs no address (any free port)."""
+
     tp: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0
 
     def __post_init__(self):
         if self.tp < 1:
             raise UserError(f"tp must be positive, not {self.tp}")
+        if self.nnodes < 1 or self.tp % self.nnodes:
+            raise UserError(f"nnodes must divide tp (each node runs tp / nnodes ranks): tp={self.tp}, "
+                            f"nnodes={self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise UserError(f"node_rank must be in 0..{self.nnodes - 1}, not {self.node_rank}")
+        if self.nnodes > 1 and not 0 < self.master_port < 65536:
+            raise UserError(f"more than one node needs master_port in 1..65535 (where node 0 listens for the others),"
+                            f" not {self.master_port}")
+
+    @property
+    def local_ranks(self) -> int:
+        """Ranks on each node."""
+        return self.tp // self.nnodes
 
 
 @dataclass(frozen=True)

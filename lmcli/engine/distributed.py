@@ -1,147 +1,213 @@
-"""Tensor parallelism: rank 0 lives in the engine's process and schedules; ranks 1..N-1 are worker processes.
-Every step rank 0 broadcasts the step's plan (one broadcast of a small pickled list); then every rank runs its
-shard of every layer, the row-parallel layers all-reducing. gloo on CPU, NCCL on CUDA.
+"""Tensor parallelism: rank 0 lives in the engine's process and schedules; ranks 1..N-1 are worker processes, on
+this machine or, with nnodes > 1, also on others (each started by `run_node`). Every step rank 0 broadcasts the
+step's plan (one broadcast of a small pickled list); then every rank runs its shard of every layer, the
+row-parallel layers all-reducing. gloo on CPU, NCCL on CUDA.
 
-A worker that fails writes its error to a file and exits at once; its closed sockets make rank 0's pending
-collective fail, and rank 0 raises the worker's error instead of hanging."""
+Rank 0 hosts the rendezvous (a TCPStore): the workers read the engine's config from it, and a worker that fails
+writes its error there and exits at once; its closed sockets make rank 0's pending collective fail, and rank 0
+raises the worker's error instead of hanging. Idle, a health probe is a collective too (ping), so a node that
+stopped shows at once."""
 
 import os
 import pickle
+import signal
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
+from dataclasses import replace
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-from lmcli.engine.config import EngineConfig, rank_device
+from lmcli.engine.config import EngineConfig, ParallelConfig, rank_device
 from lmcli.engine.layers.parallel import TP
 from lmcli.engine.model_runner import ModelRunner
 from lmcli.errors import UserError
 from lmcli.workspace import Workspace
 
-TIMEOUT = timedelta(seconds=120)  # the backstop for a collective that never completes
+TIMEOUT = timedelta(seconds=120)  # the backstop for a collective that never completes, and for nodes to join
 
 
 class WorkerError(RuntimeError):
     """A tensor-parallel worker failed."""
 
 
-def _init(rank: int, size: int, store, device: str) -> None:
+def _init(rank: int, size: int, store, device: str, local_ranks: int) -> None:
     """Join the group; device: this rank's own (rank_device)."""
     backend = "nccl" if device.startswith("cuda") else "gloo"
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
-    # each rank gets its share of the cores, so ranks do not fight over them
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    # each rank gets its share of its machine's cores, so ranks do not fight over them
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
     dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=TIMEOUT)
 
 
-def check_gpus(device: str, size: int) -> None:
-    """A GPU a rank, from the one asked for: else a UserError now, not a worker's 'invalid device ordinal'."""
+def check_gpus(device: str, local_ranks: int) -> None:
+    """A GPU a rank on this machine, from the one asked for: else a UserError now, not a worker's 'invalid device
+    ordinal'."""
     if device == "cpu":
         return
-    last, seen = rank_device(device, size - 1), torch.cuda.device_count()
+    last, seen = rank_device(device, local_ranks - 1), torch.cuda.device_count()
     if int(last[5:]) >= seen:
-        raise UserError(f"--tp {size} on {device} needs a GPU a rank ({rank_device(device, 0)} to {last}); torch sees "
-                        f"{seen}")
+        raise UserError(f"{local_ranks} tensor-parallel ranks on {device} need a GPU a rank "
+                        f"({rank_device(device, 0)} to {last}); torch sees {seen}")
 
 
-def _rank_config(config: EngineConfig, rank: int) -> EngineConfig:
-    from dataclasses import replace
+def _ping(device) -> None:
+    """A collective every rank answers: it fails if one is gone."""
+    dist.all_reduce(torch.zeros(1, device=device))
 
-    return replace(config, device=rank_device(config.device, rank))
 
-
-def worker_main(rank: int, port: int, config_file: str, error_file: str) -> None:
-    """A tensor-parallel worker: joins the group, loads its shard, then runs every step rank 0 broadcasts."""
+def worker_main(rank: int, addr: str, port: int, workspace: str) -> None:
+    """A tensor-parallel worker: reads the config from rank 0's store, joins the group, loads its shard from its own
+    machine's workspace, then runs every step rank 0 broadcasts."""
     try:
-        with open(config_file, "rb") as f:
-            config = pickle.load(f)
-        size = config.parallel.tp
-        store = dist.TCPStore("127.0.0.1", port, size, is_master=False, timeout=TIMEOUT)
+        store = dist.TCPStore(addr, port, is_master=False, timeout=TIMEOUT)
+    except (RuntimeError, OSError) as e:
+        print(f"rank {rank}: cannot reach rank 0 at {addr}:{port} ({e})", file=sys.stderr, flush=True)
+        os._exit(1)
+    try:
+        config: EngineConfig = pickle.loads(store.get("config"))
+        parallel = config.parallel
+        ws = Workspace.load(workspace)
+        if ws.config != config.model:
+            raise UserError(f"{workspace} is not the model rank 0 serves ({config.workspace} there)")
+        config = replace(config, workspace=str(ws.path),
+                         device=rank_device(config.device, rank % parallel.local_ranks))
         store.set(f"ready/{rank}", "1")
-        config = _rank_config(config, rank)
-        _init(rank, size, store, config.device)
-        runner = ModelRunner(config, Workspace.load(config.workspace), TP(rank, size))
+        _init(rank, parallel.tp, store, config.device, parallel.local_ranks)
+        runner = ModelRunner(config, ws, TP(rank, parallel.tp))
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0)
             if message[0] is None:
                 break
-            if isinstance(message[0], tuple):  # ("warm", nbytes): rank 0's engine is idle
+            if message[0] == ("ping",):  # rank 0's health probe
+                _ping(runner.device)
+            elif isinstance(message[0], tuple):  # ("warm", nbytes): rank 0's engine is idle
                 runner.warm_cache(message[0][1])
             else:
                 runner.execute(message[0])
         dist.destroy_process_group()
     except BaseException as e:
-        with open(error_file, "w") as f:
-            f.write(f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}")
-        os._exit(1)  # close our sockets now: the other ranks' collectives fail instead of waiting
+        why = f"rank {rank}: {type(e).__name__}: {e}"
+        print(f"{why}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        try:
+            store.set(f"error/{rank}", why)
+        finally:
+            os._exit(1)  # close our sockets now: the other ranks' collectives fail instead of waiting
+
+
+def start_workers(ranks, parallel: ParallelConfig, port: int, workspace: str) -> list:
+    """Worker processes for ranks (fresh interpreters, so scripts need no __main__ guard)."""
+    return [subprocess.Popen([sys.executable, "-m", "lmcli.engine.distributed", str(rank), parallel.master_addr,
+                              str(port), workspace]) for rank in ranks]
+
+
+def run_node(parallel: ParallelConfig, workspace: str) -> int:
+    """A node other than rank 0's: its ranks' workers, until rank 0 ends them (0) or one fails (its exit code)."""
+    k = parallel.local_ranks
+    workers = start_workers(range(parallel.node_rank * k, parallel.node_rank * k + k), parallel,
+                            parallel.master_port, workspace)
+
+    def stop(*_):
+        for w in workers:
+            w.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    codes = [w.wait() for w in workers]
+    return next((c for c in codes if c), 0)
 
 
 class DistributedRunner(ModelRunner):
-    """Rank 0's model runner: starts the workers (fresh interpreters, so scripts need no __main__ guard) and
-    broadcasts each step's plan to them."""
+    """Rank 0's model runner: hosts the rendezvous, starts this machine's workers, waits for the other nodes'
+    ranks, and broadcasts each step's plan to them all."""
 
     def __init__(self, config: EngineConfig, workspace: Workspace):
-        size = config.parallel.tp
-        check_gpus(config.device, size)
-        self.tmp = tempfile.TemporaryDirectory(prefix="lm-tp-")
-        config_file = os.path.join(self.tmp.name, "config.pickle")
-        with open(config_file, "wb") as f:
-            pickle.dump(config, f)
-        store = dist.TCPStore("127.0.0.1", 0, size, is_master=True, timeout=TIMEOUT, wait_for_workers=False)
-        self.workers = [subprocess.Popen([sys.executable, "-m", "lmcli.engine.distributed", str(rank),
-                                          str(store.port), config_file, self._error_file(rank)])
-                        for rank in range(1, size)]
+        parallel = config.parallel
+        size, k = parallel.tp, parallel.local_ranks
+        if parallel.node_rank != 0:
+            raise UserError("rank 0's engine runs on node 0; other nodes run workers (run_node)")
+        check_gpus(config.device, k)
+        host = parallel.master_addr if parallel.nnodes > 1 else "127.0.0.1"
         try:
-            for rank, proc in enumerate(self.workers, start=1):
-                while not store.check([f"ready/{rank}"]):
-                    if proc.poll() is not None:
-                        raise self._worker_error() or WorkerError(f"worker {rank} exited with {proc.returncode}")
-                    time.sleep(0.05)
-            config = _rank_config(config, 0)
-            _init(0, size, store, config.device)
+            self.store = dist.TCPStore(host, parallel.master_port, size, is_master=True, timeout=TIMEOUT,
+                                       wait_for_workers=False)
+        except (RuntimeError, OSError) as e:
+            raise UserError(f"cannot listen for the other ranks on {host}:{parallel.master_port}: {e}") from None
+        self.store.set("config", pickle.dumps(config))
+        self.size, self.remote = size, range(k, size)  # the other nodes' ranks
+        self.workers = start_workers(range(1, k), replace(parallel, master_addr="127.0.0.1"), self.store.port,
+                                     config.workspace)
+        try:
+            self._wait_ready()
+            config = replace(config, device=rank_device(config.device, 0))
+            _init(0, size, self.store, config.device, k)
             super().__init__(config, workspace, TP(0, size))
         except Exception as e:
             error = self._worker_error()
             self.shutdown()
             raise error or e
 
-    def _error_file(self, rank: int) -> str:
-        return os.path.join(self.tmp.name, f"error-{rank}.txt")
+    def _wait_ready(self) -> None:
+        """Until every rank has read its config: this machine's at once, the other nodes' within TIMEOUT."""
+        deadline = time.monotonic() + TIMEOUT.total_seconds()
+        for rank in range(1, self.size):
+            while not self.store.check([f"ready/{rank}"]):
+                error = self._worker_error()
+                if error is not None:
+                    raise error
+                if rank in self.remote and time.monotonic() > deadline:
+                    k = len(self.workers) + 1
+                    raise WorkerError(f"node {rank // k} did not join within {TIMEOUT.total_seconds():.0f} s: run "
+                                      f"the same command there with --node-rank {rank // k}")
+                time.sleep(0.05)
 
     def execute(self, items: list[tuple]):
         try:
             dist.broadcast_object_list([items], src=0)
             return super().execute(items)
         except Exception as e:
-            raise self._worker_error(wait=True) or e
+            raise self._worker_error(wait=True) or self._lost(e)
 
     def warm_cache(self, nbytes: int) -> bool:
         try:
             dist.broadcast_object_list([("warm", nbytes)], src=0)  # every rank's pool has the same size
             return super().warm_cache(nbytes)
         except Exception as e:
-            raise self._worker_error(wait=True) or e
+            raise self._worker_error(wait=True) or self._lost(e)
 
     def check(self) -> None:
+        """Raise if a rank is gone: a local worker that exited, or (other nodes) one that misses a ping."""
         error = self._worker_error()
         if error is not None:
             raise error
+        if self.remote:
+            try:
+                dist.broadcast_object_list([("ping",)], src=0)
+                _ping(self.device)
+            except Exception as e:  # a probe answers at once: a worker's own word is in the store by now, if any
+                raise self._worker_error() or self._lost(e)
+
+    def _lost(self, e: Exception) -> Exception:
+        """A collective's failure with no worker's own word: on several nodes, a node that stopped."""
+        if not self.remote:
+            return e
+        return WorkerError(f"a tensor-parallel rank on another node is gone (its lm stopped, or the network between "
+                           f"the nodes failed): {type(e).__name__}: {e}")
 
     def _worker_error(self, wait: bool = False):
-        """The first worker's error, if one failed (waiting a moment for a dying worker to say why)."""
-        deadline = time.monotonic() + (5 if wait else 0)
+        """The first rank's error, if one failed (waiting a moment for a dying worker on this machine to be seen
+        dead; a worker's own word is in the store before its sockets close)."""
+        deadline = time.monotonic() + (5 if wait and self.workers else 0)
         while True:
+            for rank in range(1, self.size):
+                if self.store.check([f"error/{rank}"]):
+                    return WorkerError(self.store.get(f"error/{rank}").decode())
             for rank, proc in enumerate(self.workers, start=1):
-                if proc.poll() is not None and os.path.exists(self._error_file(rank)):
-                    with open(self._error_file(rank)) as f:
-                        return WorkerError(f.readline().strip())
                 if proc.poll() is not None:
                     return WorkerError(f"tensor-parallel worker {rank} died (exit code {proc.returncode})")
             if time.monotonic() >= deadline:
@@ -161,8 +227,7 @@ class DistributedRunner(ModelRunner):
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-        self.tmp.cleanup()
 
 
 if __name__ == "__main__":
-    worker_main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
+    worker_main(int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4])

@@ -40,7 +40,8 @@ class Output:
 
 def engine_config(workspace: Workspace, *, dtype="auto", device="cpu", tp=1, session_len=None, quantization=None,
                   cache_block_seq_len=64, cache_max_entry_count=0.8, num_blocks=None, enable_prefix_caching=True,
-                  max_batch_size=128, max_prefill_token_num=2048, quant_policy=0, eager=False) -> EngineConfig:
+                  max_batch_size=128, max_prefill_token_num=2048, quant_policy=0, eager=False, nnodes=1,
+                  node_rank=0, master_addr="127.0.0.1", master_port=0) -> EngineConfig:
     return EngineConfig(
         workspace=str(workspace.path), model=workspace.config, dtype=dtype, device=device, session_len=session_len,
         quantization=quantization, eager=eager,
@@ -48,7 +49,8 @@ def engine_config(workspace: Workspace, *, dtype="auto", device="cpu", tp=1, ses
                           num_blocks=num_blocks, enable_prefix_caching=enable_prefix_caching,
                           quant_policy=quant_policy),
         scheduler=SchedulerConfig(max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num),
-        parallel=ParallelConfig(tp=tp))
+        parallel=ParallelConfig(tp=tp, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr,
+                                master_port=master_port))
 
 
 class Engine:

@@ -1,0 +1,105 @@
+"""Tensor parallelism across machines: two `lm` processes on loopback stand for two hosts (--nnodes 2), each
+started with the same command and its own --node-rank, as a user runs them."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conftest import LM, assert_one_line_error, run_lm
+from lmcli.engine.distributed import WorkerError
+from lmcli.engine.engine import Engine
+from test_tp import greedy_run
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serve"))
+from servers import LmServer, free_port, wait_for  # noqa: E402
+
+OPTIONS = dict(dtype="float32", cache_block_seq_len=16, num_blocks=256, max_prefill_token_num=128)
+
+
+def start_node(workspace, port: int, log: Path, *args) -> subprocess.Popen:
+    """`lm serve api_server WS --tp 2 --nnodes 2 --node-rank 1 ...`: node 1, in a process group of its own."""
+    return subprocess.Popen([str(LM), "serve", "api_server", str(workspace), "--tp", "2", "--nnodes", "2",
+                             "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), start_new_session=True)
+
+
+def test_two_nodes_give_the_greedy_tokens_of_one_process(smollm2_workspace, tmp_path):
+    single = Engine(smollm2_workspace, **OPTIONS)
+    try:
+        expected = greedy_run(single)
+    finally:
+        single.close()
+    port = free_port()
+    node = start_node(smollm2_workspace, port, tmp_path / "node1.log")  # before node 0: it waits for it
+    try:
+        engine = Engine(smollm2_workspace, tp=2, nnodes=2, master_addr="127.0.0.1", master_port=port, **OPTIONS)
+        try:
+            assert engine.runner.workers == [] and list(engine.runner.remote) == [1]  # rank 1 is node 1's
+            assert greedy_run(engine) == expected
+            engine.check()  # the idle probe: a collective node 1 answers
+        finally:
+            engine.close()
+        assert node.wait(60) == 0, (tmp_path / "node1.log").read_text()  # node 0's end ends node 1's ranks
+        assert "node 1 of 2: tensor-parallel ranks 1..1 of 2" in (tmp_path / "node1.log").read_text()
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+
+
+def chat(url: str, text: str) -> httpx.Response:
+    return httpx.post(url + "/v1/chat/completions", timeout=120, json={
+        "model": "SmolLM2-135M-Instruct", "messages": [{"role": "user", "content": text}], "max_tokens": 12,
+        "temperature": 0})
+
+
+def test_a_node_that_dies_turns_health_to_503_and_fails_requests(smollm2_workspace, tmp_path):
+    port = free_port()
+    server = LmServer(smollm2_workspace, "--tp", 2, "--nnodes", 2, "--master-port", port, "--num-kv-blocks", 64,
+                      log_dir=tmp_path)
+    node = start_node(smollm2_workspace, port, tmp_path / "node1.log")  # after node 0: node 0 waits for it
+    try:
+        server.wait_ready()
+        answer = chat(server.url, "What is the capital of France?")
+        assert answer.status_code == 200 and "Paris" in answer.json()["choices"][0]["message"]["content"]
+        os.killpg(node.pid, signal.SIGKILL)  # the host goes away
+        node.wait()
+        health = wait_for(lambda: (r := httpx.get(server.url + "/health", timeout=30)).status_code == 503 and r)
+        assert "another node is gone" in health.text, health.text  # the idle probe saw it at once
+        refused = chat(server.url, "Hello again")
+        assert refused.status_code == 503 and "another node is gone" in refused.json()["error"]["message"]
+        assert server.proc.poll() is None  # node 0 keeps answering, with the reason
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+        server.stop()
+
+
+def test_node_options_are_checked_before_anything_starts(smollm2_workspace):
+    for args, needle in ((["--tp", "3", "--nnodes", "2"], "nnodes must divide tp"),
+                         (["--tp", "2", "--nnodes", "2", "--node-rank", "2"], "node_rank must be in 0..1"),
+                         (["--tp", "2", "--nnodes", "2", "--master-port", "0"], "needs master_port in 1..65535")):
+        assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, *args), needle)
+
+
+def test_a_node_with_another_model_is_refused(smollm2_workspace, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(smollm2_workspace, other)
+    manifest = json.loads((other / "lm_workspace.json").read_text())
+    manifest["model"]["rope_theta"] = 10000.0  # the same shapes, another model
+    (other / "lm_workspace.json").write_text(json.dumps(manifest))
+    port = free_port()
+    node = start_node(other, port, tmp_path / "node1.log")
+    try:
+        with pytest.raises(WorkerError, match="is not the model rank 0 serves"):
+            Engine(smollm2_workspace, tp=2, nnodes=2, master_addr="127.0.0.1", master_port=port, **OPTIONS)
+        assert node.wait(60) != 0
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
