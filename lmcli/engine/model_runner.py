@@ -63,9 +63,8 @@ class ModelRunner:
         self._kv_pools = []  # their tensors, (2, layers, blocks, ...)
         self._warm_blocks = 0  # blocks [0, this) of them are faulted in (warm_cache)
         self.num_blocks = self._allocate_cache()
-        self.graphs = None  # decode steps from CUDA graphs: on GPUs, one rank, no sliding window, unless eager
-        if self.device.type == "cuda" and not config.eager and tp.size == 1 and self.backend.name == "triton" \
-                and config.model.sliding_window is None:  # a captured step would not see a window outgrown
+        self.graphs = None  # decode steps from CUDA graphs: on GPUs, one rank, unless eager
+        if self.device.type == "cuda" and not config.eager and tp.size == 1 and self.backend.name == "triton":
             self.graphs = DecodeGraphs(self, config.scheduler.max_batch_size)
             with torch.inference_mode():
                 self.graphs.capture_all()

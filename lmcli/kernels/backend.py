@@ -5,7 +5,6 @@ rather than once per layer. The model and layer files are the same on every devi
 import torch
 
 from lmcli import kernels
-from lmcli.kernels import reference
 
 
 class NativeBackend:
@@ -44,15 +43,14 @@ class TritonBackend:
         return self._store(qkv, heads, kv_heads, cos, sin, k_cache, v_cache, batch.slot_mapping)
 
     def attention(self, q, k, v, k_cache, v_cache, batch, scale: float, window=None) -> torch.Tensor:
-        if window is not None and batch.max_context > window:  # the kernels see whole contexts, for now
-            return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, window=window)
         out = torch.empty_like(q)
         nd = batch.num_decode
         if nd:
-            self._decode(q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_lens, scale, out=out[:nd])
+            self._decode(q[:nd], k_cache, v_cache, batch.decode_block_tables, batch.decode_lens, scale, out=out[:nd],
+                         window=window)
         if batch.prefills:
             self._extend(q[nd:], k_cache, v_cache, batch.block_tables[nd:], batch.meta["extend_cu"],
-                         batch.context_lens[nd:], batch.max_seqlen_q, scale, out=out[nd:])
+                         batch.context_lens[nd:], batch.max_seqlen_q, scale, out=out[nd:], window=window)
         return out
 
 

@@ -53,3 +53,35 @@ def test_triton_backend_gives_transformers_greedy_tokens(smollm2_workspace, prom
             outputs[o.request_id] += o.token_ids
     assert [outputs[str(i)] for i in range(len(prompts))] == expected
     assert engine.block_manager.num_free == engine.block_manager.num_blocks
+
+
+def test_a_sliding_window_on_the_triton_backend(smollm2_workspace, tmp_path, monkeypatch):
+    """A small random Mistral whose 16-token window the prompts outgrow, in chunks and as they decode: its Triton
+    kernels see each query's last 16 keys, as transformers does."""
+    from transformers import AutoTokenizer, MistralConfig, MistralForCausalLM
+
+    from conftest import run_lm
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=49152, hidden_size=64, intermediate_size=96,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=16)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(Workspace.load(smollm2_workspace).tokenizer_path).save_pretrained(tmp_path / "hf")
+    assert run_lm("convert", tmp_path / "hf", "--dst-path", tmp_path / "ws").returncode == 0
+    prompts = [torch.randint(3, 49152, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 40)]
+    with torch.inference_mode():
+        expected = [model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(ids):]
+                    .tolist() for ids in prompts]
+    monkeypatch.setenv(kernels.SETTING, "triton")
+    engine = Engine(tmp_path / "ws", dtype="float32", cache_block_seq_len=16, max_prefill_token_num=24,
+                    max_batch_size=4, num_blocks=64)
+    assert isinstance(engine.runner.backend, backend.TritonBackend)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outputs = {"0": [], "1": []}
+    for i, ids in enumerate(prompts):
+        engine.add_request(str(i), ids, params)
+    while engine.has_work:
+        for o in engine.step():
+            outputs[o.request_id] += o.token_ids
+    assert [outputs["0"], outputs["1"]] == expected

@@ -10,7 +10,7 @@ from lmcli.kernels import reference
 from lmcli.kernels.triton.decode_attention import decode_attention, default_splits
 
 
-def make_case(lens, heads, kv_heads, head_dim, block_size, table_dtype=torch.int64, seed=0):
+def make_case(lens, heads, kv_heads, head_dim, block_size, table_dtype=torch.int64, seed=0, window=None):
     """Caches whose blocks are handed out shuffled (block 0, the tables' padding, is never handed out); every
     slot outside a context holds NaN, so a kernel that reads one fails. Returns (inputs, the float32 oracle)."""
     gen = torch.Generator().manual_seed(seed)
@@ -32,7 +32,7 @@ def make_case(lens, heads, kv_heads, head_dim, block_size, table_dtype=torch.int
     batch = types.SimpleNamespace(decode_block_tables=tables, decode_lens=context_lens)
     scale = head_dim ** -0.5
     want = reference.decode_attention(q.to(DTYPE).float(), k_cache.masked_fill(unused, 0).to(DTYPE).float(),
-                                      v_cache.masked_fill(unused, 0).to(DTYPE).float(), batch, scale)
+                                      v_cache.masked_fill(unused, 0).to(DTYPE).float(), batch, scale, window)
     inputs = dict(q=q.to(DEVICE, DTYPE), k_cache=k_cache.masked_fill(unused, float("nan")).to(DEVICE, DTYPE),
                   v_cache=v_cache.masked_fill(unused, float("nan")).to(DEVICE, DTYPE),
                   block_tables=tables.to(DEVICE, table_dtype), context_lens=context_lens.to(DEVICE), scale=scale)
@@ -60,6 +60,17 @@ def test_matches_reference(name):
     got = decode_attention(**inputs, num_splits=num_splits)
     assert got.dtype == DTYPE and got.shape == want.shape
     torch.testing.assert_close(got.float().cpu(), want, **TOL)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_sliding_window_sees_the_last_keys_only(num_splits):
+    """Contexts shorter and longer than the window, its start inside a block and on a block's edge."""
+    lens = [5, 20, 40, 33, 100, 36]
+    inputs, want = make_case(lens, 6, 3, 64, 16, window=20)
+    got = decode_attention(**inputs, num_splits=num_splits, window=20)
+    torch.testing.assert_close(got.float().cpu(), want, **TOL)
+    whole, _ = make_case(lens, 6, 3, 64, 16)
+    assert not torch.allclose(decode_attention(**whole, num_splits=num_splits).float().cpu(), want, **TOL)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -116,7 +127,7 @@ from lmcli.kernels.triton.decode_attention import decode_reduce_kernel, decode_s
 
 def split_args(dtype, table, part):
     pointers = {"q_ptr": dtype, "k_ptr": dtype, "v_ptr": dtype, "tables_ptr": table, "lens_ptr": "*i64",
-                "part_ptr": part, "lse_ptr": part, "scale": "fp32", "num_splits": "i32"}
+                "part_ptr": part, "lse_ptr": part, "scale": "fp32", "num_splits": "i32", "window": "i32"}
     return {**pointers, **dict.fromkeys(["stride_qs", "stride_qh", "stride_ts", "stride_kb", "stride_kh", "stride_kt",
                                          "stride_ps", "stride_ph", "stride_pp", "stride_ls", "stride_lh"], "i32")}
 

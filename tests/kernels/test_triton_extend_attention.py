@@ -37,7 +37,7 @@ def make_case(lengths, contexts, kv_heads, group, head_dim, block_size, seed=0, 
                            contexts=torch.tensor(contexts).to(**to), lengths=lengths, scale=head_dim ** -0.5)
 
 
-def oracle(c):
+def oracle(c, window=None):
     """reference.paged_attention in float32, its new tokens' k, v gathered back from the cache."""
     q, k_cache, v_cache = c.q.float(), c.k_cache.float(), c.v_cache.float()
     prefills, ks, vs = [], [], []
@@ -47,7 +47,8 @@ def oracle(c):
         for cache, new in ((k_cache, ks), (v_cache, vs)):
             new.append(reference.gather_context(cache, table, context)[:, context - length:].transpose(0, 1))
     batch = SimpleNamespace(num_decode=0, prefills=prefills)
-    return reference.paged_attention(q, torch.cat(ks), torch.cat(vs), k_cache, v_cache, batch, c.scale)
+    return reference.paged_attention(q, torch.cat(ks), torch.cat(vs), k_cache, v_cache, batch, c.scale,
+                                     window=window)
 
 
 def run(c, **kwargs):
@@ -57,7 +58,7 @@ def run(c, **kwargs):
 def check(c, **kwargs):
     out = run(c, **kwargs)
     assert out.dtype == c.q.dtype and out.shape == c.q.shape
-    torch.testing.assert_close(out.float(), oracle(c), **TOL)
+    torch.testing.assert_close(out.float(), oracle(c, kwargs.get("window")), **TOL)
     return out
 
 
@@ -86,6 +87,18 @@ def test_mixed_batch_straddling_block_boundaries(head_dim, block_size, kv_heads,
     contexts = [n + p for n, p in zip(lengths, prefixes)]
     check(make_case(lengths, contexts, kv_heads, group, head_dim, block_size, seed=head_dim + block_size,
                     table_dtype=table_dtype, cu_dtype=cu_dtype))
+
+
+@pytest.mark.parametrize("head_dim,block_size,group,window", [(64, 16, 2, 37), (128, 64, 3, 64), (64, 16, 1, 1)])
+def test_a_sliding_window_sees_each_querys_last_keys_only(head_dim, block_size, group, window):
+    """Prompts and chunks shorter and longer than the window, after prefixes, with decodes among them; window 1:
+    each query sees only itself."""
+    block_m, _, _, _ = launch_config(head_dim)
+    lengths = [1, 20, block_m + 5, 2 * block_m + 3, 1, 9]
+    prefixes = [0, 0, 0, 30, 200, 100]
+    c = make_case(lengths, [n + p for n, p in zip(lengths, prefixes)], 2, group, head_dim, block_size, seed=window)
+    check(c, window=window)
+    assert not torch.allclose(run(c).float(), oracle(c, window), **TOL)
 
 
 def test_batch_of_64_short_sequences():
@@ -147,7 +160,7 @@ AOT = """
 from lmcli.kernels.triton import extend_attention as m
 signature = {"q_ptr": "*bf16", "k_cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "out_ptr": "*bf16",
              "block_tables_ptr": "*i64", "cu_seqlens_ptr": "*i32", "context_lens_ptr": "*i64", "qk_scale": "fp32",
-             "stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_table": "i32",
+             "window": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32", "stride_oh": "i32", "stride_table": "i32",
              "stride_cache_block": "i32", "stride_cache_head": "i32", "group": "i32"}
 limits = {90: 232448, 80: 166912}
 for head_dim in (64, 128, 256):

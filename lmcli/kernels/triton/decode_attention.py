@@ -19,13 +19,14 @@ MAX_SPLITS = 64
 
 
 @triton.jit
-def decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_ptr, lse_ptr, scale, num_splits,
+def decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_ptr, lse_ptr, scale, num_splits, window,
                         stride_qs, stride_qh, stride_ts, stride_kb, stride_kh, stride_kt,
                         stride_ps, stride_ph, stride_pp, stride_ls, stride_lh,
                         GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
                         BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
-    """Attention of one sequence's query heads of one KV head over one split of its context: the normalized
-    partial output (in part_ptr's dtype) and, with several splits, its natural log-sum-exp (-inf when empty)."""
+    """Attention of one sequence's query heads of one KV head over one split of its context (its last `window`
+    tokens where window > 0): the normalized partial output (in part_ptr's dtype) and, with several splits, its
+    natural log-sum-exp (-inf when empty)."""
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -37,9 +38,11 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_ptr, lse
 
     q = tl.load(q_ptr + seq * stride_qs + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
     length = tl.load(lens_ptr + seq).to(tl.int32)
+    lowest = tl.where(window > 0, tl.maximum(length - window, 0), 0)  # the first key seen
+    skipped = lowest // BLOCK_N  # chunks wholly before it
     chunks = tl.cdiv(length, BLOCK_N)
-    per_split = tl.cdiv(chunks, num_splits)
-    first = split * per_split
+    per_split = tl.cdiv(chunks - skipped, num_splits)
+    first = skipped + split * per_split
     last = tl.minimum(first + per_split, chunks)
 
     m = tl.full([BLOCK_H], float("-inf"), tl.float32)
@@ -51,7 +54,7 @@ def decode_split_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, part_ptr, lse
         start = chunk * BLOCK_N
         block = tl.load(tables_ptr + seq * stride_ts + start // BLOCK_SIZE).to(tl.int64)
         offset = start % BLOCK_SIZE + tokens
-        valid = start + tokens < length
+        valid = (start + tokens < length) & (start + tokens >= lowest)
         tile = block * stride_kb + head_base + offset[:, None] * stride_kt + dims[None, :]
         # tokens past the context may hold anything (even NaN): never load them
         k = tl.load(k_ptr + tile, mask=valid[:, None], other=0.0)
@@ -157,8 +160,9 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, out, num_splits):
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      context_lens: torch.Tensor, scale: float, out: torch.Tensor = None,
-                     num_splits: int = None) -> torch.Tensor:
-    """Attention of each sequence's one query over its context_lens[i] >= 1 cached tokens; returns out.
+                     num_splits: int = None, window: int = None) -> torch.Tensor:
+    """Attention of each sequence's one query over its context_lens[i] >= 1 cached tokens (window: the last
+    `window` of them only); returns out.
 
     q (seqs, heads, head_dim); k_cache, v_cache (num_blocks, kv_heads, block_size, head_dim) in q's dtype;
     block_tables (seqs, max_blocks) int32/int64; context_lens (seqs,); out (seqs, heads, head_dim) in q's dtype.
@@ -180,7 +184,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         lse = torch.empty((seqs, heads, num_splits), dtype=torch.float32, device=q.device)
         part_strides, lse_strides = part.stride()[:3], lse.stride()[:2]
     decode_split_kernel[(seqs, kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale, num_splits,
+        q, k_cache, v_cache, block_tables, context_lens, part, lse, scale, num_splits, window or 0,
         q.stride(0), q.stride(1), block_tables.stride(0), *k_cache.stride()[:3], *part_strides, *lse_strides,
         **split_meta(heads // kv_heads, head_dim, block_size, q.dtype))
     if num_splits > 1:

@@ -25,11 +25,11 @@ def launch_config(head_dim: int):
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, start, end, qk_scale, stride_cache_block,
+def _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, low, start, end, qk_scale, stride_cache_block,
             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
     """Fold keys start..end-1 into the running softmax (acc, m_i, l_i) of the query tile q. MASKED: the causal
-    diagonal, where keys past a row's position pos are dropped and the last block may run past end; otherwise every
-    key is visible to every row and no mask is applied."""
+    diagonal, where keys past a row's position pos or at or before its low (a sliding window's edge) are dropped
+    and the last block may run past end; otherwise every key is visible to every row and no mask is applied."""
     offs_d = tl.arange(0, HEAD_DIM)
     for n in range(start, end, BLOCK_N):
         keys = n + tl.arange(0, BLOCK_N)
@@ -45,8 +45,10 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, start, end, qk_sca
             k = tl.load(k_base + slots[None, :] + offs_d[:, None])
         s = tl.dot(q, k) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
         if MASKED:
-            s = tl.where(keys[None, :] <= pos[:, None], s, float("-inf"))
+            s = tl.where((keys[None, :] <= pos[:, None]) & (keys[None, :] > low[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # a row may see none of this block yet (a window's edge): no -inf - -inf
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -61,11 +63,12 @@ def _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, start, end, qk_sca
 
 @triton.jit
 def extend_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, cu_seqlens_ptr,
-                            context_lens_ptr, qk_scale, stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
+                            context_lens_ptr, qk_scale, window, stride_qt, stride_qh, stride_ot, stride_oh, stride_table,
                             stride_cache_block, stride_cache_head, group,
                             BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                             BLOCK_N: tl.constexpr):
-    """Grid (cdiv(max_seqlen_q, BLOCK_M), seqs, heads). qk_scale is the softmax scale times log2(e)."""
+    """Grid (cdiv(max_seqlen_q, BLOCK_M), seqs, heads). qk_scale is the softmax scale times log2(e); window > 0:
+    each query sees its last `window` keys only."""
     tile = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -93,10 +96,15 @@ def extend_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tabl
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, 0, full, qk_scale,
-                            stride_cache_block, BLOCK_SIZE, HEAD_DIM, BLOCK_N, False)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, full, end, qk_scale,
-                            stride_cache_block, BLOCK_SIZE, HEAD_DIM, BLOCK_N, True)
+    if window > 0:  # every key block the tile's window touches, masked on both sides
+        start = tl.maximum(first - window + 1, 0) // BLOCK_N * BLOCK_N
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, pos - window, start, end,
+                                qk_scale, stride_cache_block, BLOCK_SIZE, HEAD_DIM, BLOCK_N, True)
+    else:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, pos - context, 0, full, qk_scale,
+                                stride_cache_block, BLOCK_SIZE, HEAD_DIM, BLOCK_N, False)
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, pos - context - 1, full, end,
+                                qk_scale, stride_cache_block, BLOCK_SIZE, HEAD_DIM, BLOCK_N, True)
     acc = acc / l_i[:, None]
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=valid[:, None])
@@ -108,8 +116,9 @@ def _power_of_two(n: int) -> bool:
 
 def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                      cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, max_seqlen_q: int, scale: float,
-                     out: torch.Tensor = None) -> torch.Tensor:
-    """Causal attention of each sequence's new tokens over its whole context, read through its block table.
+                     out: torch.Tensor = None, window: int = None) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its whole context (window: its last `window` keys
+    only), read through its block table.
 
     q (tokens, heads, head_dim): sequence i's new tokens are q[cu_seqlens_q[i]:cu_seqlens_q[i + 1]], the last of its
     context_lens[i] tokens, all already stored in k_cache, v_cache (num_blocks, kv_heads, block_size, head_dim);
@@ -170,7 +179,7 @@ def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_m, block_n, num_warps, num_stages = launch_config(head_dim)
     grid = (triton.cdiv(max_seqlen_q, block_m), seqs, heads)
     extend_attention_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, float(scale) * LOG2E,
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, context_lens, float(scale) * LOG2E, window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), heads // kv_heads,
         BLOCK_SIZE=block_size, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
