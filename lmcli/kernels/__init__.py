@@ -231,50 +231,51 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float, window: Optional[int] = None) -> torch.Tensor:
     """See reference.paged_attention; in bfloat16 on CPU, the native kernels read K/V in place: one for the
     decodes, one for each chunk of several tokens (faster than torch's CPU flash kernel at every size measured:
-    64 tokens 0.054 vs 0.172 ms, 1024 tokens 6.7 vs 19.5 ms, 40 tokens after 1060 cached ones 0.57 vs 1.48 ms).
-    Without native bfloat16 products (AVX2 CPUs, or a lower LMCLI_CPU_ISA) the chunks run in float32. Over the
-    8-bit cache (kernels/kv8.py) the decodes have a native kernel of their own, and chunks widen their context's
-    blocks to bfloat16 for the chunk kernel (float32 where it does not apply). A sliding window that a sequence
-    has outgrown takes PyTorch's path for that sequence (the native kernels see whole contexts, for now)."""
+    64 tokens 0.054 vs 0.172 ms, 1024 tokens 6.7 vs 19.5 ms, 40 tokens after 1060 cached ones 0.57 vs 1.48 ms),
+    both with sliding windows. Without native bfloat16 products (AVX2 CPUs, or a lower LMCLI_CPU_ISA) the chunks
+    run in float32. Over the 8-bit cache (kernels/kv8.py) the decodes have a native kernel of their own, and
+    chunks widen their context's blocks to bfloat16 for the chunk kernel (float32 where it does not apply); there
+    a sliding window that a sequence has outgrown takes PyTorch's path."""
     decode = chunk = None
     lib = q.dtype == torch.bfloat16 and q.device.type == "cpu" and native.library() is not None
     if isinstance(k_cache, Int8Cache):
 
-        def decode_s8(qd, kc, vc, b, s):
-            out = native.paged_decode_attention_s8(qd, kc, vc, b.decode_block_tables, b.decode_lens, s) if lib \
-                else None
-            return reference.decode_attention(qd, kc, vc, b, s) if out is None else out
+        def decode_s8(qd, kc, vc, b, s, w):
+            slides = w is not None and b.max_context > w
+            out = native.paged_decode_attention_s8(qd, kc, vc, b.decode_block_tables, b.decode_lens, s) \
+                if lib and not slides else None
+            return reference.decode_attention(qd, kc, vc, b, s, w) if out is None else out
         chunk = s8_chunk_attention if lib and native.bf16_products() else float32_chunk_attention
         return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode_s8, chunk, window)
     if q.dtype == torch.bfloat16 and q.device.type == "cpu":
         chunk = native.prefill_attention if lib and native.bf16_products() else float32_chunk_attention
     if lib:
 
-        def decode(qd, kc, vc, b, s):
-            out = native.paged_decode_attention(qd, kc, vc, b.decode_block_tables, b.decode_lens, s)
-            return reference.decode_attention(qd, kc, vc, b, s) if out is None else out
+        def decode(qd, kc, vc, b, s, w):
+            out = native.paged_decode_attention(qd, kc, vc, b.decode_block_tables, b.decode_lens, s, w)
+            return reference.decode_attention(qd, kc, vc, b, s, w) if out is None else out
     return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode, chunk, window)
 
 
 def s8_chunk_attention(q, k_cache: Int8Cache, v_cache: Int8Cache, block_table, context: int, scale: float,
-                       out) -> bool:
+                       out, window: Optional[int] = None) -> bool:
     """One sequence's chunk over the 8-bit cache: the context's blocks widened to bfloat16 (the default cache's
     precision), then the native chunk kernel (float32 through torch where it does not apply). 64 prompts of 64
     tokens, 30 layers: see docs/benchmarks.md."""
     blocks = block_table[:-(-context // k_cache.shape[2])]
     widened = [c.index_select(0, blocks).bfloat16() for c in (k_cache, v_cache)]
-    if native.prefill_attention(q, *widened, torch.arange(len(blocks)), context, scale, out):
+    if native.prefill_attention(q, *widened, torch.arange(len(blocks)), context, scale, out, window):
         return True
-    return float32_chunk_attention(q, k_cache, v_cache, block_table, context, scale, out)
+    return float32_chunk_attention(q, k_cache, v_cache, block_table, context, scale, out, window)
 
 
-def float32_chunk_attention(q, k_cache, v_cache, block_table, context: int, scale: float, out) -> bool:
+def float32_chunk_attention(q, k_cache, v_cache, block_table, context: int, scale: float, out,
+                            window: Optional[int] = None) -> bool:
     """One sequence's chunk (see reference.paged_attention) in float32, for CPUs without native bfloat16 products,
     where torch's bfloat16 attention would be emulated."""
     length = q.shape[0]
     ki = reference.gather_context(k_cache, block_table, context).float()
     vi = reference.gather_context(v_cache, block_table, context).float()
-    keys = torch.arange(context, device=q.device)
-    mask = keys <= keys[context - length:, None]  # query i sits at position context - length + i
+    mask = reference.chunk_mask(length, context, window, q.device)
     out.copy_(reference.sdpa(q.float().transpose(0, 1), ki, vi, attn_mask=mask, scale=scale).transpose(0, 1))
     return True

@@ -42,9 +42,9 @@ HEADERS = ("bf16.h",)
 SIGNATURES = {
     "gemv_bf16": (3, 3, (), None),
     "gemm_f32_bf16": (3, 3, (), ctypes.c_int),
-    "paged_decode_attention": (6, 7, (ctypes.c_float,), ctypes.c_int),
+    "paged_decode_attention": (6, 8, (ctypes.c_float,), ctypes.c_int),
     "add_rms_norm_bf16": (5, 2, (ctypes.c_float,), None),
-    "prefill_attention": (5, 8, (ctypes.c_float,), ctypes.c_int),
+    "prefill_attention": (5, 9, (ctypes.c_float,), ctypes.c_int),
     "rotary_store_bf16": (6, 5, (), None),
     "rotary_store_s8": (8, 5, (), None),
     "silu_mul_bf16": (2, 2, (), None),
@@ -227,10 +227,12 @@ def gemm_f32_bf16(x: torch.Tensor, w: torch.Tensor) -> Optional[torch.Tensor]:
     return None if failed else y
 
 
-def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float) -> Optional[torch.Tensor]:
+def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float,
+                           window: Optional[int] = None) -> Optional[torch.Tensor]:
     """q (seqs, heads, dim) bfloat16 (rows may be strided); caches (blocks, kv_heads, block_size, dim) bfloat16;
     block_tables (seqs, max_blocks) int64; lens (seqs,) int64 -> (seqs, heads, dim) bfloat16; None for shapes
-    beyond the kernel (more than 16 query heads per kv head, head_dim over 256, blocks over 256 tokens)."""
+    beyond the kernel (more than 16 query heads per kv head, head_dim over 256, blocks over 256 tokens). window:
+    each query sees its last `window` keys only."""
     seqs, heads, dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != dim:
         q = q.contiguous()
@@ -238,7 +240,7 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float
     failed = library().paged_decode_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
                                               block_tables.data_ptr(), lens.data_ptr(), out.data_ptr(), q.stride(0),
                                               seqs, heads, k_cache.shape[1], dim, k_cache.shape[2],
-                                              block_tables.shape[1], scale)
+                                              block_tables.shape[1], window or 0, scale)
     return None if failed else out
 
 
@@ -268,18 +270,19 @@ def add_rms_norm_bf16(x: torch.Tensor, residual: Optional[torch.Tensor], weight:
 
 
 def prefill_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                      context: int, scale: float, out: torch.Tensor) -> bool:
+                      context: int, scale: float, out: torch.Tensor, window: Optional[int] = None) -> bool:
     """Causal attention of one sequence's L new tokens, q (L, heads, dim) bfloat16 (rows may be strided), the
     last L of its `context` positions, over the keys in the paged caches (blocks, kv_heads, block_size, dim)
     through block_table (int64); written into out (L, heads, dim) bfloat16. False where the kernel does not apply
-    (no AVX512-BF16, head_dim not a multiple of 32 or over 256)."""
+    (no AVX512-BF16, head_dim not a multiple of 32 or over 256). window: each query sees its last `window` keys
+    only."""
     length, heads, dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != dim or out.stride(2) != 1 or out.stride(1) != dim:
         return False
     table = block_table.contiguous()
     failed = library().prefill_attention(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(),
                                          out.data_ptr(), length, context, heads, k_cache.shape[1], dim,
-                                         k_cache.shape[2], q.stride(0), out.stride(0), scale)
+                                         k_cache.shape[2], q.stride(0), out.stride(0), window or 0, scale)
     return not failed
 
 

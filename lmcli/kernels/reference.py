@@ -61,40 +61,40 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
 
     q (tokens, heads, head_dim); k, v (tokens, kv_heads, head_dim): the new tokens, already stored in the cache,
     (num_blocks, kv_heads, block_size, head_dim). The batch puts its decode tokens (one per sequence) first,
-    then each prefill chunk. decode: another implementation of decode_attention, if given; chunk: another for one
-    sequence's chunk, chunk(q (L, heads, d), k_cache, v_cache, block_table, context, scale, out (L, heads, d)),
-    which writes out and returns True, or returns False to decline. window: sliding-window attention, the query
-    at position p sees the keys at p - window + 1 .. p (None: all before it); decode and chunk then serve only
-    the sequences whose context fits in the window.
+    then each prefill chunk. window: sliding-window attention, the query at position p sees the keys at
+    p - window + 1 .. p (None: all before it). decode: another implementation of decode_attention, if given
+    (same arguments); chunk: another for one sequence's chunk, chunk(q (L, heads, d), k_cache, v_cache,
+    block_table, context, scale, out (L, heads, d), window), which writes out and returns True, or returns False
+    to decline.
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     nd = batch.num_decode
     if nd:
-        slides = window is not None and batch.max_context > window
-        if slides or decode is None:
-            out[:nd] = decode_attention(q[:nd], k_cache, v_cache, batch, scale, window)
-        else:
-            out[:nd] = decode(q[:nd], k_cache, v_cache, batch, scale)
+        out[:nd] = (decode or decode_attention)(q[:nd], k_cache, v_cache, batch, scale, window)
     for start, length, context, block_table in batch.prefills:
         span = slice(start, start + length)
-        slides = window is not None and context > window
-        if chunk is not None and not slides and chunk(q[span], k_cache, v_cache, block_table, context, scale,
-                                                      out[span]):
+        if chunk is not None and chunk(q[span], k_cache, v_cache, block_table, context, scale, out[span], window):
             continue
+        slides = window is not None and context > window
         qi = q[span].transpose(0, 1)  # (heads, length, head_dim)
         if context == length and not slides:  # no earlier tokens: attend to the chunk itself
             ki, vi = k[span].transpose(0, 1), v[span].transpose(0, 1)
             o = sdpa(qi, ki, vi, is_causal=True, scale=scale)
         else:
             ki, vi = gather_context(k_cache, block_table, context), gather_context(v_cache, block_table, context)
-            # query i sits at position context - length + i and sees keys 0..that position (window: the last ones)
-            keys = torch.arange(context, device=q.device)
-            mask = keys <= keys[context - length:, None]
-            if slides:
-                mask &= keys > keys[context - length:, None] - window
-            o = sdpa(qi, ki, vi, attn_mask=mask, scale=scale)
+            o = sdpa(qi, ki, vi, attn_mask=chunk_mask(length, context, window, q.device), scale=scale)
         out[span] = o.transpose(0, 1)
     return out
+
+
+def chunk_mask(length: int, context: int, window: Optional[int], device) -> torch.Tensor:
+    """(length, context): query i sits at position context - length + i and sees keys 0..that position (window:
+    its last `window` keys only)."""
+    keys = torch.arange(context, device=device)
+    mask = keys <= keys[context - length:, None]
+    if window is not None:
+        mask &= keys > keys[context - length:, None] - window
+    return mask
 
 
 def sdpa(q, k, v, **kwargs) -> torch.Tensor:

@@ -181,10 +181,12 @@ def test_paged_attention_matches_naive_attention(dtype, num_decode, impl, window
 
 @pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (12, 1, 32, 32), (4, 2, 48, 8),
                                                  (24, 1, 64, 16), (4, 4, 40, 8), (14, 2, 64, 16)])
-def test_native_decode_attention_matches_naive_attention(heads, kv_heads, d, bs):
+@pytest.mark.parametrize("window", [None, 37])
+def test_native_decode_attention_matches_naive_attention(heads, kv_heads, d, bs, window):
     """The native kernel's vector paths (AVX-512: head_dim a multiple of 32; AVX2: of 8; up to 8 query heads a kv
     head), its plain loops (other shapes), and its refusal (more than 16 query heads a kv head: None, the caller falls back).
-    The queries are a strided view (of a fused qkv, as in the model); the output is bfloat16."""
+    The queries are a strided view (of a fused qkv, as in the model); the output is bfloat16. window 37: the last
+    37 keys only, from inside a block."""
     torch.manual_seed(d + heads)
     lens = [1, 5, bs, bs + 1, 3 * bs + 7, 200]
     num_blocks = sum(-(-n // bs) for n in lens) + 3
@@ -195,14 +197,14 @@ def test_native_decode_attention_matches_naive_attention(heads, kv_heads, d, bs)
     width = max(map(len, tables))
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     q = (torch.randn(len(lens), heads + 2 * kv_heads, d, dtype=torch.bfloat16) * 3)[:, :heads]
-    out = native.paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens), d ** -0.5)
+    out = native.paged_decode_attention(q, k_cache, v_cache, block_tables, torch.tensor(lens), d ** -0.5, window)
     if heads // kv_heads > 16:
         assert out is None
         return
     for i, (n, table) in enumerate(zip(lens, tables)):
         ks = k_cache[table].transpose(0, 1).flatten(1, 2)[:, :n].transpose(0, 1)
         vs = v_cache[table].transpose(0, 1).flatten(1, 2)[:, :n].transpose(0, 1)
-        expected = naive_attention(q[i:i + 1], ks, vs, torch.tensor([n - 1]))[0]
+        expected = naive_attention(q[i:i + 1], ks, vs, torch.tensor([n - 1]), window)[0]
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out[i].float(), expected, rtol=2 ** -8, atol=1e-5)  # within bfloat16 rounding
 
@@ -249,10 +251,12 @@ def test_paged_attention_falls_back_when_the_native_kernel_refuses():
 @pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (4, 4, 32, 8), (16, 2, 64, 32)])
 @pytest.mark.parametrize("length,context", [(1, 1), (2, 2), (64, 64), (100, 100), (257, 257), (40, 1100), (5, 37),
                                             (70, 100), (33, 300)])
-def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, length, context, bf16_products):
+@pytest.mark.parametrize("window", [None, 29])
+def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, length, context, window,
+                                                        bf16_products):
     """One sequence's chunk of new tokens (a whole prompt, or the last `length` of `context` positions) read from
     the paged cache in place: tails of 32 keys and of 16 rows, query rows with a stride (a view of the fused qkv),
-    and NaN in the cache slots past the context, which must not leak in."""
+    and NaN in the cache slots past the context, which must not leak in; window 29: each row's last 29 keys."""
     torch.manual_seed(length * 7 + context + d)
     nb = -(-context // bs)
     k_cache = torch.full((nb + 4, kv_heads, bs, d), float("nan"), dtype=torch.bfloat16)
@@ -265,8 +269,8 @@ def test_native_chunk_attention_matches_naive_attention(heads, kv_heads, d, bs, 
     qkv = torch.randn(length, heads + 2 * kv_heads, d, dtype=torch.bfloat16) * 2
     q = qkv[:, :heads]
     out = torch.full((length, heads, d), float("nan"), dtype=torch.bfloat16)
-    assert native.prefill_attention(q, k_cache, v_cache, table, context, d ** -0.5, out)
-    expected = naive_attention(q, ks, vs, torch.arange(context - length, context))
+    assert native.prefill_attention(q, k_cache, v_cache, table, context, d ** -0.5, out, window)
+    expected = naive_attention(q, ks, vs, torch.arange(context - length, context), window)
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=1e-2)
 
 

@@ -2,7 +2,7 @@
 
    One query token per sequence. q (seqs, heads, dim) bfloat16, q_stride elements from one sequence's row to the
    next; caches (blocks, kv_heads, block_size, dim) bfloat16; block_tables (seqs, max_blocks); lens (seqs,): keys
-   0..len-1 are attended; out (seqs, heads, dim) bfloat16. OpenMP over (sequence, kv head): each task serves the
+   0..len-1 are attended (window > 0: the last `window` of them only); out (seqs, heads, dim) bfloat16. OpenMP over (sequence, kv head): each task serves the
    kv head's group of query heads in one pass over its keys and values, block by block with an online softmax
    (each K and V row is read once, while it is in L1, for the whole group). Scores and sums in float32. With
    AVX-512 (head_dim a multiple of 32): a block's keys and values are prefetched as it starts, scores come 16 keys
@@ -48,11 +48,11 @@ static inline __m512 scores16(const float *qf, const uint16_t *qb, const uint16_
     return _mm512_mask_mul_ps(_mm512_set1_ps(-1e30f), first_lanes(n), hsum16(acc), _mm512_set1_ps(c));
 }
 
-/* AVX-512, head_dim a multiple of 32: G (<= 8) query heads of one kv head over one sequence's keys 0..len-1, as
+/* AVX-512, head_dim a multiple of 32: G (<= 8) query heads of one kv head over one sequence's keys first..len-1, as
    attend below. Per block: each head's scores 16 keys a vector, a vector online softmax in base 2, then P.V. */
 static inline __attribute__((always_inline)) void attend512(const float *qf, const uint16_t *qb,
-        const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t len, int64_t h,
-        const int G, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, uint16_t **out) {
+        const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table, int64_t first, int64_t len,
+        int64_t h, const int G, int64_t kv_heads, int64_t dim, int64_t block_size, float scale, uint16_t **out) {
     float acc[8 * MAX_DIM], sc[8 * SC], mx[8], sum[8];
 #ifdef __AVX512BF16__
     const float c = scale * 1.44269504f;  /* raw bfloat16 q: the scale applies to the scores */
@@ -61,9 +61,11 @@ static inline __attribute__((always_inline)) void attend512(const float *qf, con
 #endif
     for (int g = 0; g < G; g++) mx[g] = -1e30f, sum[g] = 0.f;
     memset(acc, 0, sizeof(float) * G * dim);
-    for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = len - start < block_size ? len - start : block_size, chunks = (n + 15) / 16;
-        const int64_t base = (table[start / block_size] * kv_heads + h) * block_size * dim;
+    for (int64_t start = first, n; start < len; start += n) {  /* block by block (the first from its offset) */
+        const int64_t off = start % block_size;
+        n = len - start < block_size - off ? len - start : block_size - off;
+        const int64_t chunks = (n + 15) / 16;
+        const int64_t base = ((table[start / block_size] * kv_heads + h) * block_size + off) * dim;
         const uint16_t *kb = k_cache + base, *vb = v_cache + base;
         for (int64_t b = 0; b < n * dim * 2; b += 64) __builtin_prefetch((const char *)kb + b);
         for (int64_t b = 0; b < n * dim * 2; b += 64) __builtin_prefetch((const char *)vb + b);
@@ -128,17 +130,18 @@ static inline __attribute__((always_inline)) void pv_avx2(const float *sc, const
 
 #endif
 
-/* One task: the group of query heads q[g] (scaled float32 qf) over one sequence's keys 0..len-1
+/* One task: the group of query heads q[g] (scaled float32 qf) over one sequence's keys first..len-1
    of one kv head; out[g] = softmax(q[g] . K) V. */
 static void attend(const float *qf, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table,
-                   int64_t len, int64_t h, int64_t group, int64_t kv_heads, int64_t dim, int64_t block_size,
-                   uint16_t **out) {
+                   int64_t first, int64_t len, int64_t h, int64_t group, int64_t kv_heads, int64_t dim,
+                   int64_t block_size, uint16_t **out) {
     float acc[MAX_GROUP * MAX_DIM], sc[MAX_GROUP * SC], mx[MAX_GROUP], sum[MAX_GROUP];
     for (int64_t g = 0; g < group; g++) mx[g] = -FLT_MAX, sum[g] = 0.f;  /* finite: built with -ffast-math */
     memset(acc, 0, sizeof(float) * group * dim);
-    for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        const int64_t base = (table[start / block_size] * kv_heads + h) * block_size * dim;
+    for (int64_t start = first, n; start < len; start += n) {
+        const int64_t off = start % block_size;
+        n = len - start < block_size - off ? len - start : block_size - off;
+        const int64_t base = ((table[start / block_size] * kv_heads + h) * block_size + off) * dim;
         const uint16_t *kb = k_cache + base, *vb = v_cache + base;
 #ifdef AVX2_BODY
         const int avx2 = dim % 8 == 0 && group <= 8;
@@ -196,12 +199,13 @@ static void attend(const float *qf, const uint16_t *k_cache, const uint16_t *v_c
 int paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                            const int64_t *block_tables, const int64_t *lens, uint16_t *out, int64_t q_stride,
                            int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                           int64_t max_blocks, float scale) {
+                           int64_t max_blocks, int64_t window, float scale) {
     const int64_t group = heads / kv_heads;
     if (group > MAX_GROUP || dim > MAX_DIM || block_size > MAX_BLOCK) return -1;
     #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < seqs * kv_heads; task++) {
         const int64_t s = task / kv_heads, h = task % kv_heads;
+        const int64_t first = window > 0 && lens[s] > window ? lens[s] - window : 0;
         float qf[MAX_GROUP * MAX_DIM];
         uint16_t *o[MAX_GROUP];
         const uint16_t *qb = q + s * q_stride + h * group * dim;
@@ -213,13 +217,14 @@ int paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uin
         if (dim % 32 == 0) {  /* up to 8 query heads at a time */
             for (int64_t g0 = 0; g0 < group; g0 += 8) {
 #define ATTEND512(G) attend512(qf + g0 * dim, qb + g0 * dim, k_cache, v_cache, block_tables + s * max_blocks, \
-                               lens[s], h, G, kv_heads, dim, block_size, scale, o + g0)
+                               first, lens[s], h, G, kv_heads, dim, block_size, scale, o + g0)
                 BY_COUNT(group - g0, ATTEND512)
             }
             continue;
         }
 #endif
-        attend(qf, k_cache, v_cache, block_tables + s * max_blocks, lens[s], h, group, kv_heads, dim, block_size, o);
+        attend(qf, k_cache, v_cache, block_tables + s * max_blocks, first, lens[s], h, group, kv_heads, dim,
+               block_size, o);
     }
     return 0;
 }

@@ -18,7 +18,7 @@ void rotary_store_bf16(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, 
 int paged_decode_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache,
                            const int64_t *block_tables, const int64_t *lens, uint16_t *out, int64_t q_stride,
                            int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                           int64_t max_blocks, float scale);
+                           int64_t max_blocks, int64_t window, float scale);
 void silu_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n);
 void rotary_store_s8(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots, int8_t *k_codes,
                      uint16_t *k_scales, int8_t *v_codes, uint16_t *v_scales, int64_t tokens, int64_t heads,
@@ -78,7 +78,7 @@ int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x
         } else {
             rotary_store_bf16(qkv, cos, sin, slots, k_cache, v_cache, m, heads, kv_heads, dim, block_size);
             failed = paged_decode_attention(qkv, k_cache, v_cache, block_tables, lens, att, width, m, heads,
-                                            kv_heads, dim, block_size, max_blocks, scale);
+                                            kv_heads, dim, block_size, max_blocks, 0, scale);
         }
     }
     if (!failed) {

@@ -1,7 +1,8 @@
 /* Causal attention of one sequence's chunk of new tokens over its whole context, read in place from the paged
    KV cache (a first prompt, a later chunk of it, or an interactive turn after a long history), bfloat16.
 
-   The L new tokens sit at the last L of S context positions and each sees the keys up to its own position. For
+   The L new tokens sit at the last L of S context positions and each sees the keys up to its own position (window
+   > 0: its last `window` keys only). For
    each kv head, the rows are its query heads of each token, token-major (row = token * group + head): tiles of
    16 rows, one row per vector lane, so the softmax needs no horizontal sums. Per 32 keys: scores by dpbf16
    products (q pairs of 16 rows against a broadcast k pair), online softmax in float32 with a vector exp2, P
@@ -29,7 +30,7 @@ static inline uint32_t pair_at(const uint16_t *p) {
    apply (no AVX512-BF16, head_dim not a multiple of 32 or over 256): the caller then uses another path. */
 int prefill_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t *v_cache, const int64_t *table,
                       uint16_t *out, int64_t L, int64_t S, int64_t heads, int64_t kv_heads, int64_t dim,
-                      int64_t block_size, int64_t q_stride, int64_t out_stride, float scale) {
+                      int64_t block_size, int64_t q_stride, int64_t out_stride, int64_t window, float scale) {
 #if defined(__AVX512BF16__)
     if (dim % 32 || dim > MAX_DIM || L > S || L < 1 || heads % kv_heads) return -1;
     const int64_t group = heads / kv_heads, rows = L * group, tiles = (rows + 15) / 16, dp_n = dim / 2,
@@ -50,20 +51,21 @@ int prefill_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t
         const int64_t h = task % kv_heads, r0 = (tiles - 1 - task / kv_heads) * 16;  /* the longest tiles first */
         const int64_t nr = rows - r0 < 16 ? rows - r0 : 16;
         uint32_t qt[MAX_DIM / 2][16], pt[16][16];
-        int32_t lim[16];
+        int32_t lim[16], low[16];
         float corr[16];
         __m512 acc[16][MAX_DIM / 16], vt[16][MAX_DIM / 16];
         for (int lane = 0; lane < 16; lane++) {  /* a short tile repeats its last row in the spare lanes */
             const int64_t r = r0 + (lane < nr ? lane : nr - 1), i = r / group, g = r % group;
             const uint16_t *qr = q + i * q_stride + (h * group + g) * dim;
             lim[lane] = (int32_t)(S - L + i);
+            low[lane] = window > 0 ? lim[lane] - (int32_t)window + 1 : 0;  /* the first key the row sees */
             for (int64_t dp = 0; dp < dp_n; dp++) qt[dp][lane] = pair_at(qr + 2 * dp);
             for (int64_t j = 0; j < dv; j++) acc[lane][j] = _mm512_setzero_ps();
         }
-        const __m512i limit = _mm512_loadu_si512(lim);
+        const __m512i limit = _mm512_loadu_si512(lim), lowest = _mm512_loadu_si512(low);
         const int64_t top = lim[nr - 1];
         __m512 m = _mm512_set1_ps(-FLT_MAX), l = _mm512_setzero_ps();
-        for (int64_t s0 = 0; s0 <= top; s0 += 32) {
+        for (int64_t s0 = low[0] > 0 ? low[0] : 0; s0 <= top; s0 += 32) {
             const int64_t n = S - s0 < 32 ? S - s0 : 32;
             const uint16_t *kr[32], *vr[32];
             for (int64_t j = 0; j < 32; j++) {
@@ -85,8 +87,10 @@ int prefill_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t
                 sc[j] = a0, sc[j + 1] = a1, sc[j + 2] = a2, sc[j + 3] = a3;
             }
             __m512 mn = m;
-            for (int64_t j = 0; j < 32; j++) {  /* keys after a row's position (or past the context) are out */
-                ok[j] = _mm512_cmple_epi32_mask(_mm512_set1_epi32((int)(s0 + j)), limit);
+            for (int64_t j = 0; j < 32; j++) {  /* keys after a row's position (or past the context) are out, and
+                                                   those before its window */
+                const __m512i key = _mm512_set1_epi32((int)(s0 + j));
+                ok[j] = _mm512_cmple_epi32_mask(key, limit) & _mm512_cmpge_epi32_mask(key, lowest);
                 sc[j] = _mm512_mask_mul_ps(_mm512_set1_ps(-FLT_MAX), ok[j], sc[j], _mm512_set1_ps(c));
                 mn = _mm512_max_ps(mn, sc[j]);
             }
@@ -131,7 +135,7 @@ int prefill_attention(const uint16_t *q, const uint16_t *k_cache, const uint16_t
     return 0;
 #else
     (void)q, (void)k_cache, (void)v_cache, (void)table, (void)out, (void)L, (void)S, (void)heads, (void)kv_heads,
-        (void)dim, (void)block_size, (void)q_stride, (void)out_stride, (void)scale;
+        (void)dim, (void)block_size, (void)q_stride, (void)out_stride, (void)window, (void)scale;
     return -1;
 #endif
 }
