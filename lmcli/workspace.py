@@ -33,7 +33,9 @@ ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
+LAYER_TYPES = ("sliding_attention", "full_attention")  # ModelConfig.layer_types, as Hugging Face names them
 DTYPES = ("float32", "bfloat16", "float16")
 QUANTIZATIONS = ("int4",)
 LINEAR_WEIGHTS = ("self_attn.qkv_proj.weight", "self_attn.o_proj.weight", "mlp.gate_up_proj.weight",
@@ -57,12 +59,16 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool = False
-    qk_norm: bool = False  # an RMSNorm over each head's query and key before rotary (Qwen3)
-    hidden_act: str = "silu"
+    qk_norm: bool = False  # an RMSNorm over each head's query and key before rotary (Qwen3, Gemma 3)
+    hidden_act: str = "silu"  # or "gelu_pytorch_tanh" (Gemma 3)
     # HF's rope parameters beyond theta ({"rope_type": "llama3", ...}), a GGUF's per-frequency divisors
     # ({"rope_type": "freq_factors", "factors": [...]}), or None
     rope_scaling: Optional[dict] = None
     sliding_window: Optional[int] = None  # tokens; None = full attention
+    # each layer's attention, a LAYER_TYPES name (Gemma 3); None: every layer alike (the window, if any, in all)
+    layer_types: Optional[tuple] = None
+    rope_local_theta: Optional[float] = None  # the sliding-window layers' rope theta (Gemma 3); None: rope_theta
+    query_pre_attn_scalar: Optional[int] = None  # the attention scale is its -0.5th power (Gemma 3); None: head_dim
 
     def __post_init__(self):
         if self.architecture not in ARCHITECTURES:
@@ -74,6 +80,17 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise UserError(f"model config: {self.num_heads} attention heads do not split into "
                             f"{self.num_kv_heads} key/value heads")
+        if self.layer_types is not None:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))  # a list when read from JSON
+            if len(self.layer_types) != self.num_layers or not set(self.layer_types) <= set(LAYER_TYPES):
+                raise UserError(f"model config: layer_types must name {self.num_layers} layers, each one of "
+                                f"{', '.join(LAYER_TYPES)}, not {list(self.layer_types)!r}")
+
+    def window(self, layer: int) -> Optional[int]:
+        """Layer `layer`'s sliding window in tokens, or None for full attention."""
+        if self.layer_types is not None and self.layer_types[layer] == "full_attention":
+            return None
+        return self.sliding_window
 
     @property
     def family(self) -> str:
@@ -125,6 +142,9 @@ def layer_tensors(config: ModelConfig, i: int, hf: Callable[[str], "torch.Tensor
         p + "mlp.gate_up_proj.weight": cat([hf(p + "mlp.gate_proj.weight"), hf(p + "mlp.up_proj.weight")]),
         p + "mlp.down_proj.weight": hf(p + "mlp.down_proj.weight"),
     }
+    if config.family == "gemma3":  # a norm before the MLP (its input_layernorm's counterpart) and after it
+        for x in ("pre", "post"):
+            out[p + f"{x}_feedforward_layernorm.weight"] = hf(p + f"{x}_feedforward_layernorm.weight")
     if config.qk_norm:
         for x in "qk":
             out[p + f"self_attn.{x}_norm.weight"] = hf(p + f"self_attn.{x}_norm.weight")

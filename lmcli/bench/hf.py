@@ -32,14 +32,20 @@ def hf_model(ws: Workspace, dtype: str = None):
     c = ws.config
     per_frequency = (c.rope_scaling or {}).get("rope_type") == "freq_factors"  # transformers has no such type
     transformers_rope = {} if per_frequency else (c.rope_scaling or {})
-    name = {"qwen2": "Qwen2", "qwen3": "Qwen3"}.get(c.family, "Llama")
-    cls, config_cls = getattr(transformers, f"{name}ForCausalLM"), getattr(transformers, f"{name}Config")
+    name = {"qwen2": "Qwen2", "qwen3": "Qwen3", "gemma3": "Gemma3"}.get(c.family, "Llama")
+    rope = {"rope_theta": c.rope_theta, "rope_type": "default", **transformers_rope}
+    family = {}
+    if c.family == "gemma3":  # its rope by layer type, the rope scaling on the full-attention layers only
+        rope = {"full_attention": rope, "sliding_attention": {"rope_theta": c.rope_local_theta, "rope_type": "default"}}
+        family = dict(query_pre_attn_scalar=c.query_pre_attn_scalar, sliding_window=c.sliding_window,
+                      layer_types=list(c.layer_types), hidden_activation=c.hidden_act)
+    cls = getattr(transformers, f"{name}ForCausalLM")
+    config_cls = getattr(transformers, "Gemma3TextConfig" if name == "Gemma3" else f"{name}Config")
     config = config_cls(vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                         num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads,
                         num_key_value_heads=c.num_kv_heads, head_dim=c.head_dim, rms_norm_eps=c.rms_norm_eps,
                         max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=c.tie_word_embeddings,
-                        rope_parameters={"rope_theta": c.rope_theta, "rope_type": "default", **transformers_rope},
-                        attention_bias=c.qkv_bias)
+                        rope_parameters=rope, attention_bias=c.qkv_bias, **family)
     model = cls(config).to(getattr(torch, dtype or ws.dtype)).eval()
     missing, unexpected = model.load_state_dict(unfused_weights(ws), strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)

@@ -61,7 +61,9 @@ def open_hf_folder(path: Path) -> Source:
 
 
 def model_config(arch: str, c) -> ModelConfig:
-    rope = dict(getattr(c, "rope_parameters", None) or {})  # transformers 5
+    rope = dict(getattr(c, "rope_parameters", None) or {})  # transformers 5; Gemma 3's by layer type
+    local = rope.pop("sliding_attention", None)
+    rope = dict(rope.get("full_attention", rope))
     if not rope:  # transformers 4: rope_theta plus an optional rope_scaling dict
         rope = dict(getattr(c, "rope_scaling", None) or {})
         rope["rope_theta"] = getattr(c, "rope_theta", 10000.0)
@@ -71,6 +73,10 @@ def model_config(arch: str, c) -> ModelConfig:
     sliding = getattr(c, "sliding_window", None)
     if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not getattr(c, "use_sliding_window", False):
         sliding = None
+    gemma = arch == "Gemma3ForCausalLM"
+    if gemma:
+        _check_gemma3(c, local)
+    local_theta = local["rope_theta"] if local else getattr(c, "rope_local_base_freq", None)  # transformers 5, 4
     return ModelConfig(
         architecture=arch,
         vocab_size=c.vocab_size,
@@ -86,10 +92,24 @@ def model_config(arch: str, c) -> ModelConfig:
         max_position_embeddings=c.max_position_embeddings,
         tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(c, "attention_bias", False)),
-        qk_norm=arch == "Qwen3ForCausalLM",
-        hidden_act=c.hidden_act,
+        qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
+        hidden_act=c.hidden_activation if gemma else c.hidden_act,
         sliding_window=sliding,
+        layer_types=tuple(c.layer_types) if gemma else None,
+        rope_local_theta=None if local_theta is None else float(local_theta),
+        query_pre_attn_scalar=int(c.query_pre_attn_scalar) if gemma else None,
     )
+
+
+def _check_gemma3(c, local_rope) -> None:
+    """Refuse what Gemma 3's engine model does not do, rather than serve a different model."""
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(c, key, None) is not None:
+            raise UserError(f"{key} is set ({getattr(c, key)}): logit softcapping is not supported (Gemma 3 has none)")
+    if getattr(c, "use_bidirectional_attention", False):
+        raise UserError("use_bidirectional_attention is set: only causal attention is supported")
+    if local_rope and local_rope.get("rope_type", "default") != "default":
+        raise UserError(f"rope scaling {local_rope['rope_type']!r} on the sliding-window layers is not supported")
 
 
 def _native_dtype(raw: dict) -> str:

@@ -12,14 +12,16 @@ from lmcli.engine.layers.parallel import TP, head_shard
 
 class Attention(nn.Module):
     def __init__(self, hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, bias: bool, tp: TP,
-                 qk_norm_eps: Optional[float] = None, window: Optional[int] = None):
-        """qk_norm_eps: an RMSNorm over each head's query and key, before rotary (Qwen3), with this epsilon.
-        window: sliding-window attention, each token seeing the last `window` tokens (itself included)."""
+                 qk_norm_eps: Optional[float] = None, window: Optional[int] = None, norm=RMSNorm,
+                 scale: Optional[float] = None):
+        """qk_norm_eps: a norm over each head's query and key, before rotary (Qwen3, Gemma 3), with this epsilon;
+        norm: its class, norm(head_dim, eps). window: sliding-window attention, each token seeing the last `window`
+        tokens (itself included). scale: of the scores, default head_dim ** -0.5."""
         super().__init__()
         self.window = window
         (q0, q1), (k0, k1) = head_shard(num_heads, num_kv_heads, tp)
         self.num_heads, self.num_kv_heads, self.head_dim = q1 - q0, k1 - k0, head_dim
-        self.scale = head_dim ** -0.5
+        self.scale = head_dim ** -0.5 if scale is None else scale
         d = head_dim
         self.qkv_proj = FusedColumnLinear(
             hidden, [num_heads * d, num_kv_heads * d, num_kv_heads * d],
@@ -27,7 +29,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(num_heads * d, hidden, tp, [(q0 * d, q1 * d)])
         self.q_norm = self.k_norm = None
         if qk_norm_eps is not None:
-            self.q_norm, self.k_norm = RMSNorm(head_dim, qk_norm_eps), RMSNorm(head_dim, qk_norm_eps)
+            self.q_norm, self.k_norm = norm(head_dim, qk_norm_eps), norm(head_dim, qk_norm_eps)
         self.k_cache = self.v_cache = None  # (num_blocks, kv_heads, block_size, head_dim), set by the runner
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch) -> torch.Tensor:

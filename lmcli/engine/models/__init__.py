@@ -1,5 +1,5 @@
 """Model classes by architecture, imported lazily. Qwen2 is Llama with q/k/v biases, Qwen3 Llama with a norm over
-each head's query and key (config flags)."""
+each head's query and key (config flags); Gemma 3 has a file of its own."""
 
 import importlib
 
@@ -8,6 +8,7 @@ MODELS = {
     "MistralForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
     "Qwen2ForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
     "Qwen3ForCausalLM": "lmcli.engine.models.llama:LlamaForCausalLM",
+    "Gemma3ForCausalLM": "lmcli.engine.models.gemma3:Gemma3ForCausalLM",
 }
 
 

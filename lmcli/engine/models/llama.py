@@ -101,12 +101,14 @@ class LlamaModel(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
+    base_model, activation = LlamaModel, "silu"  # what a family with Llama's head (Gemma 3) replaces
+
     def __init__(self, c: ModelConfig, tp: TP, max_positions: int, dtype):
         super().__init__()
-        if c.hidden_act != "silu":
+        if c.hidden_act != self.activation:
             raise UserError(f"activation {c.hidden_act!r} is not supported")
         self.tie = c.tie_word_embeddings
-        self.model = LlamaModel(c, tp, max_positions, dtype)
+        self.model = self.base_model(c, tp, max_positions, dtype)
         self.lm_head = self.model.embed_tokens if self.tie else VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
 
     def forward(self, input_ids, positions, batch) -> torch.Tensor:

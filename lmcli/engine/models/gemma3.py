@@ -1,0 +1,67 @@
+"""Gemma 3 (text). Llama's attention, projections, tensor parallelism and head, with Gemma's own parts: norms that
+scale by 1 + weight (layers/norm.py), four a layer (before and after the attention and the MLP), a norm over each
+head's query and key, GeGLU (gelu, tanh approximation), the embedding scaled by sqrt(hidden), the attention scale
+query_pre_attn_scalar ** -0.5, and sliding-window layers (their own rope theta) between full-attention ones (the
+global theta and the rope scaling). Parameter names are the workspace's."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmcli.engine.layers.attention import Attention
+from lmcli.engine.layers.embedding import VocabParallelEmbedding
+from lmcli.engine.layers.norm import GemmaRMSNorm
+from lmcli.engine.layers.parallel import TP
+from lmcli.engine.layers.rotary import Rotary
+from lmcli.engine.models.llama import MLP, LlamaForCausalLM
+from lmcli.errors import UserError
+from lmcli.workspace import ModelConfig
+
+
+class GeGLU(MLP):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: ModelConfig, i: int, tp: TP):
+        super().__init__()
+        self.sliding = c.layer_types[i] == "sliding_attention"  # also picks the rope tables
+        self.input_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias, tp,
+                                   c.rms_norm_eps, c.window(i), GemmaRMSNorm,
+                                   (c.query_pre_attn_scalar or c.head_dim) ** -0.5)
+        self.post_attention_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = GeGLU(c.hidden_size, c.intermediate_size, tp)
+        self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+
+    def forward(self, x, cos, sin, batch):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+
+
+class Gemma3Model(nn.Module):
+    def __init__(self, c: ModelConfig, tp: TP, max_positions: int, dtype):
+        super().__init__()
+        if c.layer_types is None:
+            raise UserError("this Gemma 3 workspace lacks layer_types; convert the model again")
+        self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
+        # sqrt(hidden) in the weights' dtype first, as transformers scales (25.25 for 640 in bfloat16)
+        self.embed_scale = torch.tensor(c.hidden_size ** 0.5, dtype=torch.float32).to(dtype).item()
+        self.layers = nn.ModuleList(DecoderLayer(c, i, tp) for i in range(c.num_layers))
+        self.norm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.rotary = Rotary(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype)
+        self.local_rotary = Rotary(c.head_dim, max_positions, c.rope_local_theta or c.rope_theta, None, dtype)
+
+    def forward(self, input_ids, positions, batch):
+        x = self.embed_tokens(input_ids) * self.embed_scale
+        tables = {False: self.rotary(positions), True: self.local_rotary(positions)}
+        for layer in self.layers:
+            x = layer(x, *tables[layer.sliding], batch)
+        return self.norm(x)
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    base_model, activation = Gemma3Model, "gelu_pytorch_tanh"  # the LM head: the embedding's, unscaled
