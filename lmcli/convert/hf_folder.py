@@ -95,7 +95,8 @@ def model_config(arch: str, c) -> ModelConfig:
         qk_norm=arch in ("Qwen3ForCausalLM", "Gemma3ForCausalLM"),
         hidden_act=c.hidden_activation if gemma else c.hidden_act,
         sliding_window=sliding,
-        layer_types=tuple(c.layer_types) if gemma else None,
+        # Gemma 3's, and Qwen's with a window (the first max_window_layers layers keep full attention)
+        layer_types=tuple(c.layer_types) if (gemma or sliding) and getattr(c, "layer_types", None) else None,
         rope_local_theta=None if local_theta is None else float(local_theta),
         query_pre_attn_scalar=int(c.query_pre_attn_scalar) if gemma else None,
     )

@@ -8,7 +8,7 @@ outgrow; Gemma 3 with sliding-window layers between full-attention ones, also ov
 import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, \
-    MistralForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 from lmcli.engine.engine import Engine
 from lmcli.engine.sampling_params import SamplingParams
@@ -27,6 +27,9 @@ FAMILIES = {
     "llama3.x": (LlamaForCausalLM, LlamaConfig(**SMALL, rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE})),
     # Mistral: every layer a sliding window, which the longer prompts outgrow (and all of them as they decode)
     "mistral": (MistralForCausalLM, MistralConfig(**SMALL, sliding_window=32)),
+    # Qwen2 with its window on: the first max_window_layers layers keep full attention
+    "qwen2-window": (Qwen2ForCausalLM, Qwen2Config(**SMALL, use_sliding_window=True, sliding_window=32,
+                                                   max_window_layers=1)),
     # Gemma 3: sliding-window layers (rope theta 10000) and full-attention ones (1e6, linear rope scaling), an
     # attention scale apart from head_dim ** -0.5, its own norms (random: see test below), GeGLU, scaled embeddings
     "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig(
@@ -53,7 +56,7 @@ def prompts() -> list[list[int]]:
 
 @pytest.mark.parametrize("family,tp,source", [(name, 1, "hf") for name in FAMILIES]
                          + [("qwen3", 2, "hf"), ("gemma3", 2, "hf")]
-                         + [(name, 1, "gguf") for name in FAMILIES if name != "mistral"])
+                         + [(name, 1, "gguf") for name in FAMILIES if name not in ("mistral", "qwen2-window")])
 def test_greedy_tokens_are_transformers(family, tp, source, tmp_path, tokenizer_dir, smollm2_gguf):
     """source gguf: the model written as llama.cpp's converter would (Llama 3's rope scaling as its rope_freqs)."""
     from transformers import AutoTokenizer

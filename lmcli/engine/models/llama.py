@@ -30,11 +30,11 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, c: ModelConfig, tp: TP):
+    def __init__(self, c: ModelConfig, i: int, tp: TP):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.qkv_bias, tp,
-                                   c.rms_norm_eps if c.qk_norm else None, c.sliding_window)
+                                   c.rms_norm_eps if c.qk_norm else None, c.window(i))
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = MLP(c.hidden_size, c.intermediate_size, tp)
 
@@ -72,7 +72,7 @@ class LlamaModel(nn.Module):
     def __init__(self, c: ModelConfig, tp: TP, max_positions: int, dtype):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(c.vocab_size, c.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(c, tp) for _ in range(c.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(c, i, tp) for i in range(c.num_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = Rotary(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype)
         self.table = None  # all_layers: the layers' addresses for one native call, False where it cannot apply
