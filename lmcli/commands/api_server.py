@@ -185,7 +185,7 @@ def api_server(
             cache_block_seq_len=cache_block_seq_len, cache_max_entry_count=cache_max_entry_count,
             num_blocks=num_kv_blocks, max_batch_size=max_batch_size, max_prefill_token_num=max_prefill_token_num,
             enable_prefix_caching=enable_prefix_caching, eager=eager, nnodes=nnodes, master_addr=master_addr,
-            master_port=master_port)
+            master_port=master_port if nnodes > 1 else 0)  # one node: any free port on loopback
 
     def on_ready(state) -> None:
         print(f"lm api_server: {state.model_name} is ready at {url} (open it in a browser for the API docs)",

@@ -81,6 +81,8 @@ class AsyncEngine:
                 self._deliver_step(outputs)
                 if not self.engine.has_work and self.engine.cold:  # idle: the KV pool's first touch, a piece
                     self.engine.warm()  # at a time (after the stats: they say at once what the step did)
+                elif not self.engine.has_work:
+                    self.engine.keep_alive()
         except BaseException as e:  # a bug or a dead worker: fail every caller, never hang them
             logging.getLogger("lmcli.engine").exception("the engine loop stopped")
             self.error = e

@@ -27,7 +27,11 @@ from lmcli.engine.model_runner import ModelRunner
 from lmcli.errors import UserError
 from lmcli.workspace import Workspace
 
-TIMEOUT = timedelta(seconds=120)  # the backstop for a collective that never completes, and for nodes to join
+
+def timeout() -> timedelta:
+    """The backstop for a collective that never completes, and for nodes to join: 120 s (LMCLI_TP_TIMEOUT seconds,
+    for tests). Idle, rank 0 pings every quarter of it, so that a worker waiting for the next step never times out."""
+    return timedelta(seconds=float(os.environ.get("LMCLI_TP_TIMEOUT", 120)))
 
 
 class WorkerError(RuntimeError):
@@ -41,18 +45,19 @@ def _init(rank: int, size: int, store, device: str, local_ranks: int) -> None:
         torch.cuda.set_device(torch.device(device))
     # each rank gets its share of its machine's cores, so ranks do not fight over them
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_ranks))
-    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=timeout())
 
 
-def check_gpus(device: str, local_ranks: int) -> None:
+def check_gpus(device: str, parallel: ParallelConfig) -> None:
     """A GPU a rank on this machine, from the one asked for: else a UserError now, not a worker's 'invalid device
     ordinal'."""
     if device == "cpu":
         return
-    last, seen = rank_device(device, local_ranks - 1), torch.cuda.device_count()
+    last, seen = rank_device(device, parallel.local_ranks - 1), torch.cuda.device_count()
     if int(last[5:]) >= seen:
-        raise UserError(f"{local_ranks} tensor-parallel ranks on {device} need a GPU a rank "
-                        f"({rank_device(device, 0)} to {last}); torch sees {seen}")
+        each = f" ({parallel.local_ranks} on each of {parallel.nnodes} nodes)" if parallel.nnodes > 1 else ""
+        raise UserError(f"--tp {parallel.tp}{each} on {device} needs a GPU a rank ({rank_device(device, 0)} to "
+                        f"{last}); torch sees {seen}")
 
 
 def _ping(device) -> None:
@@ -64,7 +69,7 @@ def worker_main(rank: int, addr: str, port: int, workspace: str) -> None:
     """A tensor-parallel worker: reads the config from rank 0's store, joins the group, loads its shard from its own
     machine's workspace, then runs every step rank 0 broadcasts."""
     try:
-        store = dist.TCPStore(addr, port, is_master=False, timeout=TIMEOUT)
+        store = dist.TCPStore(addr, port, is_master=False, timeout=timeout())
     except (RuntimeError, OSError) as e:
         print(f"rank {rank}: cannot reach rank 0 at {addr}:{port} ({e})", file=sys.stderr, flush=True)
         os._exit(1)
@@ -131,15 +136,16 @@ class DistributedRunner(ModelRunner):
         size, k = parallel.tp, parallel.local_ranks
         if parallel.node_rank != 0:
             raise UserError("rank 0's engine runs on node 0; other nodes run workers (run_node)")
-        check_gpus(config.device, k)
+        check_gpus(config.device, parallel)
         host = parallel.master_addr if parallel.nnodes > 1 else "127.0.0.1"
         try:
-            self.store = dist.TCPStore(host, parallel.master_port, size, is_master=True, timeout=TIMEOUT,
+            self.store = dist.TCPStore(host, parallel.master_port, size, is_master=True, timeout=timeout(),
                                        wait_for_workers=False)
         except (RuntimeError, OSError) as e:
             raise UserError(f"cannot listen for the other ranks on {host}:{parallel.master_port}: {e}") from None
         self.store.set("config", pickle.dumps(config))
         self.size, self.remote = size, range(k, size)  # the other nodes' ranks
+        self.last_message = time.monotonic()  # of rank 0's latest broadcast (keep_alive)
         self.workers = start_workers(range(1, k), replace(parallel, master_addr="127.0.0.1"), self.store.port,
                                      config.workspace)
         try:
@@ -153,8 +159,8 @@ class DistributedRunner(ModelRunner):
             raise error or e
 
     def _wait_ready(self) -> None:
-        """Until every rank has read its config: this machine's at once, the other nodes' within TIMEOUT."""
-        deadline = time.monotonic() + TIMEOUT.total_seconds()
+        """Until every rank has read its config: this machine's at once, the other nodes' within timeout()."""
+        deadline = time.monotonic() + timeout().total_seconds()
         for rank in range(1, self.size):
             while not self.store.check([f"ready/{rank}"]):
                 error = self._worker_error()
@@ -162,11 +168,12 @@ class DistributedRunner(ModelRunner):
                     raise error
                 if rank in self.remote and time.monotonic() > deadline:
                     k = len(self.workers) + 1
-                    raise WorkerError(f"node {rank // k} did not join within {TIMEOUT.total_seconds():.0f} s: run "
+                    raise WorkerError(f"node {rank // k} did not join within {timeout().total_seconds():.0f} s: run "
                                       f"the same command there with --node-rank {rank // k}")
                 time.sleep(0.05)
 
     def execute(self, items: list[tuple]):
+        self.last_message = time.monotonic()
         try:
             dist.broadcast_object_list([items], src=0)
             return super().execute(items)
@@ -174,6 +181,7 @@ class DistributedRunner(ModelRunner):
             raise self._worker_error(wait=True) or self._lost(e)
 
     def warm_cache(self, nbytes: int) -> bool:
+        self.last_message = time.monotonic()
         try:
             dist.broadcast_object_list([("warm", nbytes)], src=0)  # every rank's pool has the same size
             return super().warm_cache(nbytes)
@@ -186,11 +194,21 @@ class DistributedRunner(ModelRunner):
         if error is not None:
             raise error
         if self.remote:
-            try:
-                dist.broadcast_object_list([("ping",)], src=0)
-                _ping(self.device)
-            except Exception as e:  # a probe answers at once: a worker's own word is in the store by now, if any
-                raise self._worker_error() or self._lost(e)
+            self.ping()
+
+    def keep_alive(self) -> None:
+        """For idle time: a ping every quarter of timeout(), so that the workers' wait for the next step (a
+        collective, under that timeout) never runs out while the server idles; raises if a rank is gone."""
+        if time.monotonic() - self.last_message >= timeout().total_seconds() / 4:
+            self.ping()
+
+    def ping(self) -> None:
+        self.last_message = time.monotonic()
+        try:
+            dist.broadcast_object_list([("ping",)], src=0)
+            _ping(self.device)
+        except Exception as e:  # a ping answers at once: a worker's own word is in the store by now, if any
+            raise self._worker_error() or self._lost(e)
 
     def _lost(self, e: Exception) -> Exception:
         """A collective's failure with no worker's own word: on several nodes, a node that stopped."""

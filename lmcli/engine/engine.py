@@ -183,6 +183,12 @@ class Engine:
         self.cold = self.cold and not self.runner.warm_cache(WARM_BYTES)
         return self.cold
 
+    def keep_alive(self) -> None:
+        """For idle time: what tensor-parallel workers need to keep waiting for the next step."""
+        keep_alive = getattr(self.runner, "keep_alive", None)
+        if keep_alive is not None:
+            keep_alive()
+
     def step(self) -> list[Output]:
         scheduled = self.scheduler.schedule()
         outputs = [self._output(seq, [], []) for seq in self.scheduler.dropped]

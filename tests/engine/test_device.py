@@ -34,10 +34,13 @@ def test_tensor_parallel_on_gpus_takes_a_gpu_a_rank_or_says_it_cannot(monkeypatc
     assert [rank_device("cuda", r) for r in (0, 1)] == ["cuda:0", "cuda:1"]
     assert rank_device("cuda:2", 1) == "cuda:3" and rank_device("cpu", 3) == "cpu"
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    distributed.check_gpus("cuda", 2)
-    distributed.check_gpus("cpu", 4)
+    distributed.check_gpus("cuda", ParallelConfig(tp=2))
+    distributed.check_gpus("cpu", ParallelConfig(tp=4))
     with pytest.raises(UserError, match=r"--tp 2 on cuda:1 needs a GPU a rank \(cuda:1 to cuda:2\); torch sees 2"):
-        distributed.check_gpus("cuda:1", 2)
+        distributed.check_gpus("cuda:1", ParallelConfig(tp=2))
+    distributed.check_gpus("cuda", ParallelConfig(tp=4, nnodes=2, master_port=29500))  # 2 on this node
+    with pytest.raises(UserError, match=r"--tp 4 \(2 on each of 2 nodes\) on cuda:1 needs a GPU a rank"):
+        distributed.check_gpus("cuda:1", ParallelConfig(tp=4, nnodes=2, master_port=29500))
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     config = EngineConfig(workspace="w", model=SMALL, device="cuda", parallel=ParallelConfig(tp=2))
     with pytest.raises(UserError, match="torch sees 1"):  # before any worker starts

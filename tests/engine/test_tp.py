@@ -109,3 +109,21 @@ def test_tp2_quantizes_each_shard_in_blocks_of_its_own(smollm2_workspace):
         engine.close()
     assert set(split) == set(single)
     assert all(abs(split[t] - single[t]) < 0.3 for t in single), (split, single)
+
+
+def test_idle_workers_outlive_the_collective_timeout(smollm2_workspace, monkeypatch):
+    """A worker waits for the next step inside a collective, under the group's timeout (LMCLI_TP_TIMEOUT, here
+    3 s); idle, rank 0 pings every quarter of it, so a server idle for longer still answers."""
+    monkeypatch.setenv("LMCLI_TP_TIMEOUT", "3")
+    engine = AsyncEngine(Engine(smollm2_workspace, dtype="float32", tp=2, num_blocks=64))
+    ids = engine.engine.tokenizer.encode("Once upon a time", add_special_tokens=False)
+
+    async def main():
+        await asyncio.sleep(12)  # idle for four times the timeout, on purpose
+        outs = [out async for out in engine.generate(ids, SamplingParams(temperature=0, max_tokens=4))]
+        assert outs[-1].num_output_tokens == 4 and await engine.healthy()
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.close()

@@ -141,5 +141,8 @@ class FakeEngine:
     def check(self):
         pass
 
+    def keep_alive(self):
+        pass
+
     def close(self):
         pass
