@@ -105,7 +105,7 @@ def extend_attention_kernel(q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tabl
                                 stride_cache_block, BLOCK_SIZE, HEAD_DIM, BLOCK_N, False)
         acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_base, v_base, table_row, pos, pos - context - 1, full, end,
                                 qk_scale, stride_cache_block, BLOCK_SIZE, HEAD_DIM, BLOCK_N, True)
-    acc = acc / l_i[:, None]
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # 0: a row past the chunk that a window left no key
     tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=valid[:, None])
 
