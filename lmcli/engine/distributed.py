@@ -167,26 +167,27 @@ class DistributedRunner(ModelRunner):
                 if error is not None:
                     raise error
                 if rank in self.remote and time.monotonic() > deadline:
-                    k = len(self.workers) + 1
-                    raise WorkerError(f"node {rank // k} did not join within {timeout().total_seconds():.0f} s: run "
-                                      f"the same command there with --node-rank {rank // k}")
+                    node = rank // self.remote.start  # the ranks a node holds
+                    raise WorkerError(f"node {node} did not join within {timeout().total_seconds():.0f} s: run "
+                                      f"the same command there with --node-rank {node}")
                 time.sleep(0.05)
 
     def execute(self, items: list[tuple]):
-        self.last_message = time.monotonic()
-        try:
-            dist.broadcast_object_list([items], src=0)
-            return super().execute(items)
-        except Exception as e:
-            raise self._worker_error(wait=True) or self._lost(e)
+        run = super().execute
+        return self._together(items, lambda: run(items))
 
     def warm_cache(self, nbytes: int) -> bool:
+        warm = super().warm_cache
+        return self._together(("warm", nbytes), lambda: warm(nbytes))  # every rank's pool has the same size
+
+    def _together(self, message, run, wait: bool = True):
+        """Broadcast message, then run rank 0's share; a failure of either raises the failed rank's error."""
         self.last_message = time.monotonic()
         try:
-            dist.broadcast_object_list([("warm", nbytes)], src=0)  # every rank's pool has the same size
-            return super().warm_cache(nbytes)
+            dist.broadcast_object_list([message], src=0)
+            return run()
         except Exception as e:
-            raise self._worker_error(wait=True) or self._lost(e)
+            raise self._worker_error(wait=wait) or self._lost(e)
 
     def check(self) -> None:
         """Raise if a rank is gone: a local worker that exited, or (other nodes) one that misses a ping."""
@@ -203,12 +204,8 @@ class DistributedRunner(ModelRunner):
             self.ping()
 
     def ping(self) -> None:
-        self.last_message = time.monotonic()
-        try:
-            dist.broadcast_object_list([("ping",)], src=0)
-            _ping(self.device)
-        except Exception as e:  # a ping answers at once: a worker's own word is in the store by now, if any
-            raise self._worker_error() or self._lost(e)
+        # a ping answers at once: a failed worker's own word is in the store by now, if any
+        self._together(("ping",), lambda: _ping(self.device), wait=False)
 
     def _lost(self, e: Exception) -> Exception:
         """A collective's failure with no worker's own word: on several nodes, a node that stopped."""
