@@ -13,6 +13,7 @@ docs/workspace.md describes it for users. Change FORMAT_VERSION when the layout 
 """
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -91,6 +92,18 @@ class ModelConfig:
         if self.layer_types is not None and self.layer_types[layer] == "full_attention":
             return None
         return self.sliding_window
+
+    def kv_groups(self) -> list[tuple[Optional[int], tuple[int, ...]]]:
+        """The layers that share one KV block table, as [(their window or None, their layers)]: full-attention
+        groups first. Every group has as many layers (the greatest common divisor of the full and sliding layers'
+        counts), so that a page of the KV pool, a block of tokens for that many layers, serves any group: a
+        sliding group's table frees the pages its window has left (vLLM's hybrid allocator does the same)."""
+        kinds: dict = {}
+        for i in range(self.num_layers):
+            kinds.setdefault(self.window(i), []).append(i)
+        size = math.gcd(*map(len, kinds.values()))
+        order = sorted(kinds, key=lambda w: -1 if w is None else w)
+        return [(w, tuple(kinds[w][j:j + size])) for w in order for j in range(0, len(kinds[w]), size)]
 
     @property
     def family(self) -> str:

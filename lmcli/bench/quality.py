@@ -46,13 +46,15 @@ def held_out(conversations: list, num_texts: int, num_prompts: int) -> tuple[lis
 @torch.inference_mode()
 def token_logprobs(engine: Engine, ids: list[int]) -> torch.Tensor:
     """log p(ids[i + 1] | ids[:i + 1]) for every i, as one prompt through the engine's model. Call it on an engine
-    with no requests: the sequence's K/V go to the first blocks of the pool, which are free then (and whatever a
-    free block holds is overwritten before it is read)."""
+    with no requests: the sequence's K/V go to the first pages of the pool after page 0 (the null page of models
+    with sliding windows), one block table per KV group; they are free then (and whatever a free page holds is
+    overwritten before it is read)."""
     runner = engine.runner
-    table = list(range(-(-len(ids) // runner.block_size)))
-    if len(table) > runner.num_blocks:
+    n, groups = -(-len(ids) // runner.block_size), len(runner.config.model.kv_groups())
+    if 1 + n * groups > runner.num_blocks:
         raise ValueError(f"{len(ids)} tokens do not fit the KV cache")
-    batch, _ = build_batch([(ids, 0, table, True)], runner.block_size, runner.device)
+    tables = [list(range(1 + g * n, 1 + (g + 1) * n)) for g in range(groups)]
+    batch, _ = build_batch([(ids, 0, tables[0], True, tables[1:])], runner.block_size, runner.device)
     batch.sample_idx = torch.arange(len(ids) - 1, device=runner.device)
     logits = runner.forward(batch).float()
     target = torch.tensor(ids[1:], device=logits.device)

@@ -67,7 +67,8 @@ class Engine:
 
             self.runner = ModelRunner(self.config, self.workspace)
         cache = self.config.cache
-        self.block_manager = BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.block_manager = BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching,
+                                          [w for w, _ in self.config.model.kv_groups()])
         self.cold = True  # part of the KV pool was never touched (warm)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         gen = self.workspace.generation
@@ -106,7 +107,8 @@ class Engine:
         if len(tokens) >= self.max_len and not (session and session.token_ids):  # a new prompt that cannot fit
             raise UserError(f"the prompt has {len(tokens)} tokens, but the context holds {self.max_len} "
                             "(prompt and output together)")
-        if self.block_manager.blocks_for(min(len(tokens) + 1, self.max_len)) > self.block_manager.num_blocks:
+        bm = self.block_manager
+        if bm.blocks_for(min(len(tokens) + 1, self.max_len)) * len(bm.windows) > bm.num_blocks:
             raise UserError(f"the prompt has {len(tokens)} tokens, more than the KV cache holds")
         if session is not None:
             self.scheduler.sessions.setdefault(session_id, session)

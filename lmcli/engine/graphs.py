@@ -36,7 +36,7 @@ class DecodeGraphs:
 
     def fits(self, items: list[tuple]) -> bool:
         """Whether a step is all decodes, each sampled, and fits the largest bucket."""
-        return 0 < len(items) <= self.sizes[-1] and all(len(new) == 1 and want for new, _, _, want in items)
+        return 0 < len(items) <= self.sizes[-1] and all(len(item[0]) == 1 and item[3] for item in items)
 
     def run(self, items: list[tuple]) -> torch.Tensor:
         """The logits (len(items), vocab) of a step that fits, rows in the items' order."""
@@ -44,14 +44,18 @@ class DecodeGraphs:
         size = next(b for b in self.sizes if b >= n)
         batch, graph, logits = self.steps.get(size) or self._make(size)
         host, _ = build_batch(items, self.runner.block_size)  # the step's own tensors, copied into the bucket's
-        for name in ("input_ids", "positions", "slot_mapping", "context_lens"):
+        for name in ("input_ids", "positions", "context_lens"):
             getattr(batch, name)[:n].copy_(getattr(host, name), non_blocking=True)
-        # only the blocks the contexts use: the kernels read a row up to its context length, never past it
-        batch.block_tables[:n, :host.block_tables.shape[1]].copy_(host.block_tables, non_blocking=True)
-        if n < size:  # padding rows, as at capture: nothing stored, one token of context in block 0
-            batch.slot_mapping[n:].fill_(-1)
+        if n < size:
             batch.context_lens[n:].fill_(1)
-            batch.block_tables[n:, 0].zero_()
+        for g in range(1 + len(batch.groups)):  # each KV group's slots and tables
+            fixed, step = batch.group(g), host.group(g)
+            fixed.slot_mapping[:n].copy_(step.slot_mapping, non_blocking=True)
+            # only the blocks the contexts use: the kernels read a row up to its context length, never past it
+            fixed.block_tables[:n, :step.block_tables.shape[1]].copy_(step.block_tables, non_blocking=True)
+            if n < size:  # padding rows, as at capture: nothing stored, one token of context in block 0
+                fixed.slot_mapping[n:].fill_(-1)
+                fixed.block_tables[n:, 0].zero_()
         if graph is None:
             return self.runner.forward(batch)[:n]
         graph.replay()
@@ -60,12 +64,15 @@ class DecodeGraphs:
     def _make(self, size: int) -> tuple:
         dev = self.runner.device
         zeros = dict(dtype=torch.long, device=dev)
-        batch = Batch(input_ids=torch.zeros(size, **zeros), positions=torch.zeros(size, **zeros),
-                      slot_mapping=torch.full((size,), -1, **zeros), num_decode=size,
-                      block_tables=torch.zeros(size, self.width, **zeros),
+
+        groups = [dict(slot_mapping=torch.full((size,), -1, **zeros),  # each KV group's slots and block tables
+                       block_tables=torch.zeros(size, self.width, **zeros))
+                  for _ in self.runner.config.model.kv_groups()]
+        batch = Batch(input_ids=torch.zeros(size, **zeros), positions=torch.zeros(size, **zeros), num_decode=size,
                       context_lens=torch.ones(size, **zeros), cu_seqlens_q=torch.arange(size + 1, **zeros),
-                      max_seqlen_q=1, prefills=[],
-                      sample_idx=torch.arange(size, **zeros))
+                      max_seqlen_q=1, prefills=[], sample_idx=torch.arange(size, **zeros),
+                      groups=[dict(g, decode_block_tables=g["block_tables"], prefills=[]) for g in groups[1:]],
+                      **groups[0])
         graph = logits = None
         if self.capture:
             self.runner.forward(batch)  # compiles the kernels outside the capture

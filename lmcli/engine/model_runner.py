@@ -100,12 +100,13 @@ class ModelRunner:
             pack_parameters(self.model)
 
     def block_bytes(self) -> int:
-        """Bytes of one KV block over all layers: K and V rows in the model's dtype, or with --quant-policy 8 in
-        signed bytes plus a float16 scale each."""
+        """Bytes of one page of the KV pool, a block of tokens for one KV group's layers (ModelConfig.kv_groups; most
+        models have one group of all layers): K and V rows in the model's dtype, or with --quant-policy 8 in signed
+        bytes plus a float16 scale each."""
         m = self.config.model
         kv_heads = self.model.model.layers[0].self_attn.num_kv_heads
         row = m.head_dim + 2 if self.config.cache.quant_policy == 8 else m.head_dim * self.dtype.itemsize
-        return 2 * m.num_layers * kv_heads * self.block_size * row
+        return 2 * len(m.kv_groups()[0][1]) * kv_heads * self.block_size * row
 
     def _allocate_cache(self) -> int:
         m, cache = self.config.model, self.config.cache
@@ -128,17 +129,22 @@ class ModelRunner:
             num_blocks = int(t)
         if num_blocks < 1:
             raise UserError("no memory is left for the KV cache; raise cache_max_entry_count or free memory")
-        size = (2, m.num_layers, num_blocks, *shape)
+        groups = m.kv_groups()
+        size = (2, len(groups[0][1]), num_blocks, *shape)  # layer j of every group in [:, j]
         if cache.quant_policy == 8:
             self.kv_cache = self._zeros(size, torch.int8)
             self.kv_scale = self._zeros(size[:-1], torch.float16)
-            caches = [(Int8Cache(self.kv_cache[0, i], self.kv_scale[0, i]),
-                       Int8Cache(self.kv_cache[1, i], self.kv_scale[1, i])) for i in range(m.num_layers)]
+            caches = [(Int8Cache(self.kv_cache[0, j], self.kv_scale[0, j]),
+                       Int8Cache(self.kv_cache[1, j], self.kv_scale[1, j])) for j in range(size[1])]
         else:
             self.kv_cache = self._zeros(size, self.dtype)
-            caches = [(self.kv_cache[0, i], self.kv_cache[1, i]) for i in range(m.num_layers)]
-        for layer, (k, v) in zip(self.model.model.layers, caches):
-            layer.self_attn.k_cache, layer.self_attn.v_cache = k, v
+            caches = [(self.kv_cache[0, j], self.kv_cache[1, j]) for j in range(size[1])]
+        layers = self.model.model.layers
+        for g, (_, members) in enumerate(groups):
+            for j, i in enumerate(members):
+                attn = layers[i].self_attn
+                attn.k_cache, attn.v_cache = caches[j]
+                attn.group = g
         return num_blocks
 
     def _zeros(self, size: tuple, dtype: torch.dtype) -> torch.Tensor:

@@ -130,8 +130,8 @@ class Scheduler:
         if not holding:
             return False
         victim = min(holding, key=lambda s: (s.busy, s.last_used))  # idle sessions first
-        self.bm.release(victim.block_table)  # hashed full blocks stay findable in the prefix cache
-        victim.block_table, victim.num_computed = [], 0
+        self.bm.release(victim.tables)  # hashed full blocks stay findable in the prefix cache
+        victim.tables, victim.num_computed = [], 0
         victim.num_hashed_blocks, victim.last_block_hash = 0, None
         self.num_session_evictions += 1
         return True
@@ -139,5 +139,5 @@ class Scheduler:
     def end_session(self, session_id: int) -> None:
         session = self.sessions.pop(session_id, None)
         if session is not None and session.block_table:
-            self.bm.release(session.block_table)
-            session.block_table = []
+            self.bm.release(session.tables)
+            session.tables = []

@@ -27,7 +27,7 @@ class Sequence:
         self.max_len = max_len  # the most tokens this sequence may hold (session length)
         self.num_computed = 0  # tokens whose K/V are in the cache
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache
-        self.block_table: list[int] = []
+        self.tables: list[list[int]] = []  # a block table per KV group (BlockManager), none before the first
         self.num_hashed_blocks = 0  # leading blocks already registered in the prefix cache
         self.last_block_hash: Optional[int] = None  # the hash of the last of those
         self.status = Status.WAITING
@@ -44,6 +44,11 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def block_table(self) -> list[int]:
+        """The first KV group's block table."""
+        return self.tables[0] if self.tables else []
+
+    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
@@ -57,4 +62,4 @@ class Sequence:
 
     def __repr__(self) -> str:
         return (f"Sequence({self.seq_id}, {self.status.value}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed}, blocks={self.block_table})")
+                f"computed={self.num_computed}, tables={self.tables})")

@@ -86,3 +86,85 @@ def test_prefix_caching_off():
     h = seq(range(9))
     bm.match_prefix(h)
     assert h.num_computed == 0 and bm.cached == {}
+
+
+# KV groups (ModelConfig.kv_groups): a full-attention group and a sliding one of window 6, blocks of 4 tokens
+
+
+def test_sliding_group_gives_back_the_blocks_its_window_left():
+    bm = BlockManager(num_blocks=16, block_size=4, windows=(None, 6))
+    assert bm.num_blocks == 15 and bm.num_free == 15  # page 0 is the null page
+    a = seq(range(20))
+    computed(bm, a, 8)
+    bm.slide(a)  # the next token (position 8) sees 3..8: block 0 still needed
+    assert len(a.tables) == 2 and 0 not in a.tables[0] + a.tables[1] and bm.num_free == 11
+    computed(bm, a, 9)
+    bm.slide(a)  # position 9 sees 4..9: block 0 (tokens 0..3) is left behind in the sliding group only
+    assert a.tables[1][0] == 0 and a.tables[0][0] != 0 and bm.num_free == 10
+    computed(bm, a, 20)
+    bm.slide(a)  # position 20 sees 15..20: blocks 0..2 gone, 3 and 4 held
+    assert a.tables[1][:3] == [0, 0, 0] and 0 not in a.tables[1][3:] and len(a.tables[0]) == 5
+    assert bm.num_free == 15 - 5 - 2
+    bm.check()
+    bm.free_seq(a)  # the null entries are not released
+    assert bm.num_free == 15
+    bm.check()
+
+
+def test_every_group_only_sliding_frees_all_it_left():
+    bm = BlockManager(num_blocks=8, block_size=4, windows=(6,))
+    a = seq(range(40))
+    for n in range(1, 41):  # one token a step, as decodes: never more than 3 pages (window 6 spans up to 3 blocks)
+        assert bm.grow(a, n)
+        a.num_computed = n
+        bm.commit(a)
+        bm.slide(a)
+        assert len(a.block_table) - a.block_table.count(0) <= 3
+    bm.check()
+    assert bm.pages_for(40, 1) == 3 and bm.pages_for(40, 8) == 5 and bm.pages_for(5, 8) == 2
+
+
+def test_pages_for_counts_each_group():
+    bm = BlockManager(num_blocks=64, block_size=4, windows=(None, None, 6, 6))
+    assert bm.pages_for(100, 4) == 2 * 25 + 2 * 4 and bm.pages_for(6, 4) == 4 * 2
+
+
+def test_prefix_hit_needs_each_sliding_groups_window_blocks():
+    bm = BlockManager(num_blocks=32, block_size=4, windows=(None, 6))
+    a = seq(range(30))
+    computed(bm, a, 24)
+    bm.slide(a)  # the sliding group keeps blocks 4 and 5 (tokens 19..23 in the window)
+    b = seq(list(range(24)) + [99])
+    bm.match_prefix(b)
+    assert b.num_computed == 24  # all six blocks: the full group's, and the window's two in the sliding group
+    assert b.tables[0] == a.tables[0] and b.tables[1][:4] == [0, 0, 0, 0] and b.tables[1][4:] == a.tables[1][4:]
+    assert all(bm.blocks[i].ref_count == 2 for i in a.tables[1][4:])
+    bm.free_seq(b)
+    c = seq(list(range(16)) + [99] * 9)  # a shorter prefix: its window's blocks 2 and 3 were freed...
+    bm.match_prefix(c)
+    # ...but they stay cached until reused, so the 4-block prefix is found whole
+    assert c.num_computed == 16 and c.tables[1][:2] == [0, 0] and 0 not in c.tables[1][2:]
+    bm.free_seq(c)
+    bm.free_seq(a)
+    bm.check()
+
+
+def test_prefix_hit_stops_where_a_sliding_block_was_reused():
+    bm = BlockManager(num_blocks=14, block_size=4, windows=(None, 6))
+    a = seq(range(30))
+    computed(bm, a, 24)
+    sliding = list(a.tables[1])
+    bm.slide(a)  # frees the sliding group's blocks 3, 2, 1, 0 in that order; they stay cached
+    assert list(bm.free) == [13] + sliding[3::-1]
+    other = seq(range(100, 200))
+    assert bm.grow(other, 4)  # a block in each group: the never used page, then the least recently freed: block 3's
+    assert other.tables == [[13], [sliding[3]]]
+    c = seq(list(range(20)) + [99])
+    bm.match_prefix(c)
+    # 20 tokens would need blocks 3 and 4 of the window, 16 blocks 2 and 3: block 3 is gone; 12 need 1 and 2
+    assert c.num_computed == 12 and c.tables[1] == [0, sliding[1], sliding[2]]
+    assert c.tables[0] == a.tables[0][:3]
+    bm.free_seq(c)
+    bm.free_seq(other)
+    bm.free_seq(a)
+    bm.check()

@@ -4,6 +4,7 @@ same padded inputs run eagerly, on the Triton backend under Triton's interpreter
 LMCLI_TEST_DEVICE=cuda (the GPU machine) the graphs are captured and replayed."""
 
 import os
+from dataclasses import replace
 
 DEVICE = os.environ.get("LMCLI_TEST_DEVICE", "cpu")
 if not DEVICE.startswith("cuda"):
@@ -29,24 +30,35 @@ TINY = ModelConfig(architecture="LlamaForCausalLM", vocab_size=256, hidden_size=
                    max_position_embeddings=512, tie_word_embeddings=True)
 
 
+# Gemma 3's layout: two KV groups of two layers, full attention (1, 3) and a 16-token window (0, 2)
+GEMMA = replace(TINY, architecture="Gemma3ForCausalLM", num_layers=4, qk_norm=True, sliding_window=16,
+                hidden_act="gelu_pytorch_tanh", layer_types=("sliding_attention", "full_attention") * 2)
+
+
 class RandomWeights:
-    """A workspace of random float32 weights for TINY."""
-    path, dtype, quantization, config = "random", "float32", None, TINY
+    """A workspace of random float32 weights for a model config."""
+    path, dtype, quantization = "random", "float32", None
+
+    def __init__(self, config: ModelConfig):
+        self.config = config
 
     def weights(self):
         torch.manual_seed(0)
-        with torch.device("meta"):
-            model = model_class(TINY.architecture)(TINY, TP(), 64, torch.float32)
+        model = model_class(self.config.architecture)(self.config, TP(), 64, torch.float32)
         for name, p in model.named_parameters():
             yield name, torch.randn(p.shape) * 0.3
+
+
+def make_runner(model: ModelConfig) -> ModelRunner:
+    config = EngineConfig(workspace="random", model=model, dtype="float32", device=DEVICE,
+                          cache=CacheConfig(block_size=16, num_blocks=32))
+    return ModelRunner(config, RandomWeights(model))
 
 
 @pytest.fixture
 def runner(monkeypatch):
     monkeypatch.setenv(kernels.SETTING, "triton")
-    config = EngineConfig(workspace="random", model=TINY, dtype="float32", device=DEVICE,
-                          cache=CacheConfig(block_size=16, num_blocks=32))
-    return ModelRunner(config, RandomWeights())
+    return make_runner(TINY)
 
 
 def test_buckets_end_at_the_batch_limit(runner):
@@ -87,3 +99,29 @@ def test_padded_decode_steps_match_the_plain_step(runner):
     expected = runner.forward(build_batch(later, runner.block_size, runner.device)[0])
     torch.testing.assert_close(graphs.run(later), expected, atol=TOL, rtol=TOL)
     assert sorted(graphs.steps) == [1, 2, 4]
+
+
+@torch.inference_mode()
+def test_padded_decode_steps_read_each_kv_groups_tables(monkeypatch):
+    """Gemma 3's layout: the sliding group's tables differ from the full group's, and point at the null page (0)
+    below the window, as the block manager leaves them."""
+    monkeypatch.setenv(kernels.SETTING, "triton")
+    runner = make_runner(GEMMA)
+    assert [w for w, _ in GEMMA.kv_groups()] == [None, 16] and runner.kv_cache.shape[1] == 2
+    tables = {0: [3, 7], 1: [10, 1, 12], 2: [20, 21]}
+    windows = {0: [4, 8], 1: [13, 14, 15], 2: [24, 25]}  # the sliding group's pages while the prompts are computed
+    prompts = {0: list(range(5, 25)), 1: list(range(40, 75)), 2: [9] * 17}
+    runner.execute([(ids, 0, tables[i], True, [windows[i]]) for i, ids in prompts.items()])
+    windows[1][0] = 0  # tokens 0..15 of prompt 1 are out of its window from token 36 on: freed
+    step = [([11], len(prompts[i]), tables[i], True, [windows[i]]) for i in (0, 1, 2)]
+    graphs = DecodeGraphs(runner, 8, capture=DEVICE.startswith("cuda"))
+    assert graphs.fits(step)
+    before = runner.kv_cache.clone()
+    expected = runner.forward(build_batch(step, runner.block_size, runner.device)[0])
+    plain_cache = runner.kv_cache.clone()
+    runner.kv_cache.copy_(before)
+    torch.testing.assert_close(graphs.run(step), expected, atol=TOL, rtol=TOL)
+    assert torch.equal(runner.kv_cache != before, plain_cache != before)
+    later = [([12], len(prompts[i]) + 1, tables[i], True, [windows[i]]) for i in (2, 1)]
+    expected = runner.forward(build_batch(later, runner.block_size, runner.device)[0])
+    torch.testing.assert_close(graphs.run(later), expected, atol=TOL, rtol=TOL)

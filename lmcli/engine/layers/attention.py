@@ -31,6 +31,7 @@ class Attention(nn.Module):
         if qk_norm_eps is not None:
             self.q_norm, self.k_norm = norm(head_dim, qk_norm_eps), norm(head_dim, qk_norm_eps)
         self.k_cache = self.v_cache = None  # (num_blocks, kv_heads, block_size, head_dim), set by the runner
+        self.group = 0  # the KV group whose block tables this layer reads (ModelConfig.kv_groups), set with them
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch) -> torch.Tensor:
         h, hk, d = self.num_heads, self.num_kv_heads, self.head_dim
@@ -39,6 +40,7 @@ class Attention(nn.Module):
             q, k, v = qkv.split([h, hk, hk], dim=1)
             q, k = self.q_norm(q.reshape(-1, d)).view(-1, h, d), self.k_norm(k.reshape(-1, d)).view(-1, hk, d)
             qkv = torch.cat([q, k, v], dim=1)
+        batch = batch.group(self.group)
         ops = batch.backend
         q, k, v = ops.rotary_store(qkv, h, hk, cos, sin, self.k_cache, self.v_cache, batch)
         o = ops.attention(q, k, v, self.k_cache, self.v_cache, batch, self.scale, self.window)

@@ -56,7 +56,7 @@ class DecoderLayer(nn.Module):
         parts = self.native_parts()
         if parts is None or slides(self.self_attn.window, batch):
             return None
-        return kernels.decode_layer(x, residual, *parts[:2], cos, sin, batch, *parts[2:])
+        return kernels.decode_layer(x, residual, *parts[:2], cos, sin, batch.group(self.self_attn.group), *parts[2:])
 
     def native_parts(self):
         """What kernels.decode_layer takes of this layer (norms, weights, caches, eps, scale, heads), or None."""
@@ -93,8 +93,9 @@ class LlamaModel(nn.Module):
         """Every layer of a batch of decodes in one native call (kernels.decode_layers), where each layer's one call
         applies: the Python of 30 layer calls was about 1 ms of a 12 ms step of 16 decodes on 4-bit weights. The
         layers' addresses are taken once, at the first step (the KV cache is attached after the model is built)."""
-        if self.table is None:
-            self.table = kernels.decode_layer_table([layer.native_parts() for layer in self.layers]) or False
+        if self.table is None:  # one KV group only: the call reads one block table
+            self.table = not any(layer.self_attn.group for layer in self.layers) and kernels.decode_layer_table(
+                [layer.native_parts() for layer in self.layers]) or False
         if not self.table or slides(self.window, batch):
             return None
         return kernels.decode_layers(x, self.table, cos, sin, batch)
