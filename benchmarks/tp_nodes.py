@@ -8,7 +8,6 @@ TCP, here on loopback), alternating rounds. Prints TTFT, TPOT and output tokens/
 import argparse
 import json
 import os
-import platform
 import signal
 import statistics
 import subprocess
@@ -19,6 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "serve"))
 from servers import LM, LmServer, free_port  # noqa: E402
+
+from machine import cpu_name  # noqa: E402
 
 SETUPS = {"tp 1": [], "tp 2, one node": ["--tp", "2"], "tp 2, two nodes": ["--tp", "2", "--nnodes", "2"]}
 
@@ -54,14 +55,6 @@ def run(setup: list, args, log: str) -> dict:
                 node.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(node.pid, signal.SIGKILL)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.machine()
 
 
 def main() -> None:

@@ -108,7 +108,8 @@ class Engine:
             raise UserError(f"the prompt has {len(tokens)} tokens, but the context holds {self.max_len} "
                             "(prompt and output together)")
         bm = self.block_manager
-        if bm.blocks_for(min(len(tokens) + 1, self.max_len)) * len(bm.windows) > bm.num_blocks:
+        if bm.pages_for(min(len(tokens) + 1, self.max_len), self.config.scheduler.max_prefill_token_num) \
+                > bm.num_blocks:
             raise UserError(f"the prompt has {len(tokens)} tokens, more than the KV cache holds")
         if session is not None:
             self.scheduler.sessions.setdefault(session_id, session)
@@ -200,6 +201,7 @@ class Engine:
             for seq, n in scheduled:
                 seq.num_computed += n
                 self.block_manager.commit(seq)
+                self.block_manager.slide(seq)
                 self.num_computed_tokens += n
             if to_sample:
                 tokens, logprobs = sample(logits, to_sample, [self._stop_ids(s) for s in to_sample],

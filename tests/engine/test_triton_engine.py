@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from lmcli import kernels  # noqa: E402
+from lmcli.engine.block_manager import NULL  # noqa: E402
 from lmcli.engine.engine import Engine  # noqa: E402
 from lmcli.engine.sampling_params import SamplingParams  # noqa: E402
 from lmcli.kernels import backend  # noqa: E402
@@ -78,10 +79,13 @@ def test_a_sliding_window_on_the_triton_backend(smollm2_workspace, tmp_path, mon
                     max_batch_size=4, num_blocks=64)
     assert isinstance(engine.runner.backend, backend.TritonBackend)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    outputs = {"0": [], "1": []}
+    outputs, freed = {"0": [], "1": []}, 0
     for i, ids in enumerate(prompts):
         engine.add_request(str(i), ids, params)
     while engine.has_work:
         for o in engine.step():
             outputs[o.request_id] += o.token_ids
+        freed = max([freed] + [s.block_table.count(NULL) for s in engine.scheduler.running])
     assert [outputs["0"], outputs["1"]] == expected
+    # the blocks the window left point at the null page, given back: at most 46 tokens computed while it runs
+    assert freed == (46 - 16 + 1) // 16 == 1
