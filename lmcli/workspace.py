@@ -12,6 +12,7 @@ A workspace is a folder:
 docs/workspace.md describes it for users. Change FORMAT_VERSION when the layout changes incompatibly.
 """
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -26,6 +27,7 @@ READ_VERSIONS = (1, 2)
 MANIFEST = "lm_workspace.json"
 TOKENIZER_DIR = "tokenizer"
 SHARD_BYTES = 2 << 30
+SAMPLE = 64 << 10  # bytes read at each of the places Workspace.fingerprint samples
 
 # Architectures we convert (and the engine runs), by the name in config.json's "architectures",
 # mapped to the engine's model family.
@@ -211,6 +213,21 @@ class Workspace:
                         yield base, Int4Blocks.unpack({x: f.get_tensor(base + x) for x in SUFFIXES})
                     else:
                         yield key, f.get_tensor(key)
+
+    def fingerprint(self) -> str:
+        """A digest that tells workspaces apart without reading all their weights: the model config, dtype,
+        quantization and weight files' names and sizes, and 64 KiB at 16 places in each file (its first and last
+        bytes among them): two nodes of one server must hold the same."""
+        h = hashlib.sha256(json.dumps([asdict(self.config), self.dtype, self.quantization, self.weight_files],
+                                      sort_keys=True).encode())
+        for name in self.weight_files:
+            size = (self.path / name).stat().st_size
+            h.update(str(size).encode())
+            with open(self.path / name, "rb") as f:
+                for i in range(16):
+                    f.seek(max(0, size - SAMPLE) * i // 15)
+                    h.update(f.read(SAMPLE))
+        return h.hexdigest()
 
     def weights_bytes(self) -> int:
         return sum((self.path / name).stat().st_size for name in self.weight_files)

@@ -3,8 +3,9 @@ this machine or, with nnodes > 1, also on others (each started by `run_node`). E
 step's plan (one broadcast of a small pickled list); then every rank runs its shard of every layer, the
 row-parallel layers all-reducing. gloo on CPU, NCCL on CUDA.
 
-Rank 0 hosts the rendezvous (a TCPStore): the workers read the engine's config from it, and a worker that fails
-writes its error there and exits at once; its closed sockets make rank 0's pending collective fail, and rank 0
+Rank 0 hosts the rendezvous (a TCPStore): the workers read the engine's config and its workspace's fingerprint
+from it, every rank says there when its shard is loaded (the first collective waits for all), and a worker that
+fails writes its error there and exits at once; its closed sockets make rank 0's pending collective fail, and rank 0
 raises the worker's error instead of hanging. Idle, a health probe is a collective too (ping), so a node that
 stopped shows at once."""
 
@@ -29,9 +30,41 @@ from lmcli.workspace import Workspace
 
 
 def timeout() -> timedelta:
-    """The backstop for a collective that never completes, and for nodes to join: 120 s (LMCLI_TP_TIMEOUT seconds,
-    for tests). Idle, rank 0 pings every quarter of it, so that a worker waiting for the next step never times out."""
+    """The backstop for a collective that never completes: 120 s (LMCLI_TP_TIMEOUT seconds, for tests). Idle, rank
+    0 pings every quarter of it, so that a worker waiting for the next step never times out."""
     return timedelta(seconds=float(os.environ.get("LMCLI_TP_TIMEOUT", 120)))
+
+
+def join_timeout() -> float:
+    """Seconds for the nodes to join and for every rank to load its shard: 900 (torchrun's rendezvous default), or
+    LMCLI_TP_JOIN_TIMEOUT."""
+    return float(os.environ.get("LMCLI_TP_JOIN_TIMEOUT", 900))
+
+
+def wait_loaded(store, rank: int, size: int, failed) -> None:
+    """Say this rank has loaded its shard and wait until every rank has, up to join_timeout(): a node that loads
+    slower than the others (a slower disk, a bigger shard) must not run into the first collective's timeout.
+    failed(): the error of a rank that failed meanwhile, or None."""
+    store.set(f"loaded/{rank}", "1")
+    deadline = time.monotonic() + join_timeout()
+    waiting = [f"loaded/{r}" for r in range(size)]
+    while not store.check(waiting):
+        error = failed()
+        if error is not None:
+            raise error
+        if time.monotonic() > deadline:
+            late = [r for r in range(size) if not store.check([f"loaded/{r}"])]
+            raise WorkerError(f"ranks {late} did not load their shards within {join_timeout():.0f} s "
+                              "(LMCLI_TP_JOIN_TIMEOUT)")
+        time.sleep(0.05)
+
+
+def rank_error(store, size: int):
+    """The first rank's error written to the store, as a WorkerError, or None."""
+    for rank in range(1, size):
+        if store.check([f"error/{rank}"]):
+            return WorkerError(store.get(f"error/{rank}").decode())
+    return None
 
 
 class WorkerError(RuntimeError):
@@ -69,7 +102,7 @@ def worker_main(rank: int, addr: str, port: int, workspace: str) -> None:
     """A tensor-parallel worker: reads the config from rank 0's store, joins the group, loads its shard from its own
     machine's workspace, then runs every step rank 0 broadcasts."""
     try:
-        store = dist.TCPStore(addr, port, is_master=False, timeout=timeout())
+        store = dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=join_timeout()))
     except (RuntimeError, OSError) as e:
         print(f"rank {rank}: cannot reach rank 0 at {addr}:{port} ({e})", file=sys.stderr, flush=True)
         os._exit(1)
@@ -79,11 +112,16 @@ def worker_main(rank: int, addr: str, port: int, workspace: str) -> None:
         ws = Workspace.load(workspace)
         if ws.config != config.model:
             raise UserError(f"{workspace} is not the model rank 0 serves ({config.workspace} there)")
+        if ws.fingerprint() != store.get("fingerprint").decode():
+            raise UserError(f"{workspace} has the model rank 0 serves ({config.workspace} there) but other weights, "
+                            "dtype or quantization: give every node the same workspace")
         config = replace(config, workspace=str(ws.path),
                          device=rank_device(config.device, rank % parallel.local_ranks))
         store.set(f"ready/{rank}", "1")
         _init(rank, parallel.tp, store, config.device, parallel.local_ranks)
-        runner = ModelRunner(config, ws, TP(rank, parallel.tp))
+        size = parallel.tp
+        runner = ModelRunner(config, ws, TP(rank, size),
+                             loaded=lambda: wait_loaded(store, rank, size, lambda: rank_error(store, size)))
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0)
@@ -139,11 +177,12 @@ class DistributedRunner(ModelRunner):
         check_gpus(config.device, parallel)
         host = parallel.master_addr if parallel.nnodes > 1 else "127.0.0.1"
         try:
-            self.store = dist.TCPStore(host, parallel.master_port, size, is_master=True, timeout=timeout(),
-                                       wait_for_workers=False)
+            self.store = dist.TCPStore(host, parallel.master_port, size, is_master=True,
+                                       timeout=timedelta(seconds=join_timeout()), wait_for_workers=False)
         except (RuntimeError, OSError) as e:
             raise UserError(f"cannot listen for the other ranks on {host}:{parallel.master_port}: {e}") from None
-        self.store.set("config", pickle.dumps(config))
+        self.store.set("fingerprint", workspace.fingerprint())
+        self.store.set("config", pickle.dumps(config))  # last: workers read it first
         self.size, self.remote = size, range(k, size)  # the other nodes' ranks
         self.last_message = time.monotonic()  # of rank 0's latest broadcast (keep_alive)
         self.workers = start_workers(range(1, k), replace(parallel, master_addr="127.0.0.1"), self.store.port,
@@ -152,15 +191,16 @@ class DistributedRunner(ModelRunner):
             self._wait_ready()
             config = replace(config, device=rank_device(config.device, 0))
             _init(0, size, self.store, config.device, k)
-            super().__init__(config, workspace, TP(0, size))
+            super().__init__(config, workspace, TP(0, size),
+                             loaded=lambda: wait_loaded(self.store, 0, size, self._worker_error))
         except Exception as e:
             error = self._worker_error()
             self.shutdown()
             raise error or e
 
     def _wait_ready(self) -> None:
-        """Until every rank has read its config: this machine's at once, the other nodes' within timeout()."""
-        deadline = time.monotonic() + timeout().total_seconds()
+        """Until every rank has read its config: this machine's at once, the other nodes' within join_timeout()."""
+        deadline = time.monotonic() + join_timeout()
         for rank in range(1, self.size):
             while not self.store.check([f"ready/{rank}"]):
                 error = self._worker_error()
@@ -168,8 +208,8 @@ class DistributedRunner(ModelRunner):
                     raise error
                 if rank in self.remote and time.monotonic() > deadline:
                     node = rank // self.remote.start  # the ranks a node holds
-                    raise WorkerError(f"node {node} did not join within {timeout().total_seconds():.0f} s: run "
-                                      f"the same command there with --node-rank {node}")
+                    raise WorkerError(f"node {node} did not join within {join_timeout():.0f} s: run the same "
+                                      f"command there with --node-rank {node}")
                 time.sleep(0.05)
 
     def execute(self, items: list[tuple]):
@@ -219,9 +259,9 @@ class DistributedRunner(ModelRunner):
         dead; a worker's own word is in the store before its sockets close)."""
         deadline = time.monotonic() + (5 if wait and self.workers else 0)
         while True:
-            for rank in range(1, self.size):
-                if self.store.check([f"error/{rank}"]):
-                    return WorkerError(self.store.get(f"error/{rank}").decode())
+            error = rank_error(self.store, self.size)
+            if error is not None:
+                return error
             for rank, proc in enumerate(self.workers, start=1):
                 if proc.poll() is not None:
                     return WorkerError(f"tensor-parallel worker {rank} died (exit code {proc.returncode})")

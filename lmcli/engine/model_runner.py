@@ -43,7 +43,9 @@ def available_memory() -> int:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, workspace: Workspace, tp: TP = TP()):
+    def __init__(self, config: EngineConfig, workspace: Workspace, tp: TP = TP(), loaded=None):
+        """loaded: called once the weights are in, before the first collective (tensor parallelism: until every
+        rank has loaded)."""
         self.config, self.tp = config, tp
         self.device = torch.device(config.device)
         if self.device.type == "cuda":  # Triton launches and graph captures go to the thread's current device
@@ -59,6 +61,8 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(torch.float32)
         self._load(workspace)
+        if loaded is not None:
+            loaded()
         self._kv_memory = []  # the KV cache's mmaps on CPU (_zeros)
         self._kv_pools = []  # their tensors, (2, layers, blocks, ...)
         self._warm_blocks = 0  # blocks [0, this) of them are faulted in (warm_cache)

@@ -15,6 +15,7 @@ import pytest
 from conftest import LM, assert_one_line_error, run_lm
 from lmcli.engine.distributed import WorkerError
 from lmcli.engine.engine import Engine
+from lmcli.workspace import Workspace
 from test_tp import greedy_run
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "serve"))
@@ -88,18 +89,84 @@ def test_node_options_are_checked_before_anything_starts(smollm2_workspace):
         assert_one_line_error(run_lm("serve", "api_server", smollm2_workspace, *args), needle)
 
 
-def test_a_node_with_another_model_is_refused(smollm2_workspace, tmp_path):
+def other_config(ws: Path) -> None:
+    manifest = json.loads((ws / "lm_workspace.json").read_text())
+    manifest["model"]["rope_theta"] = 10000.0  # the same shapes, another model
+    (ws / "lm_workspace.json").write_text(json.dumps(manifest))
+
+
+def other_weights(ws: Path) -> None:
+    """The same config, a weight changed: a fine-tune. The file's last bytes are weights (the header is first)."""
+    weights = ws / json.loads((ws / "lm_workspace.json").read_text())["weight_files"][-1]
+    with open(weights, "r+b") as f:
+        f.seek(-2, os.SEEK_END)
+        last = f.read(2)
+        f.seek(-2, os.SEEK_END)
+        f.write(bytes(b ^ 1 for b in last))
+
+
+def test_fingerprint_tells_workspaces_apart(smollm2_workspace, tmp_path):
+    same, config, weights = (tmp_path / name for name in ("same", "config", "weights"))
+    for path, change in ((same, None), (config, other_config), (weights, other_weights)):
+        shutil.copytree(smollm2_workspace, path)
+        if change is not None:
+            change(path)
+    mine = Workspace.load(smollm2_workspace).fingerprint()
+    assert Workspace.load(same).fingerprint() == mine
+    assert Workspace.load(config).fingerprint() != mine and Workspace.load(weights).fingerprint() != mine
+
+
+@pytest.mark.parametrize("change,needle", [(other_config, "is not the model rank 0 serves"),
+                                           (other_weights, "but other weights, dtype or quantization")])
+def test_a_node_with_another_model_or_other_weights_is_refused(smollm2_workspace, tmp_path, change, needle):
     other = tmp_path / "other"
     shutil.copytree(smollm2_workspace, other)
-    manifest = json.loads((other / "lm_workspace.json").read_text())
-    manifest["model"]["rope_theta"] = 10000.0  # the same shapes, another model
-    (other / "lm_workspace.json").write_text(json.dumps(manifest))
+    change(other)
     port = free_port()
     node = start_node(other, port, tmp_path / "node1.log")
     try:
-        with pytest.raises(WorkerError, match="is not the model rank 0 serves"):
+        with pytest.raises(WorkerError, match=needle):
             Engine(smollm2_workspace, tp=2, nnodes=2, master_addr="127.0.0.1", master_port=port, **OPTIONS)
         assert node.wait(60) != 0
+    finally:
+        if node.poll() is None:
+            os.killpg(node.pid, signal.SIGKILL)
+
+
+SLOW_LOAD = """import os, time
+import lmcli.engine.model_runner as m
+load = m.ModelRunner._load
+def slow(self, workspace):
+    time.sleep(float(os.environ["SLOW_LOAD"]))
+    return load(self, workspace)
+m.ModelRunner._load = slow
+"""
+
+
+def test_a_node_that_loads_slower_than_the_collective_timeout_still_joins(smollm2_workspace, tmp_path, monkeypatch):
+    """Node 1's rank loads its shard 8 s after node 0's, with collectives timing out after 3 s: every rank waits
+    for the others' shards (join_timeout) before the first collective."""
+    single = Engine(smollm2_workspace, **OPTIONS)
+    try:
+        expected = greedy_run(single)
+    finally:
+        single.close()
+    (tmp_path / "slow").mkdir()
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_LOAD)  # node 1's processes only
+    monkeypatch.setenv("LMCLI_TP_TIMEOUT", "3")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "slow"), SLOW_LOAD="8")
+    port = free_port()
+    node = subprocess.Popen([str(LM), "serve", "api_server", str(smollm2_workspace), "--tp", "2", "--nnodes", "2",
+                             "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node1.log", "w"),
+                            start_new_session=True)
+    try:
+        engine = Engine(smollm2_workspace, tp=2, nnodes=2, master_addr="127.0.0.1", master_port=port, **OPTIONS)
+        try:
+            assert greedy_run(engine) == expected
+        finally:
+            engine.close()
+        assert node.wait(60) == 0, (tmp_path / "node1.log").read_text()
     finally:
         if node.poll() is None:
             os.killpg(node.pid, signal.SIGKILL)
