@@ -103,9 +103,10 @@ def quantized_linear(x: torch.Tensor, weight, bias: torch.Tensor = None) -> torc
 
 def decode_layer(x: torch.Tensor, residual, norms: tuple, weights: tuple, cos, sin, batch, k_cache, v_cache,
                  eps: float, scale: float, heads: int, kv_heads: int, dim: int):
-    """A Llama decoder layer (input norm, qkv, rotary and cache store, attention, o, post-attention norm, gate_up,
-    silu, down) for a batch of decodes in one native call (cpu/layer.c: the same kernels on the same values as op
-    by op), where it applies: fewer than WIDEN_MIN_ROWS sequences and no prefill chunk; every projection (qkv, o,
+    """A Llama decoder layer (input norm, qkv, Qwen3's norms over each head's query and key, rotary and cache store,
+    attention, o, post-attention norm, gate_up, silu, down) for a batch of decodes in one native call (cpu/layer.c:
+    the same kernels on the same values as op by op), where it applies: norms (input, post-attention, q_norm,
+    k_norm; the last two None without them); fewer than WIDEN_MIN_ROWS sequences and no prefill chunk; every projection (qkv, o,
     gate_up, down) in 4-bit or 8-bit blocks of one kind; bfloat16 activations and norms on CPU, the KV cache in
     bfloat16 or 8-bit (kv8.Int8Cache, up to 8 query heads a kv head). Returns
     (the MLP's output, the residual stream), or None: then the caller runs the layer op by op."""
@@ -122,7 +123,10 @@ def _layer_bits(norms, weights, k_cache, v_cache, heads: int, kv_heads: int, dim
     bits = {getattr(w, "bits", None) for w in weights}
     if len(bits) != 1 or None in bits or weights[0].shape[0] != (heads + 2 * kv_heads) * dim:
         return None
-    return bits.pop() if _native_bf16(*norms) and _native_caches(k_cache, v_cache) else None
+    if (norms[2] is None) != (norms[3] is None):
+        return None
+    present = [n for n in norms if n is not None]
+    return bits.pop() if _native_bf16(*present) and _native_caches(k_cache, v_cache) else None
 
 
 def _decode_batch(x, residual, cos, sin, batch) -> bool:
@@ -134,7 +138,7 @@ def _decode_batch(x, residual, cos, sin, batch) -> bool:
 
 def decode_layer_table(layers: list) -> Optional[tuple]:
     """For decode_layers: layers, each (norms, weights, k_cache, v_cache, eps, scale, heads, kv_heads, dim) as
-    decode_layer takes them (None for a layer that cannot run natively); (their addresses (layers, 14) int64, the
+    decode_layer takes them (None for a layer that cannot run natively); (their addresses (layers, 16) int64, the
     settings they share), or None unless every layer suits decode_layer alike. Built once: the parameters and the
     caches stay where they are."""
     rows, shared = [], set()
@@ -146,7 +150,8 @@ def decode_layer_table(layers: list) -> Optional[tuple]:
         if bits is None:
             return None
         caches = native.cache_tensors(k_cache, v_cache)
-        rows.append([t.data_ptr() for t in norms] + [t.data_ptr() for w in weights for t in (w.codes, w.scales)]
+        rows.append([0 if t is None else t.data_ptr() for t in norms]
+                    + [t.data_ptr() for w in weights for t in (w.codes, w.scales)]
                     + [0 if t is None else t.data_ptr() for t in caches])
         shared.add((bits, caches[2] is not None, k_cache.shape[2], weights[3].shape[1], *settings))
     if len(shared) != 1:

@@ -108,12 +108,36 @@ def test_the_start_up_line_names_the_formats_and_their_options():
     assert "(--quantization int8)" in describe_formats("bfloat16", "int8", 0)
 
 
-@pytest.mark.parametrize("quantization,quant_policy", [("int8", 0), ("int4", 0), ("int4", 8)])
-def test_decode_steps_in_one_native_call_change_nothing(smollm2_workspace, quantization, quant_policy, monkeypatch):
+@pytest.fixture(scope="module")
+def qwen3_workspace(smollm2_workspace, tmp_path_factory):
+    """A small random Qwen3 (norms over each head's query and key), converted by lm convert."""
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from conftest import run_lm
+
+    path = tmp_path_factory.mktemp("qwen3")
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, head_dim=32))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.save_pretrained(path / "hf")
+    AutoTokenizer.from_pretrained(Workspace.load(smollm2_workspace).tokenizer_path).save_pretrained(path / "hf")
+    assert run_lm("convert", path / "hf", "--dst-path", path / "ws").returncode == 0
+    return path / "ws"
+
+
+@pytest.mark.parametrize("model,quantization,quant_policy", [("smollm2", "int8", 0), ("smollm2", "int4", 0),
+                                                             ("smollm2", "int4", 8), ("qwen3", "int4", 0)])
+def test_decode_steps_in_one_native_call_change_nothing(model, quantization, quant_policy, monkeypatch, request):
     """A batch of decodes on 4-bit or 8-bit weights runs every layer in one native call (kernels.decode_layers),
     else each layer in one (kernels.decode_layer): the same tokens and logprobs as op by op, for sequences of
     different lengths decoding together (one of them joining while the others decode, so prefill steps take the
-    op-by-op path); with the bfloat16 and the 8-bit KV cache."""
+    op-by-op path); with the bfloat16 and the 8-bit KV cache; Qwen3's norms over each head's query and key."""
+    workspace = request.getfixturevalue(f"{model}_workspace")
+    layers = Workspace.load(workspace).config.num_layers
     from lmcli import kernels
     from lmcli.engine.sampling_params import SamplingParams
     from lmcli.kernels import native
@@ -132,7 +156,7 @@ def test_decode_steps_in_one_native_call_change_nothing(smollm2_workspace, quant
     def generate() -> dict:
         for v in calls.values():
             v.clear()
-        engine = Engine(smollm2_workspace, dtype="bfloat16", quantization=quantization, quant_policy=quant_policy,
+        engine = Engine(workspace, dtype="bfloat16", quantization=quantization, quant_policy=quant_policy,
                         num_blocks=64)
         try:
             prompts = [list(range(100, 160)), [1, 2, 3, 4, 5, 6, 7, 8] * 3, [9, 10, 11]]
@@ -156,7 +180,7 @@ def test_decode_steps_in_one_native_call_change_nothing(smollm2_workspace, quant
     assert not calls["decode_layer_blocks"]
     monkeypatch.setattr(kernels, "decode_layers", lambda *args, **kwargs: None)
     assert generate() == together  # a layer a call
-    assert len(calls["decode_layer_blocks"]) > 30 * 20 and all(calls["decode_layer_blocks"])
+    assert len(calls["decode_layer_blocks"]) > layers * 20 and all(calls["decode_layer_blocks"])
     monkeypatch.setattr(kernels, "decode_layer", lambda *args, **kwargs: None)
     assert generate() == together  # op by op
 
