@@ -107,6 +107,8 @@ class Scheduler:
             if seq.admitted:  # the turn ran: its tokens join the history
                 session.token_ids = list(seq.token_ids)
             self._unadmit(seq)
+            if session.num_computed > len(session.token_ids):  # a prefix match reached into a prompt that never ran
+                self._drop_blocks(session)
             session.busy, session.last_used = False, self.clock
         else:
             self.bm.free_seq(seq)
@@ -130,11 +132,16 @@ class Scheduler:
         if not holding:
             return False
         victim = min(holding, key=lambda s: (s.busy, s.last_used))  # idle sessions first
-        self.bm.release(victim.tables)  # hashed full blocks stay findable in the prefix cache
-        victim.tables, victim.num_computed = [], 0
-        victim.num_hashed_blocks, victim.last_block_hash = 0, None
+        self._drop_blocks(victim)
         self.num_session_evictions += 1
         return True
+
+    def _drop_blocks(self, session: Session) -> None:
+        """A session's blocks go back (hashed full blocks stay findable in the prefix cache); its next turn rebuilds
+        them from its history."""
+        self.bm.release(session.tables)
+        session.tables, session.num_computed = [], 0
+        session.num_hashed_blocks, session.last_block_hash = 0, None
 
     def end_session(self, session_id: int) -> None:
         session = self.sessions.pop(session_id, None)

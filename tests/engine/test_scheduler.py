@@ -171,3 +171,26 @@ def test_a_turn_that_never_ran_leaves_the_history_alone():
     assert big.finish_reason == "length" and not big.admitted
     assert session.token_ids == history and not session.busy
     bm.check()
+
+
+def test_an_aborted_turn_that_never_ran_leaves_no_kv_of_its_prompt_in_the_session():
+    """A turn waiting for room has a prefix match that reaches into its new prompt; it is aborted before it runs.
+    Its session must not keep K/V for tokens of that prompt as if they were history (its next turn would read
+    them): it gives its blocks back and rebuilds from its history."""
+    sched, bm = make(num_blocks=12, block_size=4, budget=64)
+    history, prompt = list(range(8)), list(range(100, 108))
+    cached = Sequence(history + prompt + [0], SamplingParams())  # caches history + prompt
+    sched.add(cached)
+    run_step(sched, bm)
+    sched.finish(cached, "stop")
+    big = seq(35, start=50)  # holds 9 of the 12 blocks, enough for its next token too
+    sched.add(big)
+    run_step(sched, bm)
+    session = sched.sessions[1] = Session(1)
+    session.token_ids = list(history)
+    turn = session_turn(sched, session, history + prompt)
+    run_step(sched, bm)  # its 16-token prefix match needs 4 blocks; 3 are free: it waits
+    assert not turn.admitted and session.num_computed == 12 > len(history)  # the match, kept while it waits
+    sched.finish(turn, "abort")
+    assert session.num_computed <= len(session.token_ids) == len(history)
+    bm.check()
