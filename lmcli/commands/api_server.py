@@ -50,7 +50,8 @@ def api_server(
         help="Share of free memory for the KV cache (on CPU: of available RAM, at most 4 GiB).")] = 0.8,
     num_kv_blocks: Annotated[Optional[int], typer.Option(
         help="A KV cache of exactly this many blocks (a fixed footprint), instead of --cache-max-entry-count's "
-             "share.", show_default=False)] = None,
+             "share. A block holds one KV group's layers: all of them for most models, fewer where sliding-window "
+             "layers keep tables of their own (Gemma 3).", show_default=False)] = None,
     cache_block_seq_len: Annotated[int, typer.Option(help="Tokens per KV cache block.")] = 64,
     max_prefill_token_num: Annotated[int, typer.Option(help="Most tokens computed in one step.")] = 2048,
     enable_prefix_caching: Annotated[bool, typer.Option(

@@ -67,8 +67,13 @@ class Engine:
 
             self.runner = ModelRunner(self.config, self.workspace)
         cache = self.config.cache
+        windows = [w for w, _ in self.config.model.kv_groups()]
+        if any(w is not None for w in windows) and self.runner.num_blocks < 2:
+            self.close()
+            raise UserError("a model with sliding windows needs a KV cache of at least 2 blocks (the first is kept "
+                            "unused)")
         self.block_manager = BlockManager(self.runner.num_blocks, cache.block_size, cache.enable_prefix_caching,
-                                          [w for w, _ in self.config.model.kv_groups()])
+                                          windows)
         self.cold = True  # part of the KV pool was never touched (warm)
         self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
         gen = self.workspace.generation

@@ -127,3 +127,10 @@ def test_bench_quality_log_likelihoods_through_every_group(gemma):
         logits = model(torch.tensor([ids])).logits[0].float()
     theirs = torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_a_pool_of_only_the_null_page_is_refused_clearly(gemma):
+    from lmcli.errors import UserError
+
+    with pytest.raises(UserError, match="at least 2 blocks"):
+        engine(gemma[1], num_blocks=1)
