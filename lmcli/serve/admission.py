@@ -3,15 +3,19 @@ or its prompt tokenized. Past --max-concurrent-requests it waits, first come fir
 --max-queue-len requests: a full queue is a 429 at once, a wait past --queue-timeout a 503, both with
 Retry-After. A body whose Content-Length is over the limit is a 413 before it is read. Control turns of
 /v1/chat/interactive (cancel, and ending a session with request_output_len 0) are never held back: they free
-what others wait for."""
+what others wait for; to find them, at most CONTROL_BYTES of an interactive body are read before admission (a
+longer one is a turn to admit). The request's arrival is kept (scope["state"]["arrival"]): --request-timeout
+counts from it."""
 
 import asyncio
 import json
+import time
 
 from lmcli.serve.common import MAX_BODY
 from lmcli.serve.errors import APIError
 
 GENERATE = ("/v1/chat/completions", "/v1/completions", "/v1/chat/interactive")
+CONTROL_BYTES = 64 << 10  # what a cancel or an end of session could need, with a long stop list and kwargs
 
 
 class Admission:
@@ -24,6 +28,7 @@ class Admission:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in GENERATE:
             return await self.app(scope, receive, send)
+        scope.setdefault("state", {}).setdefault("arrival", time.monotonic())  # unless an outer layer set it
         if self.state.draining:
             return await refuse(APIError(503, "the server is shutting down", code="shutting_down",
                                          headers={"Retry-After": "1"}), scope, receive, send)
@@ -32,11 +37,8 @@ class Admission:
             return await refuse(APIError(413, f"the request body is over {MAX_BODY >> 20} MiB", code="body_too_large"),
                                 scope, receive, send)
         if scope["path"] == "/v1/chat/interactive":
-            body, receive = await read(receive)
-            if body is None:
-                return await refuse(APIError(413, f"the request body is over {MAX_BODY >> 20} MiB",
-                                             code="body_too_large"), scope, receive, send)
-            if is_control(body):
+            body, receive = await read(receive, CONTROL_BYTES)
+            if body is not None and is_control(body):
                 return await self.app(scope, receive, send)
         try:
             await self.admit()
@@ -102,28 +104,27 @@ def is_control(body: bytes) -> bool:
     return isinstance(fields, dict) and (fields.get("cancel") is True or fields.get("request_output_len") == 0)
 
 
-async def read(receive):
-    """The whole body, and a receive that hands it to the app again; None past MAX_BODY (read no further)."""
+async def read(receive, limit: int):
+    """The whole body if it is at most limit bytes, else None (having read a little past limit, no further); and a
+    receive that hands the app what was read, then the rest."""
     chunks, size, more = [], 0, True
-    while more:
+    while more and size <= limit:
         message = await receive()
         if message["type"] != "http.request":
             return b"", receive
         chunks.append(message.get("body", b""))
         size += len(chunks[-1])
         more = message.get("more_body", False)
-        if size > MAX_BODY:
-            return None, receive
     body, sent = b"".join(chunks), False
 
     async def replay():
         nonlocal sent
         if not sent:
             sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.request", "body": body, "more_body": more}
         return await receive()
 
-    return body, replay
+    return (None if more or size > limit else body), replay
 
 
 async def refuse(error: APIError, scope, receive, send) -> None:

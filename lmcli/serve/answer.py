@@ -87,14 +87,22 @@ class Choice:
         return Piece(text, out.token_ids, out.logprobs, reason, calls, reasoning)
 
 
+def arrival(request: Request) -> Optional[float]:
+    """When the request came in (time.monotonic(), kept by admission.py), if it was kept."""
+    return request.scope.get("state", {}).get("arrival")
+
+
 class Job:
     """One HTTP request's engine requests (one per prompt, each with n choices) and what ends with them: the
     claim (its engine request ids, one per prompt), the metrics, callbacks."""
 
     def __init__(self, state: ServerState, endpoint: str, rid: str, claim: Claim, n: int = 1,
                  parser: Optional[Callable[[], ToolParser]] = None,
-                 reasoner: Optional[Callable[[], ThinkParser]] = None):
+                 reasoner: Optional[Callable[[], ThinkParser]] = None, arrival: Optional[float] = None):
+        """arrival: the request's time.monotonic() when it came in (admission.py), from which --request-timeout
+        counts; None: from start()."""
         self.state, self.endpoint, self.rid, self.claim, self.n = state, endpoint, rid, claim, n
+        self.arrival = arrival
         self.parser, self.reasoner = parser, reasoner  # make each choice's tool and reasoning parsers
         self.created = int(time.time())
         self.streams: list = []
@@ -122,10 +130,12 @@ class Job:
                         for i in range(len(prompts) * self.n)]
         self.timer = RequestTimer(self.state.metrics, self.endpoint)
         limit = self.state.options.request_timeout
-        if limit:  # the request ends there, however long it asked to run
+        if limit:  # the request ends there, however long it asked to run, counted from its arrival
             error = TimedOut(f"the request ran past {limit:g} s (--request-timeout)")
             ids = self.claim.request_ids[:len(prompts)]
-            self.deadline = asyncio.get_running_loop().call_later(limit, lambda: [engine.fail(i, error) for i in ids])
+            left = limit - (time.monotonic() - self.arrival if self.arrival is not None else 0)
+            self.deadline = asyncio.get_running_loop().call_later(max(0.0, left),
+                                                                  lambda: [engine.fail(i, error) for i in ids])
 
     async def run(self) -> AsyncIterator[tuple[Choice, Piece]]:
         async for k, out in merge(self.streams):

@@ -18,7 +18,7 @@ from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
 from lmcli.engine.async_engine import EngineDead
-from lmcli.serve.answer import Choice, Format, Job, Piece, check_context, respond
+from lmcli.serve.answer import Choice, Format, Job, Piece, arrival, check_context, respond
 from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, check_prompt_chars, message_texts,
                                 parse, structured_output, user_error)
 from lmcli.serve.errors import APIError
@@ -95,7 +95,7 @@ async def _turn(request, state: ServerState, engine, req, params: SamplingParams
         params = replace(params, max_tokens=max_tokens)
     except UserError as e:  # min_new_tokens past request_output_len
         raise sampling_error(e) from None
-    job = Job(state, "interactive", rid, claim)
+    job = Job(state, "interactive", rid, claim, arrival=arrival(request))
     await job.start(engine, [(prompt_ids, params)], sid if req.interactive_mode else None)
     if req.interactive_mode:  # idle from the turn's end
         job.closing.append(lambda: state.sessions.touch(sid))

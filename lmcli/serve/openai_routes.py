@@ -14,7 +14,7 @@ from lmcli.engine.prompt import encode_chat, plain_messages
 from lmcli.engine.sampling_params import SamplingParams
 from lmcli.errors import UserError
 from lmcli.serve import protocol as p
-from lmcli.serve.answer import Job, check_context, respond
+from lmcli.serve.answer import Job, arrival, check_context, respond
 from lmcli.serve.common import (TEMPLATE_ERRORS, check_kwargs, check_messages, check_prompt_chars, compiled,
                                 message_texts, parse, structured_output, user_error)
 from lmcli.serve.errors import APIError
@@ -145,7 +145,7 @@ async def chat_completions(request: Request) -> Response:
     if name and rules is not None:  # a grammar shapes the answer from its first token: reasoning only if it opens
         name = "think"              # with <think> (deepseek_r1 would take a whole JSON answer for reasoning)
     job = Job(state, "chat", rid, state.claim(req.session_id, [rid]), req.n, parser,
-              REASONING_PARSERS[name] if name else None)
+              REASONING_PARSERS[name] if name else None, arrival(request))
     await job.start(engine, [(prompt_ids, params)])
     log_user(req.user or req.safety_identifier, rid)
     fmt = ChatFormat(job, state.tokenizer, state.model_name, include_usage, req.logprobs)
@@ -178,7 +178,7 @@ async def completions(request: Request) -> Response:
         raise APIError(400, "at most 64 choices per request (prompts times n)", "prompt")
     rid = f"cmpl-{uuid.uuid4().hex}"
     job = Job(state, "completions", rid, state.claim(req.session_id, [f"{rid}-{k}" for k in range(len(prompts))]),
-              req.n)
+              req.n, arrival=arrival(request))
     await job.start(engine, list(zip(prompts, params)))
     log_user(req.user, rid)
     fmt = CompletionFormat(job, state.tokenizer, state.model_name, include_usage, req.logprobs is not None, echo)

@@ -992,3 +992,57 @@ def test_when_the_drain_begins_the_queued_get_503_at_once():
 def test_echo_of_token_ids_outside_the_vocabulary_is_a_400(client):
     r = client.post("/v1/completions", json={"model": "fake-model", "prompt": [10 ** 12], "echo": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"  # found by schemathesis: it was a 500
+
+
+def test_the_request_timeout_counts_from_the_requests_arrival():
+    """--request-timeout bounds the whole request: time spent before the engine started it (queued, read,
+    tokenized) counts. Here an outer layer says the request came in 601 s ago, with a limit of 600 s: the answer,
+    which would take 0.03 s, ends at once with the timeout."""
+    import time
+
+    app, engine = make_app(FakeEngine(answer="abc"), request_timeout=600)
+
+    async def late(scope, receive, send):
+        if scope["type"] == "http" and (b"x-late", b"1") in scope["headers"]:
+            scope.setdefault("state", {})["arrival"] = time.monotonic() - 601
+        await app(scope, receive, send)
+
+    with TestClient(late) as c:
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200  # the same request, arrived now
+        for path, body in (("/v1/chat/completions", CHAT), ("/v1/chat/interactive", {"prompt": "hi"}),
+                           ("/v1/completions", {"model": "fake-model", "prompt": "Hi"})):
+            r = c.post(path, json=body, headers={"x-late": "1"})
+            assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", (path, r.text)
+    engine.close()
+
+
+def test_an_interactive_turn_is_admitted_before_its_long_body_is_read():
+    """At most 64 KiB of an interactive body are read to tell a control turn (cancel, end of session) from a turn
+    to admit: with the one place taken and no queue, a long turn is a 429 before the rest of its body arrives."""
+    import asyncio
+
+    app, engine = one_place(max_queue_len=0)
+    app.middleware_stack = app.build_middleware_stack()
+    admission = find_admission(app)
+    admission.admitted = 1  # the one place is taken
+    sent, rest = [], asyncio.Event()
+
+    async def run():
+        chunks = [{"type": "http.request", "body": b'{"prompt": "' + b"x" * (100 << 10), "more_body": True}]
+
+        async def receive():
+            if chunks:
+                return chunks.pop(0)
+            await rest.wait()  # the rest of the body never comes
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/interactive", "headers": [], "query_string": b"",
+                 "scheme": "http", "server": ("test", 80), "root_path": "", "http_version": "1.1"}
+        await asyncio.wait_for(admission(scope, receive, send), 60)
+
+    asyncio.run(run())
+    assert sent[0]["status"] == 429 and any(b"--max-queue-len" in m.get("body", b"") for m in sent[1:])
+    engine.close()
