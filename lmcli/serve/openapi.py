@@ -31,8 +31,17 @@ ROUTES = [
 
 ERRORS = {"400": "Bad request: malformed JSON, a wrong type, a value out of range, an unsupported field, a prompt "
                  "longer than the context", "401": "Missing or wrong API key", "404": "Unknown model",
-          "409": "The session is busy with another request", "429": "Too many concurrent requests",
-          "503": "The model is loading or the engine stopped"}
+          "409": "The session is busy with another request",
+          "413": "The request body is over 32 MiB",
+          "429": "Too many requests: --max-concurrent-requests reached and the queue (--max-queue-len) full, or "
+                 "every interactive session busy (--max-sessions); Retry-After says when to try again",
+          "503": "The model is loading, the engine stopped, the server is shutting down, or no place came free "
+                 "within --queue-timeout (Retry-After)",
+          "504": "The request ran past --request-timeout (counted from its arrival)"}
+# /v1/chat/interactive's own
+SESSION_ENDED = ("The server ended the session (idle past --session-ttl, or the least recently used past "
+                 "--max-sessions): its history is gone; this turn did not run, and sent again it starts the session "
+                 "afresh")
 
 
 @lru_cache(maxsize=None)
@@ -66,6 +75,11 @@ def openapi_schema(version: str) -> dict:
         elif path != "/health":
             op["responses"]["401"] = {"description": ERRORS["401"],
                                       "content": {JSON: {"schema": ref(p.ErrorResponse)}}}
+        if path == "/v1/chat/interactive":
+            op["responses"]["410"] = {"description": SESSION_ENDED, "content": {JSON: {"schema": ref(p.ErrorResponse)}}}
+        if path == "/health":
+            op["responses"]["503"] = {"description": "Loading, broken or shutting down: status and message say which",
+                                      "content": {JSON: {"schema": ref(response)}}}
         if path.startswith("/v1/"):
             op["security"] = [{"bearer": []}, {}]
         paths[path] = {method: op}
@@ -102,8 +116,8 @@ def proxy_openapi(version: str) -> dict:
         responses["503"] = {"description": "No node can take the request, or none had room within the queue's "
                                            "timeout", **error}
     doc["paths"]["/v1/chat/interactive"]["post"]["responses"]["410"] = {
-        "description": "The node holding the session is gone: its history is lost; the next turn starts afresh",
-        **error}
+        "description": "The node holding the session is gone, or it ended the session: its history is lost; the "
+                       "next turn starts afresh", **error}
     status = {"200": {"description": "The node table", "content": {JSON: {"schema": {"type": "object"}}}}}
     doc["paths"]["/nodes/status"] = {"get": {"operationId": "nodeStatus", "summary": "Each node's URL, models, "
                                              "state, load, requests and errors", "responses": status}}

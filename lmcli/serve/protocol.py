@@ -211,7 +211,9 @@ class CompletionRequest(SamplingFields):
 
 
 class InteractiveRequest(Strict):
-    prompt: Union[str, list[Message]] = Field(description="The next user message, or messages.")
+    prompt: Union[str, list[Message]] = Field(description="The next user message, or messages. Empty only with "
+                                              "cancel or request_output_len 0 (a turn that generates nothing); "
+                                              "else an empty prompt is a 400.")
     session_id: int = Field(-1, ge=-1, description="-1: the server picks one and returns it.")
     interactive_mode: bool = Field(False, description="true: keep this session's history and KV cache for the "
                                    "next turn. false: end the session; this request runs on its own.")

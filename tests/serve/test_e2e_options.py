@@ -208,11 +208,31 @@ def test_sigterm_lets_requests_finish_then_ends_the_rest_and_exits_0(smollm2_wor
                 except httpx.TransportError:
                     pass
                 ended = [line for line in long_lines if line]
-        assert ended[-1] == "data: [DONE]", ended[-3:]
-        error = json.loads(ended[-2][len("data: "):])["error"]
-        assert error["code"] == "shutting_down" and "5 s drain" in error["message"], ended[-2]
-        assert s.proc.wait(60) == 0, s.stderr()
-        assert "Traceback" not in s.stderr() and "ended 1 request(s)" in s.stderr(), s.stderr()
+        ended_by_the_drain(s, ended, 5)
+    finally:
+        s.stop()
+
+
+def ended_by_the_drain(s: LmServer, lines: list, seconds: int) -> None:
+    """The stream's last events are the drain's error and [DONE]; the server exited 0, without a traceback."""
+    assert lines[-1] == "data: [DONE]", lines[-3:]
+    error = json.loads(lines[-2][len("data: "):])["error"]
+    assert error["code"] == "shutting_down" and f"{seconds} s drain" in error["message"], lines[-2]
+    assert s.proc.wait(60) == 0, s.stderr()
+    assert "Traceback" not in s.stderr() and "ended 1 request(s)" in s.stderr(), s.stderr()
+
+
+def test_shutdown_timeout_0_ends_what_runs_at_once(smollm2_workspace, tmp_path):
+    s = LmServer(smollm2_workspace, "--dtype", "bfloat16", "--shutdown-timeout", "0", log_dir=tmp_path).wait_ready()
+    try:
+        with httpx.stream("POST", s.url + "/v1/chat/completions", timeout=300, json={
+                "model": "SmolLM2-135M-Instruct", "messages": FRANCE, "stream": True, "max_tokens": 4000,
+                "ignore_eos": True}) as long:
+            lines = long.iter_lines()
+            next(lines)
+            s.proc.send_signal(signal.SIGTERM)
+            ended = [line for line in lines if line]
+        ended_by_the_drain(s, ended, 0)
     finally:
         s.stop()
 
