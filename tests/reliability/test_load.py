@@ -2,10 +2,11 @@
 profile multiplies every count: LM_SOAK=10 pytest tests/reliability (docs/reliability.md).
 
 - Mixed: workers send, in a seeded random order, plain and streamed chat, completions with every prompt shape
-  (text, texts, token ids, lists of token ids; n=2 too), interactive sessions of three turns, and streams that
-  the client drops after 0 to 3 chunks, in rounds. Every answer not dropped must be a 200; afterwards nothing may
-  be left running, no session kept, the KV cache back at its start level, no file left open, and the server's
-  memory no larger than after the warm-up rounds (within a bound).
+  (text, texts, token ids, lists of token ids; n=2 too), interactive sessions of three turns, streams that
+  the client drops after 0 to 3 chunks, and plain requests it gives up on at a random point, in rounds. Every
+  answer not dropped must be a 200; afterwards nothing may be left running, no session kept, the KV cache back
+  at its start level, no file left open, and the server's memory no larger than after the warm-up rounds (within
+  a bound).
 - Flood: 8 places and 8 queued, 160 requests at once: each answer is a 200 or a 429 with Retry-After, and the
   server then answers as before. The time to each 429 is printed, not asserted (it depends on the CPU)."""
 
@@ -81,6 +82,13 @@ def one(client: httpx.Client, url: str, kind: str, rng: random.Random) -> str:
             for _ in range(rng.randrange(4)):
                 next(lines)
         return "dropped"  # leaving the with-block closes the connection mid-answer
+    elif kind == "drop-plain":  # a plain request whose client gives up at a random point
+        try:
+            r = client.post(url + "/v1/chat/completions", timeout=httpx.Timeout(300, read=rng.uniform(0.02, 0.5)),
+                            json={"model": MODEL, "messages": CHAT, "max_tokens": 60, "ignore_eos": True})
+        except httpx.ReadTimeout:
+            return "dropped"  # the timed-out connection is closed mid-answer
+        assert r.status_code == 200, r.text
     return "ok"
 
 
@@ -116,7 +124,7 @@ def test_mixed_load_and_dropped_clients_leave_nothing_behind(server):
     request's state, or of every connection's, would pass it only in a short run; the soak profile runs ten
     times as many)."""
     start = gauges(server.url)
-    kinds = ["chat", "stream", "completion", "session", "drop"]
+    kinds = ["chat", "stream", "completion", "session", "drop", "drop-plain"]
     rng = random.Random(0)
     plan = [rng.choice(kinds) for _ in range(40 * SCALE)]
     assert start["lm_kv_cache_blocks_total"] == 64  # --num-kv-blocks

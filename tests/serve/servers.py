@@ -98,6 +98,23 @@ class LmServer:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
 
+    def workers(self) -> list[int]:
+        """The pids of this server's tensor-parallel workers."""
+        found = subprocess.run(["pgrep", "-f", "lmcli.engine.distributed"], capture_output=True, text=True)
+        return [int(pid) for pid in found.stdout.split() if self.proc.pid in ancestors(int(pid))]
+
+
+def ancestors(pid: int) -> list[int]:
+    chain = []
+    while pid > 1:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:  # gone meanwhile
+            break
+        chain.append(pid)
+    return chain
+
 
 class LmProxy(LmServer):
     """`lm serve proxy ...` in a subprocess."""

@@ -76,9 +76,8 @@ def test_tp2_over_https_with_keys_and_a_proxy(smollm2_workspace, tmp_path, proxy
         assert httpx.get(s.url + "/health", verify=trust).json()["status"] == "ok"
         assert "lm_kv_cache_blocks_total" in httpx.get(s.url + "/metrics", verify=trust).text
         # a tensor-parallel worker dies: /health says so, requests get a clear error, nothing hangs
-        workers = subprocess.run(["pgrep", "-f", "lmcli.engine.distributed"], capture_output=True, text=True)
-        mine = [int(pid) for pid in workers.stdout.split() if str(s.proc.pid) in _ancestors(int(pid))]
-        assert len(mine) == 1, workers.stdout
+        mine = s.workers()
+        assert len(mine) == 1, mine
         os.kill(mine[0], signal.SIGKILL)
         deadline = time.monotonic() + 20
         while (health := httpx.get(s.url + "/health", verify=trust)).status_code == 200:
@@ -92,15 +91,6 @@ def test_tp2_over_https_with_keys_and_a_proxy(smollm2_workspace, tmp_path, proxy
         code = s.stop()
     assert code in (0, 130), s.stderr()
     assert registered[-1] == ("/nodes/remove", {"url": s.url})  # it left the proxy's table on shutdown
-
-
-def _ancestors(pid: int) -> list[str]:
-    chain = []
-    while pid > 1:
-        with open(f"/proc/{pid}/stat") as f:
-            pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        chain.append(str(pid))
-    return chain
 
 
 def test_the_readme_command_serves_the_default_model(smollm2_gguf, tmp_path):
@@ -240,9 +230,8 @@ def test_shutdown_timeout_0_ends_what_runs_at_once(smollm2_workspace, tmp_path):
 def test_sigterm_stops_a_tensor_parallel_server_and_its_workers(smollm2_workspace, tmp_path):
     s = LmServer(smollm2_workspace, "--tp", "2", "--dtype", "float32", log_dir=tmp_path).wait_ready()
     try:
-        workers = subprocess.run(["pgrep", "-f", "lmcli.engine.distributed"], capture_output=True, text=True)
-        mine = [int(pid) for pid in workers.stdout.split() if str(s.proc.pid) in _ancestors(int(pid))]
-        assert len(mine) == 1, workers.stdout
+        mine = s.workers()
+        assert len(mine) == 1, mine
         r = httpx.post(s.url + "/v1/chat/completions", timeout=120, json={
             "model": "SmolLM2-135M-Instruct", "messages": FRANCE, "max_tokens": 4})
         assert r.status_code == 200
