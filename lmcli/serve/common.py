@@ -59,15 +59,22 @@ def check_prompt_chars(state, texts, field: str) -> None:
                        "context_length_exceeded")
 
 
-def message_texts(messages) -> list:
-    """The text of messages (pydantic models or dicts): each content string and each text part."""
+def message_texts(messages, tools=None) -> list:
+    """The text of messages (pydantic models or dicts) that goes into the prompt: each content string and text
+    part, the arguments of earlier tool calls, and the tools' definitions as JSON."""
     out = []
     for m in messages:
-        content = m.get("content") if isinstance(m, dict) else getattr(m, "content", None)
+        field = m.get if isinstance(m, dict) else lambda name: getattr(m, name, None)
+        content = field("content")
         parts = content if isinstance(content, list) else [content]
         for part in parts:
             text = part.get("text") if isinstance(part, dict) else getattr(part, "text", part)
             out.append(text)
+        for call in field("tool_calls") or []:
+            function = call.get("function") if isinstance(call, dict) else None
+            out.append(json.dumps(function) if function is not None else None)
+    for tool in tools or []:
+        out.append(json.dumps(tool.model_dump() if hasattr(tool, "model_dump") else tool))
     return out
 
 

@@ -110,7 +110,7 @@ async def chat_completions(request: Request) -> Response:
     check_neutral(req, p.NEUTRAL)
     check_neutral(req, p.CHAT_ROUTER_NEUTRAL)
     check_messages(req.messages)
-    check_prompt_chars(state, message_texts(req.messages), "messages")
+    check_prompt_chars(state, message_texts(req.messages, req.tools), "messages")
     template = state.tokenizer.chat_template
     plan = tools.plan(req.tools, req.tool_choice, req.parallel_tool_calls, state.tool_parser)
     if plan.calls_tools and req.response_format not in (None, {"type": "text"}):

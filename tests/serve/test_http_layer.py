@@ -950,6 +950,15 @@ def test_a_prompt_too_long_for_any_tokenization_is_refused_before_tokenizing():
             r = client.post(route, json=body)
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
             assert "1100 characters" in r.json()["error"]["message"]
+        # what the chat template adds to the prompt counts too: earlier calls' arguments, the tools' definitions
+        call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": long}}
+        tool = {"type": "function", "function": {"name": "f", "description": long, "parameters": {"type": "object"}}}
+        for body in ({**CHAT, "messages": [{"role": "user", "content": "hi"},
+                                           {"role": "assistant", "content": None, "tool_calls": [call]},
+                                           {"role": "tool", "tool_call_id": "c1", "content": "ok"}]},
+                     {**CHAT, "tools": [tool]}):
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
         assert not calls  # never tokenized
         assert client.post("/v1/completions", json={"model": "fake-model", "prompt": "x" * 100}).status_code == 200
 
