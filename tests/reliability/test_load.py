@@ -179,3 +179,28 @@ def test_a_flood_gets_200_or_429_and_the_server_goes_on(smollm2_workspace, tmp_p
                           json={"model": MODEL, "messages": CHAT, "max_tokens": 4}).status_code == 200
     finally:
         s.stop()
+
+
+def test_huge_prompts_are_refused_before_tokenizing_and_leave_memory_as_it_was(server):
+    """10 MB prompts (the issue measured 15 s of tokenizing to refuse one, and the memory stayed grown): each is a
+    400 before it is tokenized; after a round of them the server's memory is where one round left it."""
+    huge = "word " * (2 << 20)  # 10 MiB
+    bodies = [("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": huge}]}),
+              ("/v1/completions", {"model": MODEL, "prompt": huge}),
+              ("/v1/chat/interactive", {"prompt": huge})]
+    mib, times, rss = 1 << 20, [], [gauges(server.url)["process_resident_memory_bytes"]]
+    with httpx.Client(timeout=300) as client:
+        for _ in range(2):
+            for _ in range(3 * SCALE):
+                for path, body in bodies:
+                    begun = time.monotonic()
+                    r = client.post(server.url + path, json=body)
+                    times.append(time.monotonic() - begun)
+                    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+            rss.append(gauges(server.url)["process_resident_memory_bytes"])
+    print(f"\nhuge prompts: {len(times)} of 10 MiB refused, median {statistics.median(times) * 1e3:.0f} ms, "
+          f"slowest {max(times) * 1e3:.0f} ms; server RSS {rss[0] / mib:.0f} MiB -> {rss[1] / mib:.0f} after the "
+          f"first round -> {rss[2] / mib:.0f} after the second")
+    assert rss[2] - rss[1] < 32 * mib
+    assert client.is_closed and httpx.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": MODEL, "messages": CHAT, "max_tokens": 4}).status_code == 200
