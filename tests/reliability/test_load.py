@@ -165,6 +165,7 @@ def test_a_flood_gets_200_or_429_and_the_server_goes_on(smollm2_workspace, tmp_p
                             json={"model": MODEL, "messages": CHAT, "max_tokens": 16, "ignore_eos": True})
             return r, time.monotonic() - begun
 
+        before = gauges(s.url)["process_resident_memory_bytes"]
         with client, ThreadPoolExecutor(64) as pool:
             answers = list(pool.map(ask, range(160 * SCALE)))
         codes = [r.status_code for r, _ in answers]
@@ -175,6 +176,10 @@ def test_a_flood_gets_200_or_429_and_the_server_goes_on(smollm2_workspace, tmp_p
         assert set(codes) <= {200, 429} and codes.count(200) >= 16, codes
         assert all(r.headers.get("retry-after") == "1" for r, _ in answers if r.status_code == 429)
         wait_until(lambda: gauges(s.url)["lm_requests_running"] == 0, "requests still running")
+        after = gauges(s.url)
+        print(f"server RSS {before / (1 << 20):.0f} MiB -> {after['process_resident_memory_bytes'] / (1 << 20):.0f} "
+              f"after the flood; KV blocks used {after['lm_kv_cache_blocks_used']:.0f}")
+        assert after["lm_kv_cache_blocks_used"] == 0
         assert httpx.post(s.url + "/v1/chat/completions", timeout=300,
                           json={"model": MODEL, "messages": CHAT, "max_tokens": 4}).status_code == 200
     finally:
