@@ -14,7 +14,6 @@ docs/workspace.md describes it for users. Change FORMAT_VERSION when the layout 
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -97,13 +96,16 @@ class ModelConfig:
 
     def kv_groups(self) -> list[tuple[Optional[int], tuple[int, ...]]]:
         """The layers that share one KV block table, as [(their window or None, their layers)]: full-attention
-        groups first. Every group has as many layers (the greatest common divisor of the full and sliding layers'
-        counts), so that a page of the KV pool, a block of tokens for that many layers, serves any group: a
-        sliding group's table frees the pages its window has left (vLLM's hybrid allocator does the same)."""
+        groups first. A page of the KV pool is a block of tokens for as many layers as the rarer kind of attention
+        has (Gemma 3 270M: 3 full-attention layers, 15 sliding: six groups of three), so that any group can use any
+        page, and a sliding group's table frees the pages its window has left (vLLM's hybrid allocator does the
+        same). A kind whose count that size does not divide ends with a smaller group, whose pages leave a layer's
+        place unused (Gemma 3 4B: 5 and 29 layers, seven groups rather than 34 of one layer: each group costs
+        Python every step)."""
         kinds: dict = {}
         for i in range(self.num_layers):
             kinds.setdefault(self.window(i), []).append(i)
-        size = math.gcd(*map(len, kinds.values()))
+        size = min(map(len, kinds.values()))
         order = sorted(kinds, key=lambda w: -1 if w is None else w)
         return [(w, tuple(kinds[w][j:j + size])) for w in order for j in range(0, len(kinds[w]), size)]
 

@@ -18,14 +18,12 @@ LAYERS = ["sliding_attention", "sliding_attention", "full_attention"] * 2
 PROMPT, NEW = 150, 60
 
 
-@pytest.fixture(scope="module")
-def gemma(smollm2_workspace, tmp_path_factory):
-    """(the model, its workspace)"""
-    path = tmp_path_factory.mktemp("gemma-sliding")
+def make_gemma(smollm2_workspace, path, layers: list):
+    """(a small random Gemma 3 of these layer types, its workspace)"""
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(Gemma3TextConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, sliding_window=WINDOW, layer_types=LAYERS,
+        vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=len(layers), num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, sliding_window=WINDOW, layer_types=layers,
         max_position_embeddings=512)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -36,6 +34,11 @@ def gemma(smollm2_workspace, tmp_path_factory):
     done = run_lm("convert", path / "hf", "--dst-path", path / "ws")
     assert done.returncode == 0, done.stderr
     return model, path / "ws"
+
+
+@pytest.fixture(scope="module")
+def gemma(smollm2_workspace, tmp_path_factory):
+    return make_gemma(smollm2_workspace, tmp_path_factory.mktemp("gemma-sliding"), LAYERS)
 
 
 def prompt(n: int, seed: int = 0) -> list[int]:
@@ -134,3 +137,33 @@ def test_a_pool_of_only_the_null_page_is_refused_clearly(gemma):
 
     with pytest.raises(UserError, match="at least 2 blocks"):
         engine(gemma[1], num_blocks=1)
+
+
+def test_a_kind_that_does_not_fill_its_last_group_leaves_a_place_unused(smollm2_workspace, tmp_path):
+    """2 full-attention layers and 5 sliding ones: groups of 2, the last sliding group of 1 (a page's second layer
+    place unused there); greedy tokens past the window stay transformers', and every page comes back."""
+    layers = ["sliding_attention", "sliding_attention", "full_attention"] * 2 + ["sliding_attention"]
+    model, ws = make_gemma(smollm2_workspace, tmp_path, layers)
+    e = engine(ws, num_blocks=64)
+    assert [len(members) for _, members in Workspace.load(ws).config.kv_groups()] == [2, 2, 2, 1]
+    ids = prompt(100, 4)
+    out = run(e, {"a": ids}, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))["a"]
+    assert out == greedy(model, ids, 30)
+    e.block_manager.check()
+    assert e.block_manager.num_free == e.block_manager.num_blocks
+
+
+def test_kv_groups_take_the_rarer_kinds_count():
+    from lmcli.workspace import ModelConfig
+
+    def groups(types):
+        config = ModelConfig(architecture="Gemma3ForCausalLM", vocab_size=10, hidden_size=8, intermediate_size=8,
+                             num_layers=len(types), num_heads=1, num_kv_heads=1, head_dim=8, rms_norm_eps=1e-6,
+                             rope_theta=1e4, max_position_embeddings=64, tie_word_embeddings=True,
+                             sliding_window=16, layer_types=tuple(types))
+        return [(w, len(members)) for w, members in config.kv_groups()]
+
+    gemma = lambda n: ["full_attention" if i % 6 == 5 else "sliding_attention" for i in range(n)]  # noqa: E731
+    assert groups(gemma(18)) == [(None, 3)] + [(16, 3)] * 5  # Gemma 3 270M
+    assert groups(gemma(34)) == [(None, 5)] + [(16, 5)] * 5 + [(16, 4)]  # Gemma 3 4B: 7 groups, not 34
+    assert groups(["full_attention"] * 3) == [(None, 3)]
