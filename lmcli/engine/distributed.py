@@ -14,6 +14,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import replace
@@ -41,30 +42,77 @@ def join_timeout() -> float:
     return float(os.environ.get("LMCLI_TP_JOIN_TIMEOUT", 900))
 
 
-def wait_loaded(store, rank: int, size: int, failed) -> None:
-    """Say this rank has loaded its shard and wait until every rank has, up to join_timeout(): a node that loads
-    slower than the others (a slower disk, a bigger shard) must not run into the first collective's timeout.
-    failed(): the error of a rank that failed meanwhile, or None."""
-    store.set(f"loaded/{rank}", "1")
+def wait_keys(store, keys: list, failed, late: str) -> None:
+    """Until the store holds every key, up to join_timeout() (then WorkerError: late, then the missing keys).
+    failed(): the error of a rank that failed meanwhile, or None (raised at once)."""
     deadline = time.monotonic() + join_timeout()
-    waiting = [f"loaded/{r}" for r in range(size)]
-    while not store.check(waiting):
+    while not store.check(keys):
         error = failed()
         if error is not None:
             raise error
         if time.monotonic() > deadline:
-            late = [r for r in range(size) if not store.check([f"loaded/{r}"])]
-            raise WorkerError(f"ranks {late} did not load their shards within {join_timeout():.0f} s "
-                              "(LMCLI_TP_JOIN_TIMEOUT)")
+            missing = [k for k in keys if not store.check([k])]
+            raise WorkerError(f"{late} within {join_timeout():.0f} s (LMCLI_TP_JOIN_TIMEOUT): {', '.join(missing)}")
         time.sleep(0.05)
+
+
+def wait_loaded(store, rank: int, size: int, failed) -> None:
+    """Say this rank has loaded its shard and wait until every rank has: a node that loads slower than the others
+    (a slower disk, a bigger shard) must not run into the first collective's timeout."""
+    store.set(f"loaded/{rank}", "1")
+    wait_keys(store, [f"loaded/{r}" for r in range(size)], failed, "not every rank loaded its shard")
 
 
 def rank_error(store, size: int):
     """The first rank's error written to the store, as a WorkerError, or None."""
-    for rank in range(1, size):
+    for rank in range(size):
         if store.check([f"error/{rank}"]):
             return WorkerError(store.get(f"error/{rank}").decode())
     return None
+
+
+BEAT = 2.0  # seconds between a joining worker's signs of life
+
+
+class Heartbeat:
+    """A worker's sign of life until it has joined and loaded: a counter in the store, on a connection of its own,
+    that rank 0 watches (a node that dies then writes no error, and is no child of rank 0's)."""
+
+    def __init__(self, addr: str, port: int, rank: int):
+        self.done = threading.Event()
+        store = dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=join_timeout()))
+
+        def beat():
+            while True:
+                try:
+                    store.add(f"alive/{rank}", 1)
+                except Exception:  # rank 0 is gone
+                    return
+                if self.done.wait(BEAT):
+                    return
+
+        threading.Thread(target=beat, daemon=True).start()
+
+
+class Silence:
+    """Rank 0's watch over the other nodes' heartbeats: the ranks whose counter has not moved for timeout()."""
+
+    def __init__(self, store, ranks):
+        self.store, self.ranks, self.seen = store, list(ranks), {}
+
+    def error(self, done: str):
+        """A WorkerError for a silent rank that has not set f"{done}/{rank}" yet, or None."""
+        now = time.monotonic()
+        for r in self.ranks:
+            if self.store.check([f"{done}/{r}"]):
+                continue
+            count = self.store.add(f"alive/{r}", 0)
+            if self.seen.get(r, (None,))[0] != count:
+                self.seen[r] = (count, now)
+            elif count and now - self.seen[r][1] > timeout().total_seconds():
+                return WorkerError(f"rank {r} on node {r // self.ranks[0]} stopped while the ranks were starting "
+                                   f"(no sign of life for {timeout().total_seconds():.0f} s)")
+        return None
 
 
 class WorkerError(RuntimeError):
@@ -103,6 +151,7 @@ def worker_main(rank: int, addr: str, port: int, workspace: str) -> None:
     machine's workspace, then runs every step rank 0 broadcasts."""
     try:
         store = dist.TCPStore(addr, port, is_master=False, timeout=timedelta(seconds=join_timeout()))
+        heartbeat = Heartbeat(addr, port, rank)
     except (RuntimeError, OSError) as e:
         print(f"rank {rank}: cannot reach rank 0 at {addr}:{port} ({e})", file=sys.stderr, flush=True)
         os._exit(1)
@@ -118,10 +167,13 @@ def worker_main(rank: int, addr: str, port: int, workspace: str) -> None:
         config = replace(config, workspace=str(ws.path),
                          device=rank_device(config.device, rank % parallel.local_ranks))
         store.set(f"ready/{rank}", "1")
-        _init(rank, parallel.tp, store, config.device, parallel.local_ranks)
         size = parallel.tp
+        # every rank joins the group together: a node that comes late must not time the others' joining out
+        wait_keys(store, ["all_ready"], lambda: rank_error(store, size), "rank 0 did not start the group")
+        _init(rank, size, store, config.device, parallel.local_ranks)
         runner = ModelRunner(config, ws, TP(rank, size),
                              loaded=lambda: wait_loaded(store, rank, size, lambda: rank_error(store, size)))
+        heartbeat.done.set()
         while True:
             message = [None]
             dist.broadcast_object_list(message, src=0)
@@ -187,14 +239,17 @@ class DistributedRunner(ModelRunner):
         self.last_message = time.monotonic()  # of rank 0's latest broadcast (keep_alive)
         self.workers = start_workers(range(1, k), replace(parallel, master_addr="127.0.0.1"), self.store.port,
                                      config.workspace)
+        silence = Silence(self.store, self.remote)
         try:
             self._wait_ready()
+            self.store.set("all_ready", "1")
             config = replace(config, device=rank_device(config.device, 0))
             _init(0, size, self.store, config.device, k)
-            super().__init__(config, workspace, TP(0, size),
-                             loaded=lambda: wait_loaded(self.store, 0, size, self._worker_error))
+            super().__init__(config, workspace, TP(0, size), loaded=lambda: wait_loaded(
+                self.store, 0, size, lambda: self._worker_error() or silence.error("loaded")))
         except Exception as e:
-            error = self._worker_error()
+            error = self._worker_error() or silence.error("loaded")
+            self.store.set("error/0", f"rank 0: {type(e).__name__}: {error or e}")  # the workers stop waiting
             self.shutdown()
             raise error or e
 

@@ -133,40 +133,98 @@ def test_a_node_with_another_model_or_other_weights_is_refused(smollm2_workspace
             os.killpg(node.pid, signal.SIGKILL)
 
 
-SLOW_LOAD = """import os, time
-import lmcli.engine.model_runner as m
-load = m.ModelRunner._load
-def slow(self, workspace):
-    time.sleep(float(os.environ["SLOW_LOAD"]))
-    return load(self, workspace)
-m.ModelRunner._load = slow
+SLOW = """import os, pathlib, time
+time.sleep(float(os.environ.get("SLOW_START", 0)))  # every process of the node: it joins late
+if os.environ.get("SLOW_LOAD"):
+    import lmcli.engine.model_runner as m
+    load = m.ModelRunner._load
+    def slow(self, workspace):
+        if os.environ.get("LOADING_MARK"):
+            pathlib.Path(os.environ["LOADING_MARK"]).touch()
+        time.sleep(float(os.environ["SLOW_LOAD"]))
+        return load(self, workspace)
+    m.ModelRunner._load = slow
 """
+
+
+def slow_node(tmp_path, port: int, node: int, nodes: int, tp: int, **env) -> subprocess.Popen:
+    """Node `node` of `nodes`, whose processes are slowed down by sitecustomize (SLOW_START, SLOW_LOAD)."""
+    (tmp_path / "slow").mkdir(exist_ok=True)
+    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW)
+    return subprocess.Popen([str(LM), "serve", "api_server", str(env.pop("workspace")), "--tp", str(tp), "--nnodes",
+                             str(nodes), "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port",
+                             str(port)], env=dict(os.environ, PYTHONPATH=str(tmp_path / "slow"), **env),
+                            stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"node{node}.log", "w"),
+                            start_new_session=True)
+
+
+def tokens_of_one_process(workspace) -> list:
+    single = Engine(workspace, **OPTIONS)
+    try:
+        return greedy_run(single)
+    finally:
+        single.close()
+
+
+def tokens_of_nodes(workspace, nodes: list, port: int, tmp_path, tp: int) -> list:
+    """greedy_run through node 0, here, beside the other nodes' processes (node 1, 2, ...), which must then end 0."""
+    try:
+        engine = Engine(workspace, tp=tp, nnodes=len(nodes) + 1, master_addr="127.0.0.1", master_port=port,
+                        **OPTIONS)
+        try:
+            tokens = greedy_run(engine)
+        finally:
+            engine.close()
+        for k, node in enumerate(nodes, 1):
+            assert node.wait(60) == 0, (tmp_path / f"node{k}.log").read_text()
+        return tokens
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                os.killpg(node.pid, signal.SIGKILL)
 
 
 def test_a_node_that_loads_slower_than_the_collective_timeout_still_joins(smollm2_workspace, tmp_path, monkeypatch):
     """Node 1's rank loads its shard 8 s after node 0's, with collectives timing out after 3 s: every rank waits
     for the others' shards (join_timeout) before the first collective."""
-    single = Engine(smollm2_workspace, **OPTIONS)
-    try:
-        expected = greedy_run(single)
-    finally:
-        single.close()
-    (tmp_path / "slow").mkdir()
-    (tmp_path / "slow" / "sitecustomize.py").write_text(SLOW_LOAD)  # node 1's processes only
+    expected = tokens_of_one_process(smollm2_workspace)
     monkeypatch.setenv("LMCLI_TP_TIMEOUT", "3")
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "slow"), SLOW_LOAD="8")
     port = free_port()
-    node = subprocess.Popen([str(LM), "serve", "api_server", str(smollm2_workspace), "--tp", "2", "--nnodes", "2",
-                             "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "node1.log", "w"),
-                            start_new_session=True)
+    node = slow_node(tmp_path, port, 1, 2, 2, workspace=smollm2_workspace, SLOW_LOAD="8")
+    assert tokens_of_nodes(smollm2_workspace, [node], port, tmp_path, 2) == expected
+
+
+def test_a_node_that_joins_late_does_not_time_out_the_others(smollm2_workspace, tmp_path, monkeypatch):
+    """Three nodes, one rank each; node 2 starts 8 s late while collectives time out after 3 s: node 1's rank,
+    already there, waits for every rank to join before it starts the group (it used to time out inside it)."""
+    expected = tokens_of_one_process(smollm2_workspace)
+    monkeypatch.setenv("LMCLI_TP_TIMEOUT", "3")
+    port = free_port()
+    nodes = [slow_node(tmp_path, port, 1, 3, 3, workspace=smollm2_workspace),
+             slow_node(tmp_path, port, 2, 3, 3, workspace=smollm2_workspace, SLOW_START="8")]
+    assert tokens_of_nodes(smollm2_workspace, nodes, port, tmp_path, 3) == expected
+
+
+def test_a_node_that_dies_while_loading_is_seen_within_the_collective_timeout(smollm2_workspace, tmp_path,
+                                                                               monkeypatch):
+    """Node 1 is killed while its rank loads (no error written, no child of node 0's): node 0 sees its heartbeat
+    stop and fails the start within LMCLI_TP_TIMEOUT (3 s here), not after the 900 s allowed for loading."""
+    import threading
+
+    monkeypatch.setenv("LMCLI_TP_TIMEOUT", "3")
+    port, mark = free_port(), tmp_path / "loading"
+    node = slow_node(tmp_path, port, 1, 2, 2, workspace=smollm2_workspace, SLOW_LOAD="600", LOADING_MARK=str(mark))
+
+    def kill_when_loading():
+        wait_for(mark.exists, timeout=240)
+        os.killpg(node.pid, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_loading, daemon=True)
+    killer.start()
     try:
-        engine = Engine(smollm2_workspace, tp=2, nnodes=2, master_addr="127.0.0.1", master_port=port, **OPTIONS)
-        try:
-            assert greedy_run(engine) == expected
-        finally:
-            engine.close()
-        assert node.wait(60) == 0, (tmp_path / "node1.log").read_text()
+        with pytest.raises(WorkerError, match="rank 1 on node 1 stopped while the ranks were starting"):
+            Engine(smollm2_workspace, tp=2, nnodes=2, master_addr="127.0.0.1", master_port=port, **OPTIONS)
+        killer.join(10)
     finally:
         if node.poll() is None:
             os.killpg(node.pid, signal.SIGKILL)
