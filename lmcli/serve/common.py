@@ -72,9 +72,10 @@ def message_texts(messages, tools=None) -> list:
             out.append(text)
         for call in field("tool_calls") or []:
             function = call.get("function") if isinstance(call, dict) else None
-            out.append(json.dumps(function) if function is not None else None)
+            for value in (function.values() if isinstance(function, dict) else ()):  # name, arguments
+                out.append(value if isinstance(value, str) else json.dumps(value, ensure_ascii=False))
     for tool in tools or []:
-        out.append(json.dumps(tool.model_dump() if hasattr(tool, "model_dump") else tool))
+        out.append(json.dumps(tool.model_dump() if hasattr(tool, "model_dump") else tool, ensure_ascii=False))
     return out
 
 
