@@ -95,8 +95,9 @@ def api_server(
              "request_output_len), stop there with finish_reason length. Default: what the context holds.",
         show_default=False)] = None,
     request_timeout: Annotated[float, typer.Option(
-        min=0.0, help="Seconds a generation request may take, from its arrival (queued time included); then it ends (a stream with an error "
-        "event request_timeout and [DONE], a plain request with 504) and its KV cache is freed. 0: no limit.")] = 600.0,
+        min=0.0, help="Seconds a generation request may take, from its arrival (queued time included); then it "
+        "ends (a stream with an error event request_timeout and [DONE], a plain request with 504) and its KV cache "
+        "is freed. 0: no limit.")] = 600.0,
     session_ttl: Annotated[float, typer.Option(
         min=0.0, help="Seconds an interactive session may stay idle; then it is ended (history and KV cache freed) "
         "and its next turn gets 410 session_expired. 0: kept for ever.")] = 3600.0,

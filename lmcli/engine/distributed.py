@@ -100,11 +100,11 @@ class Silence:
     def __init__(self, store, ranks):
         self.store, self.ranks, self.seen = store, list(ranks), {}
 
-    def error(self, done: str):
-        """A WorkerError for a silent rank that has not set f"{done}/{rank}" yet, or None."""
+    def error(self):
+        """A WorkerError for a silent rank that has not loaded its shard yet, or None."""
         now = time.monotonic()
         for r in self.ranks:
-            if self.store.check([f"{done}/{r}"]):
+            if self.store.check([f"loaded/{r}"]):
                 continue
             count = self.store.add(f"alive/{r}", 0)
             if self.seen.get(r, (None,))[0] != count:
@@ -246,9 +246,9 @@ class DistributedRunner(ModelRunner):
             config = replace(config, device=rank_device(config.device, 0))
             _init(0, size, self.store, config.device, k)
             super().__init__(config, workspace, TP(0, size), loaded=lambda: wait_loaded(
-                self.store, 0, size, lambda: self._worker_error() or silence.error("loaded")))
+                self.store, 0, size, lambda: self._worker_error() or silence.error()))
         except Exception as e:
-            error = self._worker_error() or silence.error("loaded")
+            error = self._worker_error() or silence.error()
             self.store.set("error/0", f"rank 0: {type(e).__name__}: {error or e}")  # the workers stop waiting
             self.shutdown()
             raise error or e
