@@ -193,8 +193,9 @@ def mask_logits(x: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> N
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if triton_selected(x.device):
         return triton_kernel("norm").rms_norm(x, weight, eps)
-    if _native_bf16(x, weight) and x.dim() == 2:
-        return native.add_rms_norm_bf16(x, None, weight, eps)[0]
+    if x.dim() == 2 and _native_bf16(weight) and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        # a strided view (one KV head's rows of a qkv: Qwen3's key norm) copied, as the one-call layer reads it
+        return native.add_rms_norm_bf16(x.contiguous(), None, weight, eps)[0]
     return reference.rms_norm(x, weight, eps)
 
 
@@ -231,6 +232,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if _native_bf16(x) and x.dim() == 2:
         return native.silu_mul_bf16(x)
     return reference.silu_and_mul(x)
+
+
+def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Gemma's RMS norm over the last dimension: x / rms(x) * (1 + weight); one native pass for bfloat16 rows on
+    CPU (torch's is six ops)."""
+    if x.dim() == 2 and _native_bf16(weight) and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+        return native.gemma_norm_bf16(x.contiguous(), weight, eps)  # a strided view (a key norm's rows) copied
+    return reference.gemma_rms_norm(x, weight, eps)
+
+
+def gelu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x (tokens, 2 * intermediate): gelu_tanh(gate) * up (Gemma's GeGLU)."""
+    if _native_bf16(x) and x.dim() == 2:
+        return native.gelu_tanh_mul_bf16(x)
+    return reference.gelu_and_mul(x)
 
 
 def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float, window: Optional[int] = None) -> torch.Tensor:

@@ -36,7 +36,7 @@ LEVELS = (
     ("portable", (), []),
 )
 FILES = ("gemv.c", "gemm.c", "attention.c", "norm.c", "prefill.c", "fused.c", "blocks.c", "attention_s8.c", "unpack.c",
-         "layer.c", "amx.c", "argmax.c", "mask.c")
+         "layer.c", "amx.c", "argmax.c", "mask.c", "gemma.c")
 HEADERS = ("bf16.h",)
 # each C entry point: (pointer arguments, then int64 arguments, then the types of any more arguments, result type)
 SIGNATURES = {
@@ -48,6 +48,8 @@ SIGNATURES = {
     "rotary_store_bf16": (6, 5, (), None),
     "rotary_store_s8": (8, 5, (), None),
     "silu_mul_bf16": (2, 2, (), None),
+    "gemma_norm_bf16": (3, 2, (ctypes.c_float,), None),
+    "gelu_tanh_mul_bf16": (2, 2, (), None),
     "gemm_q4": (4, 5, (), ctypes.c_int),
     "gemm_s8": (4, 5, (), ctypes.c_int),
     "dequantize_blocks": (3, 4, (), ctypes.c_int),
@@ -309,6 +311,20 @@ def silu_mul_bf16(x: torch.Tensor) -> torch.Tensor:
     """x (rows, 2n) bfloat16, contiguous -> silu(x[:, :n]) * x[:, n:] (rows, n)."""
     out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
     library().silu_mul_bf16(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1] // 2)
+    return out
+
+
+def gemma_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (rows, dim) and weight (dim,) bfloat16, contiguous -> Gemma's rms_norm(x) * (1 + weight)."""
+    out = torch.empty_like(x)
+    library().gemma_norm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps)
+    return out
+
+
+def gelu_tanh_mul_bf16(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, 2n) bfloat16, contiguous -> gelu_tanh(x[:, :n]) * x[:, n:] (rows, n)."""
+    out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype)
+    library().gelu_tanh_mul_bf16(x.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1] // 2)
     return out
 
 

@@ -394,6 +394,48 @@ def test_native_silu_and_mul_matches_the_reference(rows):
     assert (got != expected).float().mean() < 1e-2
 
 
+@pytest.mark.parametrize("rows", [1, 7, 300])
+def test_native_gemma_norm_matches_the_reference(rows):
+    """Gemma's norm (the product with 1 + weight in float32, one rounding): within one bfloat16 step of torch's,
+    for rows of 640 (its hidden size) and 256 (a head: its query and key norms); float32 takes the reference."""
+    torch.manual_seed(rows)
+    for dim in (640, 256, 100):
+        x = torch.randn(rows, dim, dtype=torch.bfloat16) * 4
+        weight = torch.randn(dim, dtype=torch.bfloat16)
+        got, expected = kernels.gemma_rms_norm(x, weight, 1e-6), reference.gemma_rms_norm(x, weight, 1e-6)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, native.gemma_norm_bf16(x, weight, 1e-6))
+        torch.testing.assert_close(got.float(), expected.float(), rtol=2 ** -7, atol=1e-6)
+        assert (got != expected).float().mean() < 1e-2
+    xf, wf = x.float(), weight.float()
+    assert torch.equal(kernels.gemma_rms_norm(xf, wf, 1e-6), reference.gemma_rms_norm(xf, wf, 1e-6))
+
+
+def test_norms_of_a_strided_view_are_those_of_its_copy():
+    """The key norm's rows where a qkv has one KV head: a strided view, read by the same kernel as its copy (the
+    one-call decode layers read the copy: the layer op by op must not take another path)."""
+    torch.manual_seed(0)
+    qkv = torch.randn(300, 6, 256, dtype=torch.bfloat16) * 4
+    k, weight = qkv[:, 4:5].reshape(-1, 256), torch.randn(256, dtype=torch.bfloat16)
+    assert not k.is_contiguous()
+    assert torch.equal(kernels.rms_norm(k, weight, 1e-6), native.add_rms_norm_bf16(k.contiguous(), None, weight,
+                                                                                   1e-6)[0])
+    assert torch.equal(kernels.gemma_rms_norm(k, weight, 1e-6), native.gemma_norm_bf16(k.contiguous(), weight, 1e-6))
+
+
+@pytest.mark.parametrize("rows", [1, 64, 300])
+def test_native_gelu_and_mul_matches_the_reference(rows):
+    """GeGLU as a / (1 + exp(-2y)): within a bfloat16 step of torch's 0.5 a (1 + tanh(y)) wherever the output
+    is not tiny; far below zero torch's tanh saturates to -1 (an output of 0) where this keeps a value under 1e-4."""
+    torch.manual_seed(rows)
+    x = torch.randn(rows, 2 * 2048, dtype=torch.bfloat16) * 4
+    got, expected = kernels.gelu_and_mul(x), reference.gelu_and_mul(x)
+    assert got.shape == (rows, 2048) and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2 ** -6, atol=1e-4)
+    large = expected.float().abs() > 1e-2
+    assert (got != expected)[large].float().mean() < 1e-2
+    assert torch.equal(kernels.gelu_and_mul(x.float()), reference.gelu_and_mul(x.float()))
+
+
 ROUND16_CHECK = r"""
 #include <stdio.h>
 #include <stdlib.h>

@@ -5,9 +5,9 @@ query_pre_attn_scalar ** -0.5, and sliding-window layers (their own rope theta) 
 global theta and the rope scaling). Parameter names are the workspace's."""
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from lmcli import kernels
 from lmcli.engine.layers.attention import Attention
 from lmcli.engine.layers.embedding import VocabParallelEmbedding
 from lmcli.engine.layers.norm import GemmaRMSNorm
@@ -20,8 +20,7 @@ from lmcli.workspace import ModelConfig
 
 class GeGLU(MLP):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(kernels.gelu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -88,27 +88,35 @@ void rotary_store_s8(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, co
                  block_size);
 }
 
-/* out (rows, n) = silu(x[:, :n]) * x[:, n:], x (rows, 2n): silu rounded to bfloat16, then the product. */
-void silu_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n) {
+/* out (rows, n) = g / (1 + exp(-(k1 g + k3 g^3))) * u, x (rows, 2n) holding g = x[:, :n] and u = x[:, n:]: the
+   activation rounded to bfloat16, then the product. silu is k1 = 1, k3 = 0; gelu's tanh form 0.5 g (1 + tanh(y)),
+   y = sqrt(2 / pi) (g + 0.044715 g^3), is the same shape with k1 = 2 sqrt(2 / pi), k3 = 0.044715 k1. */
+void sigmoid_gate_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n, float k1, float k3) {
     #pragma omp parallel for schedule(static) if (rows * n >= 65536)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *g = x + r * 2 * n, *u = g + n;
         uint16_t *o = out + r * n;
         int64_t i = 0;
 #ifdef __AVX512F__
-        for (; i + 16 <= n; i += 16) {  /* silu by a vector 2^x and a refined reciprocal (not libm's expf:
-                                           about 1 output in 1000 lands a bfloat16 step away, as expf's does) */
+        for (; i + 16 <= n; i += 16) {  /* by a vector 2^x and a refined reciprocal (not libm's expf: about 1
+                                           output in 1000 lands a bfloat16 step away, as expf's does) */
             const __m512 a = load16(g + i);
-            const __m512 x = _mm512_min_ps(_mm512_mul_ps(a, _mm512_set1_ps(-1.44269504f)), _mm512_set1_ps(126.f));
-            const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp2v(x));  /* finite: 1 + 2^x, x <= 126 */
+            const __m512 z = _mm512_mul_ps(a, _mm512_fmadd_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(k3),
+                                                              _mm512_set1_ps(k1)));
+            const __m512 t = _mm512_min_ps(_mm512_mul_ps(z, _mm512_set1_ps(-1.44269504f)), _mm512_set1_ps(126.f));
+            const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp2v(t));  /* finite: 1 + 2^t, t <= 126 */
             __m512 inv = _mm512_rcp14_ps(d);
             inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.f)));
             store16(o + i, _mm512_mul_ps(bf16_round(_mm512_mul_ps(a, inv)), load16(u + i)));
         }
 #endif
         for (; i < n; i++) {
-            const float a = bf16f(g[i]);
-            o[i] = f2bf16(bf16f(f2bf16(a / (1.f + expf(-a)))) * bf16f(u[i]));
+            const float a = bf16f(g[i]), t = fminf(-a * (k1 + k3 * a * a), 87.f);  /* -ffast-math: no inf */
+            o[i] = f2bf16(bf16f(f2bf16(a / (1.f + expf(t)))) * bf16f(u[i]));
         }
     }
+}
+
+void silu_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n) {
+    sigmoid_gate_mul_bf16(x, out, rows, n, 1.f, 0.f);
 }
