@@ -136,13 +136,13 @@ def _decode_batch(x, residual, cos, sin, batch) -> bool:
     return _native_bf16(x, cos, sin, *(() if residual is None else (residual,)))
 
 
-def decode_layer_table(layers: list) -> Optional[tuple]:
+def decode_layer_table(layers: list, extra: Optional[list] = None) -> Optional[tuple]:
     """For decode_layers: layers, each (norms, weights, k_cache, v_cache, eps, scale, heads, kv_heads, dim) as
     decode_layer takes them (None for a layer that cannot run natively); (their addresses (layers, 16) int64, the
-    settings they share), or None unless every layer suits decode_layer alike. Built once: the parameters and the
-    caches stay where they are."""
+    settings they share), or None unless every layer suits decode_layer alike. extra: more int64 columns a layer
+    (gemma_decode_table's). Built once: the parameters and the caches stay where they are."""
     rows, shared = [], set()
-    for layer in layers:
+    for i, layer in enumerate(layers):
         if layer is None:
             return None
         norms, weights, k_cache, v_cache, *settings = layer
@@ -152,7 +152,7 @@ def decode_layer_table(layers: list) -> Optional[tuple]:
         caches = native.cache_tensors(k_cache, v_cache)
         rows.append([0 if t is None else t.data_ptr() for t in norms]
                     + [t.data_ptr() for w in weights for t in (w.codes, w.scales)]
-                    + [0 if t is None else t.data_ptr() for t in caches])
+                    + [0 if t is None else t.data_ptr() for t in caches] + (extra[i] if extra else []))
         shared.add((bits, caches[2] is not None, k_cache.shape[2], weights[3].shape[1], *settings))
     if len(shared) != 1:
         return None
@@ -168,6 +168,38 @@ def decode_layers(x: torch.Tensor, table: tuple, cos, sin, batch):
     addresses, (bits, _, block_size, inter, eps, scale, heads, kv_heads, dim) = table
     return native.decode_layers_blocks(addresses, x, bits, cos, sin, batch.slot_mapping, batch.decode_block_tables,
                                        batch.decode_lens, eps, scale, heads, kv_heads, dim, inter, block_size)
+
+
+def gemma_decode_table(layers: list, extra: list) -> Optional[tuple]:
+    """For gemma_decode_layers: layers as decode_layer_table takes them, with Gemma's six norms (input,
+    post-attention, pre-feedforward, post-feedforward, q_norm, k_norm); extra: each layer's (KV group, sliding window
+    or 0, rotary table: 0 global, 1 local). None where a layer cannot run natively."""
+    if any(layer is None or len(layer[0]) != 6 or None in layer[0] for layer in layers):
+        return None
+    table = decode_layer_table(layers, extra)
+    return None if table is None else (*table, 1 + max(group for group, _, _ in extra))
+
+
+def gemma_decode_layers(x: torch.Tensor, table: tuple, rope: list, batch) -> Optional[torch.Tensor]:
+    """Every Gemma 3 layer of a decode step in one native call (cpu/layer.c's decode_layers_gemma: each layer's
+    kernels as DecoderLayer runs them one by one, windows and KV groups included): x the scaled embeddings, table
+    from gemma_decode_table, rope [(cos, sin) global, (cos, sin) local]. The last layer's output, or None: then the
+    caller runs the layers one by one."""
+    if not _decode_batch(x, None, *rope[0], batch) or not _native_bf16(*rope[1]):
+        return None
+    addresses, (bits, _, block_size, inter, eps, scale, heads, kv_heads, dim), num_groups = table
+    if len(batch.groups) + 1 != num_groups:
+        return None
+    groups = []
+    for g in range(num_groups):
+        view = batch.group(g)
+        slots, tables = view.slot_mapping, view.decode_block_tables
+        if not (slots.is_contiguous() and tables.is_contiguous() and slots.dtype == tables.dtype == torch.int64):
+            return None
+        groups.append((slots, tables))
+    lens = batch.decode_lens.contiguous()
+    return native.decode_layers_gemma(addresses, x, bits, rope, groups, lens, eps, scale, heads, kv_heads, dim, inter,
+                                      block_size)
 
 
 def argmax(x: torch.Tensor) -> torch.Tensor:

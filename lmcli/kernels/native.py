@@ -55,6 +55,7 @@ SIGNATURES = {
     "dequantize_blocks": (3, 4, (), ctypes.c_int),
     "decode_layer_blocks": (25, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "decode_layers_blocks": (9, 10, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
+    "decode_layers_gemma": (6, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "paged_decode_attention_s8": (8, 7, (ctypes.c_float,), ctypes.c_int),
     "amx_rows": (0, 0, (), ctypes.c_int),
     "argmax_f32": (2, 2, (), ctypes.c_int),
@@ -394,3 +395,20 @@ def decode_layers_blocks(table: torch.Tensor, x: torch.Tensor, bits: int, cos: t
         slots.data_ptr(), block_tables.data_ptr(), lens.data_ptr(), table.shape[0], bits, *x.shape, heads,
         kv_heads, dim, inter, block_size, block_tables.shape[1], eps, scale)
     return None if failed else (x_out, res_out)
+
+
+def decode_layers_gemma(table: torch.Tensor, x: torch.Tensor, bits: int, rope: list, groups: list,
+                        lens: torch.Tensor, eps: float, scale: float, heads: int, kv_heads: int, dim: int, inter: int,
+                        block_size: int) -> Optional[torch.Tensor]:
+    """Every layer of a Gemma 3 decode step in one call (cpu/layer.c): table (layers, 21) int64 as
+    kernels.gemma_decode_table builds it; x (m, hidden) bfloat16, the scaled embeddings; rope [(cos, sin) of the
+    global table, (cos, sin) of the local one], each (m, dim) bfloat16; groups: each KV group's (slots (m,),
+    decode block tables (m, width)) int64, contiguous; lens (m,). Returns the last layer's output, or None where the
+    call declined."""
+    x_out = torch.empty_like(x)
+    group_rows = torch.tensor([[s.data_ptr(), t.data_ptr(), t.shape[1]] for s, t in groups], dtype=torch.int64)
+    rope_ptrs = (ctypes.c_void_p * 4)(*(t.data_ptr() for pair in rope for t in pair))
+    failed = library().decode_layers_gemma(
+        table.data_ptr(), group_rows.data_ptr(), ctypes.addressof(rope_ptrs), x.data_ptr(), x_out.data_ptr(),
+        lens.data_ptr(), table.shape[0], bits, *x.shape, heads, kv_heads, dim, inter, block_size, eps, scale)
+    return None if failed else x_out

@@ -18,12 +18,12 @@ LAYERS = ["sliding_attention", "sliding_attention", "full_attention"] * 2
 PROMPT, NEW = 150, 60
 
 
-def make_gemma(smollm2_workspace, path, layers: list):
+def make_gemma(smollm2_workspace, path, layers: list, kv_heads: int = 2):
     """(a small random Gemma 3 of these layer types, its workspace)"""
     torch.manual_seed(0)
     model = Gemma3ForCausalLM(Gemma3TextConfig(
         vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=len(layers), num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, sliding_window=WINDOW, layer_types=layers,
+        num_key_value_heads=kv_heads, head_dim=32, sliding_window=WINDOW, layer_types=layers,
         max_position_embeddings=512)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -167,3 +167,59 @@ def test_kv_groups_take_the_rarer_kinds_count():
     assert groups(gemma(18)) == [(None, 3)] + [(16, 3)] * 5  # Gemma 3 270M
     assert groups(gemma(34)) == [(None, 5)] + [(16, 5)] * 5 + [(16, 4)]  # Gemma 3 4B: 7 groups, not 34
     assert groups(["full_attention"] * 3) == [(None, 3)]
+
+
+@pytest.mark.parametrize("quantization,quant_policy,level", [("int4", 0, None), ("int8", 0, None), ("int4", 8, None),
+                                                             ("int4", 0, "avx2"), ("int8", 8, "portable")])
+def test_decode_steps_in_one_native_call_change_nothing(smollm2_workspace, tmp_path_factory, quantization,
+                                                        quant_policy, level, monkeypatch):
+    """Gemma 3 on 4-bit or 8-bit weights runs every layer of a decode step in one native call
+    (kernels.gemma_decode_layers: its four norms a layer, the query and key norms, GeGLU, windows, three KV
+    groups): the same tokens and logprobs as op by op, for sequences past the window and short ones decoding
+    together (one joining while another decodes: those steps run op by op), one KV head (its key rows are a strided
+    view op by op). The 8-bit cache's kernel has no window: the call declines while a sequence has outgrown it.
+    At the best kernel level this CPU has, and at lower ones forced."""
+    from lmcli import kernels
+    from lmcli.kernels import native
+
+    if level is not None:
+        if level not in native.available_levels():
+            pytest.skip(f"the {level} kernels: this CPU lacks {', '.join(native.missing_features(level))}")
+        monkeypatch.setattr(native, "level", lambda: level)
+
+    _, ws = make_gemma(smollm2_workspace, tmp_path_factory.mktemp("gemma-one-call"), LAYERS, kv_heads=1)
+    calls = []
+
+    def counted(*args, **kwargs):
+        out = decode_layers_gemma(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    def generate() -> dict:
+        calls.clear()
+        e = Engine(ws, dtype="bfloat16", quantization=quantization, quant_policy=quant_policy,
+                   cache_block_seq_len=BLOCK, num_blocks=96)
+        try:
+            params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=2)
+            e.add_request("0", prompt(20), params)
+            out = {"0": [(list(o.token_ids), repr(o.logprobs)) for o in e.step()]}
+            for rid, ids in (("1", prompt(20, 1)), ("2", prompt(3, 2))):
+                e.add_request(rid, ids, params)
+            while e.has_work:
+                for o in e.step():
+                    out.setdefault(o.request_id, []).append((list(o.token_ids), repr(o.logprobs)))
+            return out
+        finally:
+            e.close()
+
+    decode_layers_gemma = native.decode_layers_gemma
+    monkeypatch.setattr(native, "decode_layers_gemma", counted)
+    together = generate()
+    assert [len(v) for v in together.values()] == [40, 40, 40]
+    if quant_policy:
+        assert 0 < calls.count(False) and 0 < calls.count(True)  # declined past the window, taken before it
+    else:
+        assert len(calls) > 30 and all(calls)
+    monkeypatch.setattr(kernels, "gemma_decode_layers", lambda *args, **kwargs: None)
+    assert generate() == together  # op by op
+    assert not calls

@@ -36,6 +36,19 @@ class DecoderLayer(nn.Module):
         self.mlp = GeGLU(c.hidden_size, c.intermediate_size, tp)
         self.post_feedforward_layernorm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
 
+    def native_parts(self):
+        """What kernels.gemma_decode_table takes of this layer (norms, weights, caches, eps, scale, heads; its KV
+        group, window and rotary table), or None."""
+        a, mlp = self.self_attn, self.mlp
+        norms = (self.input_layernorm, self.post_attention_layernorm, self.pre_feedforward_layernorm,
+                 self.post_feedforward_layernorm, a.q_norm, a.k_norm)
+        if a.qkv_proj.bias is not None or a.o_proj.tp.size > 1 or len({n.eps for n in norms}) != 1:
+            return None
+        weights = tuple(p.packed for p in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj))
+        parts = (tuple(n.weight for n in norms), weights, a.k_cache, a.v_cache, norms[0].eps, a.scale, a.num_heads,
+                 a.num_kv_heads, a.head_dim)
+        return parts, [a.group, a.window or 0, int(self.sliding)]
+
     def forward(self, x, cos, sin, batch):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, batch))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -53,13 +66,28 @@ class Gemma3Model(nn.Module):
         self.norm = GemmaRMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rotary = Rotary(c.head_dim, max_positions, c.rope_theta, c.rope_scaling, dtype)
         self.local_rotary = Rotary(c.head_dim, max_positions, c.rope_local_theta or c.rope_theta, None, dtype)
+        self.table = None  # the layers' addresses for one native call, False where it cannot apply
 
     def forward(self, input_ids, positions, batch):
         x = self.embed_tokens(input_ids) * self.embed_scale
         tables = {False: self.rotary(positions), True: self.local_rotary(positions)}
+        done = self.all_layers(x, [tables[False], tables[True]], batch)
+        if done is not None:
+            return self.norm(done)
         for layer in self.layers:
             x = layer(x, *tables[layer.sliding], batch)
         return self.norm(x)
+
+    def all_layers(self, x, rope, batch):
+        """Every layer of a batch of decodes in one native call (kernels.gemma_decode_layers), where the layers'
+        weights are 4-bit or 8-bit: their Python between the kernels cost as much as the kernels at one row. The
+        addresses are taken at the first step (the KV cache is attached after the model is built)."""
+        if self.table is None:
+            parts = [layer.native_parts() for layer in self.layers]
+            self.table = None not in parts and kernels.gemma_decode_table(*map(list, zip(*parts))) or False
+        if not self.table:
+            return None
+        return kernels.gemma_decode_layers(x, self.table, rope, batch)
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 void add_rms_norm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *weight, uint16_t *out,
                        uint16_t *sum, int64_t rows, int64_t dim, float eps);
 int gemm_q4(const void *x, const uint8_t *codes, const uint16_t *scales, void *y, int64_t m, int64_t n, int64_t k,
@@ -134,5 +136,80 @@ int decode_layers_blocks(const int64_t *table, const uint16_t *x, uint16_t *x_ou
         in = out, res = res_next;
     }
     free(spare);
+    return failed ? -1 : 0;
+}
+
+void gemma_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t dim, float eps);
+void gelu_tanh_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n);
+
+static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_t n) {  /* as torch adds bfloat16 */
+    for (int64_t i = 0; i < n; i++) out[i] = f2bf16(bf16f(a[i]) + bf16f(b[i]));
+}
+
+/* Every layer of a Gemma 3 decode step in one call: engine/models/gemma3.py's DecoderLayer op by op, on the same
+   kernels. table (layers, 21): each layer's addresses of its norms (input, post-attention, pre-feedforward,
+   post-feedforward, q_norm, k_norm), the codes and scales of qkv, o, gate_up and down, k_cache, v_cache, k_scales and
+   v_scales (0 for a bfloat16 cache), then its KV group, its sliding window (0: none) and its rotary table (0 global,
+   1 local). groups (KV groups, 3): each group's slots, decode block tables and their width. rope: cos, sin of the
+   global table, then of the local one, each (m, dim). x (m, hidden): the scaled embeddings; writes the last layer's
+   output to x_out. 0 on success; -1 as decode_layers_blocks (also where the 8-bit cache would need a window: its
+   kernel has none). */
+int decode_layers_gemma(const int64_t *table, const int64_t *groups, const uint16_t *const *rope, const uint16_t *x,
+                        uint16_t *x_out, const int64_t *lens, int64_t layers, int64_t bits, int64_t m, int64_t hidden,
+                        int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, int64_t block_size, float eps,
+                        float scale) {
+    if ((bits != 4 && bits != 8) || kv_heads < 1 || heads % kv_heads || heads / kv_heads > 8 || dim > 256 ||
+        dim % 2 || block_size > 256)
+        return -1;
+    for (int64_t l = 0; l < layers; l++)
+        for (int64_t i = 0; table[21 * l + 16] && table[21 * l + 19] && i < m; i++)
+            if (lens[i] > table[21 * l + 19]) return -1;
+    const int64_t width = (heads + 2 * kv_heads) * dim;
+    uint16_t *h = malloc(2 * (size_t)(m * hidden)), *qkv = malloc(2 * (size_t)(m * width));
+    uint16_t *att = malloc(2 * (size_t)(m * heads * dim)), *gu = malloc(4 * (size_t)(m * inter));
+    uint16_t *act = malloc(2 * (size_t)(m * inter)), *o = malloc(2 * (size_t)(m * hidden));
+    uint16_t *mid = malloc(2 * (size_t)(m * hidden)), *spare = malloc(2 * (size_t)(m * hidden));
+    int failed = !h || !qkv || !att || !gu || !act || !o || !mid || !spare;
+    const uint16_t *in = x;
+    for (int64_t l = 0; l < layers && !failed; l++) {
+        const int64_t *p = table + 21 * l, *g = groups + 3 * p[18], window = p[19];
+        const uint16_t *const *n = (const uint16_t *const *)p, *cos = rope[2 * p[20]], *sin = rope[2 * p[20] + 1];
+        const int64_t *slots = (const int64_t *)g[0], *tables = (const int64_t *)g[1];
+        uint16_t *out = (layers - 1 - l) % 2 == 0 ? x_out : spare;  /* the last layer writes x_out */
+        gemma_norm_bf16(in, n[0], h, m, hidden, eps);
+        failed = product(bits, h, (const uint8_t *)p[6], (const void *)p[7], qkv, m, width, hidden);
+        if (failed) break;
+        for (int64_t i = 0; i < m; i++) {  /* in place, as the op-by-op path's norm over each head's row */
+            uint16_t *row = qkv + i * width;
+            gemma_norm_bf16(row, n[4], row, heads, dim, eps);
+            gemma_norm_bf16(row + heads * dim, n[5], row + heads * dim, kv_heads, dim, eps);
+        }
+        if (p[16]) {
+            rotary_store_s8(qkv, cos, sin, slots, (int8_t *)p[14], (uint16_t *)p[16], (int8_t *)p[15],
+                            (uint16_t *)p[17], m, heads, kv_heads, dim, block_size);
+            failed = paged_decode_attention_s8(qkv, (const int8_t *)p[14], (const uint16_t *)p[16],
+                                               (const int8_t *)p[15], (const uint16_t *)p[17], tables, lens, att,
+                                               width, m, heads, kv_heads, dim, block_size, g[2], scale);
+        } else {
+            rotary_store_bf16(qkv, cos, sin, slots, (uint16_t *)p[14], (uint16_t *)p[15], m, heads, kv_heads, dim,
+                              block_size);
+            failed = paged_decode_attention(qkv, (const uint16_t *)p[14], (const uint16_t *)p[15], tables, lens, att,
+                                            width, m, heads, kv_heads, dim, block_size, g[2], window, scale);
+        }
+        failed = failed || product(bits, att, (const uint8_t *)p[8], (const void *)p[9], o, m, hidden, heads * dim);
+        if (failed) break;
+        gemma_norm_bf16(o, n[1], o, m, hidden, eps);
+        add_bf16(in, o, mid, m * hidden);  /* the residual stream after the attention */
+        gemma_norm_bf16(mid, n[2], h, m, hidden, eps);
+        failed = product(bits, h, (const uint8_t *)p[10], (const void *)p[11], gu, m, 2 * inter, hidden);
+        if (failed) break;
+        gelu_tanh_mul_bf16(gu, act, m, inter);
+        failed = product(bits, act, (const uint8_t *)p[12], (const void *)p[13], o, m, hidden, inter);
+        if (failed) break;
+        gemma_norm_bf16(o, n[3], o, m, hidden, eps);
+        add_bf16(mid, o, out, m * hidden);
+        in = out;
+    }
+    free(h), free(qkv), free(att), free(gu), free(act), free(o), free(mid), free(spare);
     return failed ? -1 : 0;
 }
