@@ -103,12 +103,12 @@ def quantized_linear(x: torch.Tensor, weight, bias: torch.Tensor = None) -> torc
 
 def decode_layer(x: torch.Tensor, residual, norms: tuple, weights: tuple, cos, sin, batch, k_cache, v_cache,
                  eps: float, scale: float, heads: int, kv_heads: int, dim: int):
-    """A Llama decoder layer (input norm, qkv, Qwen3's norms over each head's query and key, rotary and cache store,
-    attention, o, post-attention norm, gate_up, silu, down) for a batch of decodes in one native call (cpu/layer.c:
-    the same kernels on the same values as op by op), where it applies: norms (input, post-attention, q_norm,
-    k_norm; the last two None without them); fewer than WIDEN_MIN_ROWS sequences and no prefill chunk; every
-    projection (qkv, o, gate_up, down) in 4-bit or 8-bit blocks of one kind; bfloat16 activations and norms on CPU,
-    the KV cache in bfloat16 or 8-bit (kv8.Int8Cache, up to 8 query heads a kv head). Returns (the MLP's output,
+    """A Llama decoder layer (input norm, qkv with Qwen2's bias, Qwen3's norms over each head's query and key, rotary
+    and cache store, attention, o, post-attention norm, gate_up, silu, down) for a batch of decodes in one native
+    call (cpu/layer.c: the same kernels on the same values as op by op), where it applies: norms (input,
+    post-attention, q_norm, k_norm, qkv_bias; q_norm and k_norm None without them, qkv_bias None without one);
+    fewer than WIDEN_MIN_ROWS sequences and no prefill chunk; every projection (qkv, o, gate_up, down) in 4-bit or
+    8-bit blocks of one kind; bfloat16 activations and norms on CPU, the KV cache in bfloat16 or 8-bit (kv8.Int8Cache, up to 8 query heads a kv head). Returns (the MLP's output,
     the residual stream), or None: then the caller runs the layer op by op."""
     bits = _layer_bits(norms, weights, k_cache, v_cache, heads, kv_heads, dim)
     if bits is None or not _decode_batch(x, residual, cos, sin, batch):
@@ -138,7 +138,7 @@ def _decode_batch(x, residual, cos, sin, batch) -> bool:
 
 def decode_layer_table(layers: list, extra: Optional[list] = None) -> Optional[tuple]:
     """For decode_layers: layers, each (norms, weights, k_cache, v_cache, eps, scale, heads, kv_heads, dim) as
-    decode_layer takes them (None for a layer that cannot run natively); (their addresses (layers, 16) int64, the
+    decode_layer takes them (None for a layer that cannot run natively); (their addresses (layers, 17) int64, the
     settings they share), or None unless every layer suits decode_layer alike. extra: more int64 columns a layer
     (gemma_decode_table's). Built once: the parameters and the caches stay where they are."""
     rows, shared = [], set()

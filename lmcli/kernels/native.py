@@ -53,7 +53,7 @@ SIGNATURES = {
     "gemm_q4": (4, 5, (), ctypes.c_int),
     "gemm_s8": (4, 5, (), ctypes.c_int),
     "dequantize_blocks": (3, 4, (), ctypes.c_int),
-    "decode_layer_blocks": (25, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
+    "decode_layer_blocks": (26, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "decode_layers_blocks": (9, 10, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "decode_layers_gemma": (6, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "paged_decode_attention_s8": (8, 7, (ctypes.c_float,), ctypes.c_int),
@@ -365,8 +365,8 @@ def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms
                         v_cache: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor, eps: float,
                         scale: float, heads: int, kv_heads: int, dim: int, inter: int):
     """One Llama decoder layer for a batch of decodes in one call (cpu/layer.c): x, residual (m, hidden) bfloat16
-    (residual None for the first layer); norms (input, post-attention, q_norm, k_norm: the last two None, or
-    Qwen3's norms over each head's query and key); weights (qkv, o, gate_up, down), each an
+    (residual None for the first layer); norms (input, post-attention, q_norm, k_norm, qkv_bias: q_norm and k_norm
+    None, or Qwen3's norms over each head's query and key; qkv_bias None, or Qwen2's bias of the qkv product); weights (qkv, o, gate_up, down), each an
     int4.Int4Weight or int8.Int8Weight of `bits`; the caches bfloat16 tensors or both kv8.Int8Cache; the rest as
     rotary_store_bf16 and paged_decode_attention take them. Returns (the MLP's output, the residual stream), as
     DecoderLayer.forward does, or None where the call declined (nothing changed but cache rows it would write
@@ -386,7 +386,7 @@ def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms
 def decode_layers_blocks(table: torch.Tensor, x: torch.Tensor, bits: int, cos: torch.Tensor, sin: torch.Tensor,
                          slots: torch.Tensor, block_tables: torch.Tensor, lens: torch.Tensor, eps: float,
                          scale: float, heads: int, kv_heads: int, dim: int, inter: int, block_size: int):
-    """Every layer of a decode step in one call (cpu/layer.c): table (layers, 16) int64, each layer's addresses as
+    """Every layer of a decode step in one call (cpu/layer.c): table (layers, 17) int64, each layer's addresses as
     kernels.decode_layer_table builds them; x (m, hidden) bfloat16, the embeddings; the rest as decode_layer_blocks
     takes them. Returns the last layer's (MLP output, residual stream), or None where the call declined."""
     x_out, res_out = torch.empty_like(x), torch.empty_like(x)

@@ -129,13 +129,36 @@ def qwen3_workspace(smollm2_workspace, tmp_path_factory):
     return path / "ws"
 
 
+@pytest.fixture(scope="module")
+def qwen2_workspace(smollm2_workspace, tmp_path_factory):
+    """A small random Qwen2 (a bias on the query, key and value projections), converted by lm convert."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import run_lm
+
+    path = tmp_path_factory.mktemp("qwen2")
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 1)  # initialized to zero: a bias left out would change nothing
+    model.save_pretrained(path / "hf")
+    AutoTokenizer.from_pretrained(Workspace.load(smollm2_workspace).tokenizer_path).save_pretrained(path / "hf")
+    assert run_lm("convert", path / "hf", "--dst-path", path / "ws").returncode == 0
+    return path / "ws"
+
+
 @pytest.mark.parametrize("model,quantization,quant_policy", [("smollm2", "int8", 0), ("smollm2", "int4", 0),
-                                                             ("smollm2", "int4", 8), ("qwen3", "int4", 0)])
+                                                             ("smollm2", "int4", 8), ("qwen3", "int4", 0),
+                                                             ("qwen2", "int4", 0), ("qwen2", "int8", 8)])
 def test_decode_steps_in_one_native_call_change_nothing(model, quantization, quant_policy, monkeypatch, request):
     """A batch of decodes on 4-bit or 8-bit weights runs every layer in one native call (kernels.decode_layers),
     else each layer in one (kernels.decode_layer): the same tokens and logprobs as op by op, for sequences of
     different lengths decoding together (one of them joining while the others decode, so prefill steps take the
-    op-by-op path); with the bfloat16 and the 8-bit KV cache; Qwen3's norms over each head's query and key."""
+    op-by-op path); with the bfloat16 and the 8-bit KV cache; Qwen3's norms over each head's query and key; Qwen2's
+    bias of the qkv product."""
     workspace = request.getfixturevalue(f"{model}_workspace")
     layers = Workspace.load(workspace).config.num_layers
     from lmcli import kernels

@@ -740,12 +740,14 @@ def test_chunks_over_the_8bit_cache_take_the_native_chunk_kernel(length, context
     torch.testing.assert_close(out.float(), expected, rtol=2e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("bits,first,kv8,qk", [(4, False, False, False), (8, True, False, False),
-                                               (4, False, True, False), (4, False, False, True), (8, True, True, True)])
-def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first, kv8, qk):
+@pytest.mark.parametrize("bits,first,kv8,qk,bias", [(4, False, False, False, False), (8, True, False, False, False),
+                                                    (4, False, True, False, False), (4, False, False, True, False),
+                                                    (8, True, True, True, False), (4, False, False, False, True),
+                                                    (8, False, True, False, True)])
+def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first, kv8, qk, bias):
     """kernels.decode_layer (cpu/layer.c) at every level: the same MLP output, residual stream and cache rows, bit
     for bit, as the layer's kernels called one by one (the first layer: no residual yet; the 8-bit KV cache; Qwen3's
-    norms over each head's query and key)."""
+    norms over each head's query and key; Qwen2's bias of the qkv product)."""
     from types import SimpleNamespace
 
     from lmcli.kernels import int4, int8
@@ -756,6 +758,7 @@ def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first, kv8, qk):
     weights = tuple((int4.quantize if bits == 4 else int8.pack)(torch.randn(n, k) / 4) for n, k in shapes)
     norms = tuple((torch.rand(hidden) + 0.5).bfloat16() for _ in range(2))
     norms += tuple((torch.rand(dim) + 0.5).bfloat16() for _ in range(2)) if qk else (None, None)
+    norms += ((torch.randn(shapes[0][0]) * 2).bfloat16() if bias else None,)
     x = torch.randn(m, hidden).bfloat16()
     residual = None if first else torch.randn(m, hidden).bfloat16()
     caches = [torch.randn(8, kv_heads, bs, dim).bfloat16() for _ in range(2)]
@@ -780,7 +783,7 @@ def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first, kv8, qk):
         h, res = kernels.rms_norm(x, norms[0], eps), x
     else:
         h, res = kernels.add_rms_norm(x, residual, norms[0], eps)
-    qkv = kernels.quantized_linear(h, weights[0]).view(m, heads + 2 * kv_heads, dim)
+    qkv = kernels.quantized_linear(h, weights[0], norms[4]).view(m, heads + 2 * kv_heads, dim)
     if qk:  # as layers/attention.py does
         q, k, v = qkv.split([heads, kv_heads, kv_heads], dim=1)
         q = kernels.rms_norm(q.reshape(-1, dim), norms[2], eps).view(m, heads, dim)

@@ -62,11 +62,11 @@ class DecoderLayer(nn.Module):
         """What kernels.decode_layer takes of this layer (norms, weights, caches, eps, scale, heads), or None."""
         a, mlp, n1, n2 = self.self_attn, self.mlp, self.input_layernorm, self.post_attention_layernorm
         qk = (None, None) if a.q_norm is None else (a.q_norm.weight, a.k_norm.weight)
-        if a.qkv_proj.bias is not None or a.o_proj.tp.size > 1 or n1.eps != n2.eps or \
+        if a.o_proj.tp.size > 1 or n1.eps != n2.eps or \
                 (a.q_norm is not None and not a.q_norm.eps == a.k_norm.eps == n1.eps):
             return None
         weights = tuple(p.packed for p in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj))
-        return ((n1.weight, n2.weight, *qk), weights, a.k_cache, a.v_cache, n1.eps, a.scale, a.num_heads,
+        return ((n1.weight, n2.weight, *qk, a.qkv_proj.bias), weights, a.k_cache, a.v_cache, n1.eps, a.scale, a.num_heads,
                 a.num_kv_heads, a.head_dim)
 
 

@@ -36,6 +36,10 @@ static int product(int64_t bits, const void *x, const uint8_t *codes, const void
                      : gemm_s8(x, codes, (const float *)scales, y, m, n, k, 1, 1);
 }
 
+static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_t n) {  /* as torch adds bfloat16 */
+    for (int64_t i = 0; i < n; i++) out[i] = f2bf16(bf16f(a[i]) + bf16f(b[i]));
+}
+
 /* x (m, hidden) bfloat16: the layer's input (the previous layer's MLP output, or the embeddings for the first layer,
    where residual is NULL); residual (m, hidden) or NULL. Writes x_out (the MLP's output) and res_out (the residual
    stream after the attention), both (m, hidden); x and residual are left as they were. Weights: codes and scales of
@@ -43,12 +47,13 @@ static int product(int64_t bits, const void *x, const uint8_t *codes, const void
    in cpu/blocks.c's layout, all of `bits` 4 or 8; norm weights (hidden,); cos, sin (m, dim); slots (m,); the paged
    caches, block tables (m, max_blocks) and lens (m,) as paged_decode_attention takes them, or with k_scales and
    v_scales (not NULL) the 8-bit caches (int8 codes and their float16 scales: kernels/kv8.py); q_norm and k_norm
-   (dim,), or NULL: an RMS norm over each head's query and key before rotary (Qwen3); the norms' eps.
+   (dim,), or NULL: an RMS norm over each head's query and key before rotary (Qwen3); qkv_bias (width,) or NULL
+   (Qwen2), added to the qkv product in bfloat16 as torch adds it; the norms' eps.
    0 on success; -1 where a shape is beyond the kernels or memory ran out: x and residual are as they were, so the
    caller runs the layer op by op instead (writing the same cache rows again). */
 int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x_out, uint16_t *res_out,
                         const uint16_t *norm1, const uint16_t *norm2, const uint16_t *q_norm,
-                        const uint16_t *k_norm, const uint8_t *qkv_c, const void *qkv_s,
+                        const uint16_t *k_norm, const uint16_t *qkv_bias, const uint8_t *qkv_c, const void *qkv_s,
                         const uint8_t *o_c, const void *o_s, const uint8_t *gu_c, const void *gu_s,
                         const uint8_t *down_c, const void *down_s, const uint16_t *cos, const uint16_t *sin,
                         const int64_t *slots, void *k_cache, void *v_cache, uint16_t *k_scales,
@@ -73,6 +78,7 @@ int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x
         }
         failed = product(bits, h, qkv_c, qkv_s, qkv, m, width, hidden);
     }
+    for (int64_t i = 0; !failed && qkv_bias && i < m; i++) add_bf16(qkv + i * width, qkv_bias, qkv + i * width, width);
     if (!failed && q_norm) {  /* in place, as the op-by-op path's norm over each head's row */
         for (int64_t i = 0; i < m; i++) {
             uint16_t *row = qkv + i * width;
@@ -108,8 +114,8 @@ int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x
 }
 
 /* Every layer of a decode step in one call, one after another as decode_layer_blocks runs each (the Python of 30
-   layer calls cost about 1 ms of a 12 ms 16-row step). table (layers, 16): each layer's addresses of norm1, norm2,
-   q_norm and k_norm (0 for none), the codes and scales of qkv, o, gate_up and down, k_cache, v_cache, k_scales and
+   layer calls cost about 1 ms of a 12 ms 16-row step). table (layers, 17): each layer's addresses of norm1, norm2,
+   q_norm, k_norm and qkv_bias (0 for none), the codes and scales of qkv, o, gate_up and down, k_cache, v_cache, k_scales and
    v_scales (0 for a bfloat16 cache); x (m, hidden) the embeddings. Writes the last layer's x_out and res_out. 0 on
    success; -1 as decode_layer_blocks (then the caller runs the layers one by one, writing the same cache rows
    again). */
@@ -125,14 +131,14 @@ int decode_layers_blocks(const int64_t *table, const uint16_t *x, uint16_t *x_ou
     for (int64_t l = 0; l < layers && !failed; l++) {
         const int last_parity = (layers - 1 - l) % 2 == 0;  /* the last layer writes x_out and res_out */
         uint16_t *out = last_parity ? x_out : spare, *res_next = last_parity ? res_out : spare + m * hidden;
-        const int64_t *p = table + 16 * l;
+        const int64_t *p = table + 17 * l;
         failed = decode_layer_blocks(in, res, out, res_next, (const uint16_t *)p[0], (const uint16_t *)p[1],
-                                     (const uint16_t *)p[2], (const uint16_t *)p[3], (const uint8_t *)p[4],
-                                     (const void *)p[5], (const uint8_t *)p[6], (const void *)p[7],
-                                     (const uint8_t *)p[8], (const void *)p[9], (const uint8_t *)p[10],
-                                     (const void *)p[11], cos, sin, slots, (void *)p[12], (void *)p[13],
-                                     (uint16_t *)p[14], (uint16_t *)p[15], block_tables, lens, bits, m, hidden, heads,
-                                     kv_heads, dim, inter, block_size, max_blocks, eps, scale);
+                                     (const uint16_t *)p[2], (const uint16_t *)p[3], (const uint16_t *)p[4],
+                                     (const uint8_t *)p[5], (const void *)p[6], (const uint8_t *)p[7],
+                                     (const void *)p[8], (const uint8_t *)p[9], (const void *)p[10],
+                                     (const uint8_t *)p[11], (const void *)p[12], cos, sin, slots, (void *)p[13],
+                                     (void *)p[14], (uint16_t *)p[15], (uint16_t *)p[16], block_tables, lens, bits, m,
+                                     hidden, heads, kv_heads, dim, inter, block_size, max_blocks, eps, scale);
         in = out, res = res_next;
     }
     free(spare);
@@ -142,9 +148,6 @@ int decode_layers_blocks(const int64_t *table, const uint16_t *x, uint16_t *x_ou
 void gemma_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, int64_t rows, int64_t dim, float eps);
 void gelu_tanh_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n);
 
-static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_t n) {  /* as torch adds bfloat16 */
-    for (int64_t i = 0; i < n; i++) out[i] = f2bf16(bf16f(a[i]) + bf16f(b[i]));
-}
 
 /* Every layer of a Gemma 3 decode step in one call: engine/models/gemma3.py's DecoderLayer op by op, on the same
    kernels. table (layers, 21): each layer's addresses of its norms (input, post-attention, pre-feedforward,
