@@ -130,8 +130,9 @@ def _layer_bits(norms, weights, k_cache, v_cache, heads: int, kv_heads: int, dim
 
 
 def _decode_batch(x, residual, cos, sin, batch) -> bool:
-    """Whether a step's batch and activations suit the native decode layer: decodes only, few enough rows."""
-    if batch.prefills or x.shape[0] >= WIDEN_MIN_ROWS or x.dim() != 2:
+    """Whether a step's batch and activations suit the native decode layer: decodes only, few enough rows, the C
+    kernels' backend (with LMCLI_KERNELS=triton the layers op by op run Triton's)."""
+    if batch.prefills or x.shape[0] >= WIDEN_MIN_ROWS or x.dim() != 2 or triton_selected(x.device):
         return False
     return _native_bf16(x, cos, sin, *(() if residual is None else (residual,)))
 

@@ -3,6 +3,8 @@
 too small to hold every layer's blocks, and its greedy tokens stay transformers'; prefix reuse and sessions keep
 working over the freed blocks."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
@@ -176,8 +178,8 @@ def test_decode_steps_in_one_native_call_change_nothing(smollm2_workspace, tmp_p
     """Gemma 3 on 4-bit or 8-bit weights runs every layer of a decode step in one native call
     (kernels.gemma_decode_layers: its four norms a layer, the query and key norms, GeGLU, windows, three KV
     groups): the same tokens and logprobs as op by op, for sequences past the window and short ones decoding
-    together (one joining while another decodes: those steps run op by op), one KV head (its key rows are a strided
-    view op by op). The 8-bit cache's kernel has no window: the call declines while a sequence has outgrown it.
+    together (one joining while another decodes: those steps run op by op), then one alone; one KV head (its key
+    rows are a strided view op by op). The 8-bit cache's kernel has no window: the call declines while a sequence has outgrown it.
     At the best kernel level this CPU has, and at lower ones forced."""
     from lmcli import kernels
     from lmcli.kernels import native
@@ -203,8 +205,8 @@ def test_decode_steps_in_one_native_call_change_nothing(smollm2_workspace, tmp_p
             params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=2)
             e.add_request("0", prompt(20), params)
             out = {"0": [(list(o.token_ids), repr(o.logprobs)) for o in e.step()]}
-            for rid, ids in (("1", prompt(20, 1)), ("2", prompt(3, 2))):
-                e.add_request(rid, ids, params)
+            e.add_request("1", prompt(20, 1), params)
+            e.add_request("2", prompt(3, 2), replace(params, max_tokens=48))  # its last 8 steps: one row
             while e.has_work:
                 for o in e.step():
                     out.setdefault(o.request_id, []).append((list(o.token_ids), repr(o.logprobs)))
@@ -215,7 +217,7 @@ def test_decode_steps_in_one_native_call_change_nothing(smollm2_workspace, tmp_p
     decode_layers_gemma = native.decode_layers_gemma
     monkeypatch.setattr(native, "decode_layers_gemma", counted)
     together = generate()
-    assert [len(v) for v in together.values()] == [40, 40, 40]
+    assert [len(v) for v in together.values()] == [40, 40, 48]
     if quant_policy:
         assert 0 < calls.count(False) and 0 < calls.count(True)  # declined past the window, taken before it
     else:

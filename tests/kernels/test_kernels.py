@@ -410,6 +410,19 @@ def test_native_gemma_norm_matches_the_reference(rows):
     assert torch.equal(kernels.gemma_rms_norm(xf, wf, 1e-6), reference.gemma_rms_norm(xf, wf, 1e-6))
 
 
+def test_silu_and_gelu_of_extreme_gates_stay_finite():
+    """Huge gates: silu(g) is g (its cubic term is zero, never 0 * inf), gates far below zero give about 0 (no nan
+    where exp overflows), gelu saturates as torch's does; along a whole row, so that every level's vector body and
+    scalar tail both see them."""
+    gates = torch.tensor([2e19, 3e38, -3e38, -100., -88., -50., 1e4, -1e4, 0., 3.] * 4, dtype=torch.bfloat16)
+    x = torch.cat([gates, torch.ones_like(gates)])[None]
+    silu, gelu = kernels.silu_and_mul(x)[0].float(), kernels.gelu_and_mul(x)[0].float()
+    assert torch.isfinite(silu).all() and torch.isfinite(gelu).all()
+    torch.testing.assert_close(silu, reference.silu_and_mul(x.float())[0].bfloat16().float(), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(gelu[4:], reference.gelu_and_mul(x.float())[0, 4:].bfloat16().float(), rtol=2 ** -7,
+                               atol=1e-6)
+
+
 def test_norms_of_a_strided_view_are_those_of_its_copy():
     """The key norm's rows where a qkv has one KV head: a strided view, read by the same kernel as its copy (the
     one-call decode layers read the copy: the layer op by op must not take another path)."""
@@ -425,7 +438,7 @@ def test_norms_of_a_strided_view_are_those_of_its_copy():
 @pytest.mark.parametrize("rows", [1, 64, 300])
 def test_native_gelu_and_mul_matches_the_reference(rows):
     """GeGLU as a / (1 + exp(-2y)): within a bfloat16 step of torch's 0.5 a (1 + tanh(y)) wherever the output
-    is not tiny; far below zero torch's tanh saturates to -1 (an output of 0) where this keeps a value under 1e-4."""
+    is not tiny; below zero torch's tanh saturates to -1 (an output of 0) where this keeps a tiny value."""
     torch.manual_seed(rows)
     x = torch.randn(rows, 2 * 2048, dtype=torch.bfloat16) * 4
     got, expected = kernels.gelu_and_mul(x), reference.gelu_and_mul(x)
@@ -798,6 +811,11 @@ def test_decode_layer_in_one_call_is_the_layer_op_by_op(bits, first, kv8, qk, bi
     batch.prefills = [(0, 1, 1, tables[0])]  # a prefill chunk in the batch: op by op
     assert kernels.decode_layer(x, residual, norms, weights, cos, sin, batch, *caches, eps, scale, heads, kv_heads,
                                 dim) is None
+    batch.prefills = []
+    with pytest.MonkeyPatch.context() as patch:  # LMCLI_KERNELS=triton: the layers op by op run Triton's kernels
+        patch.setattr(kernels, "triton_selected", lambda device: True)
+        assert kernels.decode_layer(x, residual, norms, weights, cos, sin, batch, *caches, eps, scale, heads,
+                                    kv_heads, dim) is None
 
 
 @pytest.mark.parametrize("rows,n", [(1, 1), (3, 33), (64, 49152), (2, 100003)])

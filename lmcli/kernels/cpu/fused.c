@@ -90,7 +90,8 @@ void rotary_store_s8(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, co
 
 /* out (rows, n) = g / (1 + exp(-(k1 g + k3 g^3))) * u, x (rows, 2n) holding g = x[:, :n] and u = x[:, n:]: the
    activation rounded to bfloat16, then the product. silu is k1 = 1, k3 = 0; gelu's tanh form 0.5 g (1 + tanh(y)),
-   y = sqrt(2 / pi) (g + 0.044715 g^3), is the same shape with k1 = 2 sqrt(2 / pi), k3 = 0.044715 k1. */
+   y = sqrt(2 / pi) (g + 0.044715 g^3), is the same shape with k1 = 2 sqrt(2 / pi), k3 = 0.044715 k1 (g^3 taken
+   as g min(g^2, 10^8), gelu long saturated there). Gates below -10^4 count as -10^4: about 0, never nan. */
 void sigmoid_gate_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t n, float k1, float k3) {
     #pragma omp parallel for schedule(static) if (rows * n >= 65536)
     for (int64_t r = 0; r < rows; r++) {
@@ -100,19 +101,22 @@ void sigmoid_gate_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64
 #ifdef __AVX512F__
         for (; i + 16 <= n; i += 16) {  /* by a vector 2^x and a refined reciprocal (not libm's expf: about 1
                                            output in 1000 lands a bfloat16 step away, as expf's does) */
-            const __m512 a = load16(g + i);
-            const __m512 z = _mm512_mul_ps(a, _mm512_fmadd_ps(_mm512_mul_ps(a, a), _mm512_set1_ps(k3),
+            const __m512 a = load16(g + i);  /* the square of a clamped: no 0 * inf for silu's huge gates */
+            const __m512 c = _mm512_max_ps(_mm512_min_ps(a, _mm512_set1_ps(1e4f)), _mm512_set1_ps(-1e4f));
+            const __m512 z = _mm512_mul_ps(a, _mm512_fmadd_ps(_mm512_mul_ps(c, c), _mm512_set1_ps(k3),
                                                               _mm512_set1_ps(k1)));
             const __m512 t = _mm512_min_ps(_mm512_mul_ps(z, _mm512_set1_ps(-1.44269504f)), _mm512_set1_ps(126.f));
             const __m512 d = _mm512_add_ps(_mm512_set1_ps(1.f), exp2v(t));  /* finite: 1 + 2^t, t <= 126 */
             __m512 inv = _mm512_rcp14_ps(d);
             inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(d, inv, _mm512_set1_ps(2.f)));
-            store16(o + i, _mm512_mul_ps(bf16_round(_mm512_mul_ps(a, inv)), load16(u + i)));
+            const __m512 low = _mm512_max_ps(a, _mm512_set1_ps(-1e4f));  /* t clamped: the gate too */
+            store16(o + i, _mm512_mul_ps(bf16_round(_mm512_mul_ps(low, inv)), load16(u + i)));
         }
 #endif
         for (; i < n; i++) {
-            const float a = bf16f(g[i]), t = fminf(-a * (k1 + k3 * a * a), 87.f);  /* -ffast-math: no inf */
-            o[i] = f2bf16(bf16f(f2bf16(a / (1.f + expf(t)))) * bf16f(u[i]));
+            const float a = bf16f(g[i]), c = fmaxf(fminf(a, 1e4f), -1e4f);
+            const float t = fminf(-a * (k1 + k3 * c * c), 87.f);  /* -ffast-math: no inf */
+            o[i] = f2bf16(bf16f(f2bf16(fmaxf(a, -1e4f) / (1.f + expf(t)))) * bf16f(u[i]));
         }
     }
 }
