@@ -108,8 +108,9 @@ def decode_layer(x: torch.Tensor, residual, norms: tuple, weights: tuple, cos, s
     call (cpu/layer.c: the same kernels on the same values as op by op), where it applies: norms (input,
     post-attention, q_norm, k_norm, qkv_bias; q_norm and k_norm None without them, qkv_bias None without one);
     fewer than WIDEN_MIN_ROWS sequences and no prefill chunk; every projection (qkv, o, gate_up, down) in 4-bit or
-    8-bit blocks of one kind; bfloat16 activations and norms on CPU, the KV cache in bfloat16 or 8-bit (kv8.Int8Cache, up to 8 query heads a kv head). Returns (the MLP's output,
-    the residual stream), or None: then the caller runs the layer op by op."""
+    8-bit blocks of one kind; bfloat16 activations and norms on CPU, the KV cache in bfloat16 or 8-bit
+    (kv8.Int8Cache, up to 8 query heads a kv head). Returns (the MLP's output, the residual stream), or None: then
+    the caller runs the layer op by op."""
     bits = _layer_bits(norms, weights, k_cache, v_cache, heads, kv_heads, dim)
     if bits is None or not _decode_batch(x, residual, cos, sin, batch):
         return None

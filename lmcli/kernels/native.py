@@ -366,11 +366,11 @@ def decode_layer_blocks(x: torch.Tensor, residual: Optional[torch.Tensor], norms
                         scale: float, heads: int, kv_heads: int, dim: int, inter: int):
     """One Llama decoder layer for a batch of decodes in one call (cpu/layer.c): x, residual (m, hidden) bfloat16
     (residual None for the first layer); norms (input, post-attention, q_norm, k_norm, qkv_bias: q_norm and k_norm
-    None, or Qwen3's norms over each head's query and key; qkv_bias None, or Qwen2's bias of the qkv product); weights (qkv, o, gate_up, down), each an
-    int4.Int4Weight or int8.Int8Weight of `bits`; the caches bfloat16 tensors or both kv8.Int8Cache; the rest as
-    rotary_store_bf16 and paged_decode_attention take them. Returns (the MLP's output, the residual stream), as
-    DecoderLayer.forward does, or None where the call declined (nothing changed but cache rows it would write
-    again)."""
+    None, or Qwen3's norms over each head's query and key; qkv_bias None, or Qwen2's bias of the qkv product);
+    weights (qkv, o, gate_up, down), each an int4.Int4Weight or int8.Int8Weight of `bits`; the caches bfloat16
+    tensors or both kv8.Int8Cache; the rest as rotary_store_bf16 and paged_decode_attention take them. Returns (the
+    MLP's output, the residual stream), as DecoderLayer.forward does, or None where the call declined (nothing
+    changed but cache rows it would write again)."""
     m, hidden = x.shape
     x_out, res_out = torch.empty_like(x), torch.empty_like(x)
     pointers = [x, residual, x_out, res_out, *norms]

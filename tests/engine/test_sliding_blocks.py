@@ -179,8 +179,8 @@ def test_decode_steps_in_one_native_call_change_nothing(smollm2_workspace, tmp_p
     (kernels.gemma_decode_layers: its four norms a layer, the query and key norms, GeGLU, windows, three KV
     groups): the same tokens and logprobs as op by op, for sequences past the window and short ones decoding
     together (one joining while another decodes: those steps run op by op), then one alone; one KV head (its key
-    rows are a strided view op by op). The 8-bit cache's kernel has no window: the call declines while a sequence has outgrown it.
-    At the best kernel level this CPU has, and at lower ones forced."""
+    rows are a strided view op by op). The 8-bit cache's kernel has no window: the call declines while a sequence
+    has outgrown it. At the best kernel level this CPU has, and at lower ones forced."""
     from lmcli import kernels
     from lmcli.kernels import native
 

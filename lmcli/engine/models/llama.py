@@ -66,8 +66,8 @@ class DecoderLayer(nn.Module):
                 (a.q_norm is not None and not a.q_norm.eps == a.k_norm.eps == n1.eps):
             return None
         weights = tuple(p.packed for p in (a.qkv_proj, a.o_proj, mlp.gate_up_proj, mlp.down_proj))
-        return ((n1.weight, n2.weight, *qk, a.qkv_proj.bias), weights, a.k_cache, a.v_cache, n1.eps, a.scale, a.num_heads,
-                a.num_kv_heads, a.head_dim)
+        return ((n1.weight, n2.weight, *qk, a.qkv_proj.bias), weights, a.k_cache, a.v_cache, n1.eps, a.scale,
+                a.num_heads, a.num_kv_heads, a.head_dim)
 
 
 class LlamaModel(nn.Module):

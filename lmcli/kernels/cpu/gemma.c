@@ -23,8 +23,10 @@ void gemma_norm_bf16(const uint16_t *x, const uint16_t *weight, uint16_t *out, i
             }
             const __m512 inv = _mm512_set1_ps(1.f / sqrtf(_mm512_reduce_add_ps(acc) / (float)dim + eps));
             const __m512 one = _mm512_set1_ps(1.f);
-            for (int64_t d = 0; d < dim; d += 16)
-                store16(o + d, _mm512_mul_ps(_mm512_mul_ps(load16(xr + d), inv), _mm512_add_ps(one, load16(weight + d))));
+            for (int64_t d = 0; d < dim; d += 16) {
+                const __m512 scaled = _mm512_add_ps(one, load16(weight + d));
+                store16(o + d, _mm512_mul_ps(_mm512_mul_ps(load16(xr + d), inv), scaled));
+            }
             continue;
         }
 #endif

@@ -115,10 +115,10 @@ int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x
 
 /* Every layer of a decode step in one call, one after another as decode_layer_blocks runs each (the Python of 30
    layer calls cost about 1 ms of a 12 ms 16-row step). table (layers, 17): each layer's addresses of norm1, norm2,
-   q_norm, k_norm and qkv_bias (0 for none), the codes and scales of qkv, o, gate_up and down, k_cache, v_cache, k_scales and
-   v_scales (0 for a bfloat16 cache); x (m, hidden) the embeddings. Writes the last layer's x_out and res_out. 0 on
-   success; -1 as decode_layer_blocks (then the caller runs the layers one by one, writing the same cache rows
-   again). */
+   q_norm, k_norm and qkv_bias (0 for none), the codes and scales of qkv, o, gate_up and down, k_cache, v_cache,
+   k_scales and v_scales (0 for a bfloat16 cache); x (m, hidden) the embeddings. Writes the last layer's x_out and
+   res_out. 0 on success; -1 as decode_layer_blocks (then the caller runs the layers one by one, writing the same
+   cache rows again). */
 int decode_layers_blocks(const int64_t *table, const uint16_t *x, uint16_t *x_out, uint16_t *res_out,
                          const uint16_t *cos, const uint16_t *sin, const int64_t *slots, const int64_t *block_tables,
                          const int64_t *lens, int64_t layers, int64_t bits, int64_t m, int64_t hidden, int64_t heads,
