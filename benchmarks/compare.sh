@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The serving benchmark side by side: lm's api_server, `transformers serve --continuous-batching` and llama.cpp's
-# llama-server, started in turn on this machine from the same GGUF (the default model, SmolLM2-135M-Instruct),
-# each measured by the same `lm bench serve`, then one table with ratios. Not part of CI; see docs/benchmarks.md.
+# llama-server, started in turn on this machine from the same GGUF (the default model, SmolLM2-135M-Instruct, or
+# another known model: MODEL=gemma3-270m), each measured by the same `lm bench serve`, then one table with ratios.
+# Not part of CI; see docs/benchmarks.md.
 #
 #   benchmarks/compare.sh                                   # ShareGPT, 128 prompts, 64 at once
 #   benchmarks/compare.sh --dataset random --random-input-len 64 --random-output-len 256 --ignore-eos
@@ -9,6 +10,8 @@
 #   LM_ARGS="--quantization int8" SERVERS=lm benchmarks/compare.sh   # extra `lm serve api_server` options
 #   LM_CONVERT_ARGS="--quantization int4" SERVERS=lm benchmarks/compare.sh   # extra `lm convert` options
 #   LMCLI_CPU_ISA=avx2 LLAMA_SERVER=path/to/an/avx2/build/llama-server benchmarks/compare.sh  # both on AVX2 only
+#   MODEL=gemma3-270m BACKEND=completions SERVERS="lm llama-server" benchmarks/compare.sh --dataset random \
+#       --random-input-len 64 --random-output-len 128 --ignore-eos   # a base model: no chat template
 #
 # Arguments go to `lm bench serve` (after --num-prompts $NUM_PROMPTS --concurrency $PARALLEL
 # --max-output-len $MAX_OUTPUT_LEN). The first run
@@ -22,6 +25,8 @@ PARALLEL=${PARALLEL:-64}            # concurrent requests, llama-server slots, l
 NUM_PROMPTS=${NUM_PROMPTS:-128}
 MAX_OUTPUT_LEN=${MAX_OUTPUT_LEN:-256}  # ShareGPT answers longer than this are cut
 SERVERS=${SERVERS:-"lm transformers llama-server"}
+MODEL=${MODEL:-smollm2}             # a known model's name (lm convert --help lists them)
+BACKEND=${BACKEND:-chat}            # lm bench serve --backend: chat, or completions for a base model
 DTYPE=${DTYPE:-bfloat16}            # lm's and transformers' weights (llama-server runs the Q4_1 GGUF itself)
 LM_ARGS=${LM_ARGS:-}                # more options for lm serve api_server, e.g. --quantization int8
 LM_CONVERT_ARGS=${LM_CONVERT_ARGS:-}  # more options for lm convert, e.g. --quantization int4 (its own workspace)
@@ -33,9 +38,10 @@ URL=http://127.0.0.1:$PORT
 mkdir -p "$WORK" "$OUT"
 export OMP_NUM_THREADS=$THREADS
 
-GGUF=$(python -c "from lmcli.known_models import fetch; print(fetch('smollm2'))")
-WORKSPACE=$WORK/workspace-$DTYPE$(echo "$LM_CONVERT_ARGS" | tr -c 'a-z0-9\n' -)
-HF_DIR=$WORK/hf-$DTYPE
+GGUF=$(python -c "import sys; from lmcli.known_models import fetch; print(fetch(sys.argv[1]))" "$MODEL")
+TAG=$([ "$MODEL" = smollm2 ] || echo "$MODEL-")  # the default model's folders keep their names
+WORKSPACE=$WORK/workspace-$TAG$DTYPE$(echo "$LM_CONVERT_ARGS" | tr -c 'a-z0-9\n' -)
+HF_DIR=$WORK/hf-$TAG$DTYPE
 LLAMA_SERVER=${LLAMA_SERVER:-$WORK/llama.cpp/build/bin/llama-server}  # or another build (e.g. one for AVX2 only)
 
 log() { echo "== $*" >&2; }
@@ -114,9 +120,9 @@ for name in $SERVERS; do
     start "$name"
     model=$(curl -s "$URL/v1/models" | python -c "import json, sys; print(json.load(sys.stdin)['data'][0]['id'])")
     # One short request first, so that no server pays its warm-up inside the measurement.
-    lm bench serve "$URL" --model "$model" --tokenizer "$WORKSPACE" --dataset random --random-input-len 16 \
-        --random-output-len 4 --num-prompts 2 > /dev/null
-    lm bench serve "$URL" --model "$model" --tokenizer "$WORKSPACE" --num-prompts "$NUM_PROMPTS" \
+    lm bench serve "$URL" --model "$model" --tokenizer "$WORKSPACE" --backend "$BACKEND" --dataset random \
+        --random-input-len 16 --random-output-len 4 --num-prompts 2 > /dev/null
+    lm bench serve "$URL" --model "$model" --tokenizer "$WORKSPACE" --backend "$BACKEND" --num-prompts "$NUM_PROMPTS" \
         --concurrency "$PARALLEL" --max-output-len "$MAX_OUTPUT_LEN" --output "$OUT/$name.json" "$@"
     stop
 done
