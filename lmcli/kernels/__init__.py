@@ -289,16 +289,14 @@ def paged_attention(q, k, v, k_cache, v_cache, batch, scale: float, window: Opti
     64 tokens 0.054 vs 0.172 ms, 1024 tokens 6.7 vs 19.5 ms, 40 tokens after 1060 cached ones 0.57 vs 1.48 ms),
     both with sliding windows. Without native bfloat16 products (AVX2 CPUs, or a lower LMCLI_CPU_ISA) the chunks
     run in float32. Over the 8-bit cache (kernels/kv8.py) the decodes have a native kernel of their own, and
-    chunks widen their context's blocks to bfloat16 for the chunk kernel (float32 where it does not apply); there
-    a sliding window that a sequence has outgrown takes PyTorch's path."""
+    chunks widen their context's blocks to bfloat16 for the chunk kernel (float32 where it does not apply)."""
     decode = chunk = None
     lib = q.dtype == torch.bfloat16 and q.device.type == "cpu" and native.library() is not None
     if isinstance(k_cache, Int8Cache):
 
         def decode_s8(qd, kc, vc, b, s, w):
-            slides = w is not None and b.max_context > w
-            out = native.paged_decode_attention_s8(qd, kc, vc, b.decode_block_tables, b.decode_lens, s) \
-                if lib and not slides else None
+            out = native.paged_decode_attention_s8(qd, kc, vc, b.decode_block_tables, b.decode_lens, s, w) \
+                if lib else None
             return reference.decode_attention(qd, kc, vc, b, s, w) if out is None else out
         chunk = s8_chunk_attention if lib and native.bf16_products() else float32_chunk_attention
         return reference.paged_attention(q, k, v, k_cache, v_cache, batch, scale, decode_s8, chunk, window)

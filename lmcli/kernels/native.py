@@ -56,7 +56,7 @@ SIGNATURES = {
     "decode_layer_blocks": (26, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "decode_layers_blocks": (9, 10, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
     "decode_layers_gemma": (6, 9, (ctypes.c_float, ctypes.c_float), ctypes.c_int),
-    "paged_decode_attention_s8": (8, 7, (ctypes.c_float,), ctypes.c_int),
+    "paged_decode_attention_s8": (8, 8, (ctypes.c_float,), ctypes.c_int),
     "amx_rows": (0, 0, (), ctypes.c_int),
     "argmax_f32": (2, 2, (), ctypes.c_int),
     "mask_logits_f32": (3, 3, (), None),
@@ -247,9 +247,11 @@ def paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale: float
     return None if failed else out
 
 
-def paged_decode_attention_s8(q, k_cache, v_cache, block_tables, lens, scale: float) -> Optional[torch.Tensor]:
-    """As paged_decode_attention, over 8-bit caches (kernels/kv8.Int8Cache: codes and float16 scales read in
-    place); None for shapes beyond the kernel (more than 8 query heads per kv head, head_dim or blocks over 256)."""
+def paged_decode_attention_s8(q, k_cache, v_cache, block_tables, lens, scale: float,
+                              window: Optional[int] = None) -> Optional[torch.Tensor]:
+    """As paged_decode_attention (window: each sequence attends its last `window` keys), over 8-bit caches
+    (kernels/kv8.Int8Cache: codes and float16 scales read in place); None for shapes beyond the kernel (more than 8
+    query heads per kv head, head_dim or blocks over 256)."""
     seqs, heads, dim = q.shape
     if q.stride(2) != 1 or q.stride(1) != dim:
         q = q.contiguous()
@@ -257,7 +259,7 @@ def paged_decode_attention_s8(q, k_cache, v_cache, block_tables, lens, scale: fl
     failed = library().paged_decode_attention_s8(
         q.data_ptr(), k_cache.data.data_ptr(), k_cache.scale.data_ptr(), v_cache.data.data_ptr(),
         v_cache.scale.data_ptr(), block_tables.data_ptr(), lens.data_ptr(), out.data_ptr(), q.stride(0), seqs, heads,
-        k_cache.shape[1], dim, k_cache.shape[2], block_tables.shape[1], scale)
+        k_cache.shape[1], dim, k_cache.shape[2], block_tables.shape[1], window or 0, scale)
     return None if failed else out
 
 

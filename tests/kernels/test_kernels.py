@@ -669,11 +669,15 @@ def test_the_8bit_cache_keeps_each_row_within_half_a_step():
     assert (k_cache.data[zero] == 0).all() and k_cache.scale[zero] == 0
 
 
-@pytest.mark.parametrize("heads,kv_heads,d,bs", [(9, 3, 64, 64), (8, 1, 128, 16), (4, 4, 40, 8), (16, 1, 64, 16)])
-def test_native_decode_attention_over_the_8bit_cache(heads, kv_heads, d, bs):
+@pytest.mark.parametrize("heads,kv_heads,d,bs,window", [(9, 3, 64, 64, None), (8, 1, 128, 16, None),
+                                                       (4, 4, 40, 8, None), (16, 1, 64, 16, None),
+                                                       (9, 3, 64, 64, 70), (4, 1, 256, 16, 21), (4, 4, 40, 8, 5)])
+def test_native_decode_attention_over_the_8bit_cache(heads, kv_heads, d, bs, window):
     """At every level, the 8-bit decode kernel is exact attention over the dequantized rows (to float32 rounding and
     the bfloat16 output), head_dim 40 through its tail loop; past 8 query heads a kv head it declines (None) and
-    kernels.paged_attention falls back to the reference over the same cache."""
+    kernels.paged_attention falls back to the reference over the same cache. window: each sequence sees its last
+    `window` keys (most of these outgrow it, from inside a block), the blocks wholly before them unread (their
+    table entries point at block 0, which holds nan scales here)."""
     torch.manual_seed(d + heads)
     lens = [1, 5, bs, bs + 1, 3 * bs + 7, 200]
     num_blocks = sum(-(-n // bs) for n in lens) + 3
@@ -681,12 +685,16 @@ def test_native_decode_attention_over_the_8bit_cache(heads, kv_heads, d, bs):
     slots = torch.arange(num_blocks * bs)
     reference.store_kv(torch.randn(len(slots), kv_heads, d), torch.randn(len(slots), kv_heads, d), k_cache, v_cache,
                        slots, bs)
-    order = iter(torch.randperm(num_blocks).tolist())
+    order = iter(torch.randperm(num_blocks - 1).add(1).tolist())  # block 0: the null page
     tables = [[next(order) for _ in range(-(-n // bs))] for n in lens]
+    if window is not None:  # a sliding window's blocks left behind (BlockManager.slide) point at the null page
+        k_cache.scale[0], v_cache.scale[0] = float("nan"), float("nan")
+        tables = [[0 if (j + 1) * bs <= n - window else b for j, b in enumerate(t)] for n, t in zip(lens, tables)]
+        assert sum(t.count(0) for t in tables) > 3
     width = max(map(len, tables))
     block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables])
     q = (torch.randn(len(lens), heads + 2 * kv_heads, d, dtype=torch.bfloat16) * 3)[:, :heads]
-    out = native.paged_decode_attention_s8(q, k_cache, v_cache, block_tables, torch.tensor(lens), d ** -0.5)
+    out = native.paged_decode_attention_s8(q, k_cache, v_cache, block_tables, torch.tensor(lens), d ** -0.5, window)
     tol = dict(rtol=2 ** -7, atol=1e-4)
     if heads // kv_heads > 8:
         assert out is None
@@ -697,7 +705,7 @@ def test_native_decode_attention_over_the_8bit_cache(heads, kv_heads, d, bs):
     for i, (n, table) in enumerate(zip(lens, tables)):
         ks = keys[table].transpose(0, 1).flatten(1, 2)[:, :n].transpose(0, 1)
         vs = values[table].transpose(0, 1).flatten(1, 2)[:, :n].transpose(0, 1)
-        expected = naive_attention(q[i:i + 1], ks, vs, torch.tensor([n - 1]))[0]
+        expected = naive_attention(q[i:i + 1], ks.nan_to_num(), vs.nan_to_num(), torch.tensor([n - 1]), window)[0]
         assert out.dtype == torch.bfloat16
         torch.testing.assert_close(out[i].float(), expected, **tol)
 

@@ -36,17 +36,18 @@ static inline __m512 scales16(const uint16_t *s, int64_t n) {
     return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first_lanes(n), s));
 }
 
-/* G (<= 8) query heads (qf: scaled by scale * log2(e)) of kv head h over one sequence's keys 0..len-1 */
+/* G (<= 8) query heads (qf: scaled by scale * log2(e)) of kv head h over one sequence's keys first..len-1 */
 static inline __attribute__((always_inline)) void attend512_s8(const float *qf, const int8_t *k, const uint16_t *ks,
-        const int8_t *v, const uint16_t *vs, const int64_t *table, int64_t len, int64_t h, const int G,
+        const int8_t *v, const uint16_t *vs, const int64_t *table, int64_t first, int64_t len, int64_t h, const int G,
         int64_t kv_heads, int64_t dim, int64_t block_size, uint16_t **out) {
     float acc[S8_GROUP * S8_DIM], sc[S8_GROUP * SC], mx[S8_GROUP], sum[S8_GROUP];
     __m512 part[S8_GROUP][16];  /* a chunk's per-key sums, each head's 16 then added across lanes at once */
     for (int g = 0; g < G; g++) mx[g] = -1e30f, sum[g] = 0.f;
     memset(acc, 0, sizeof(float) * G * dim);
-    for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = len - start < block_size ? len - start : block_size, chunks = (n + 15) / 16;
-        const int64_t row0 = (table[start / block_size] * kv_heads + h) * block_size;
+    for (int64_t start = first, n; start < len; start += n) {  /* block by block (the first from its offset) */
+        const int64_t off = start % block_size;
+        n = len - start < block_size - off ? len - start : block_size - off;
+        const int64_t chunks = (n + 15) / 16, row0 = (table[start / block_size] * kv_heads + h) * block_size + off;
         const int8_t *kb = k + row0 * dim, *vb = v + row0 * dim;
         for (int64_t i = 0; i < chunks; i++) {  /* scores: each key row widened once for the group */
             for (int r = 0; r < 16; r++) {
@@ -90,14 +91,15 @@ static inline __attribute__((always_inline)) void attend512_s8(const float *qf, 
 #endif
 
 static void attend_s8(const float *qf, const int8_t *k, const uint16_t *ks, const int8_t *v, const uint16_t *vs,
-                      const int64_t *table, int64_t len, int64_t h, int64_t group, int64_t kv_heads, int64_t dim,
-                      int64_t block_size, uint16_t **out) {
+                      const int64_t *table, int64_t first, int64_t len, int64_t h, int64_t group, int64_t kv_heads,
+                      int64_t dim, int64_t block_size, uint16_t **out) {
     float acc[S8_GROUP * S8_DIM], sc[S8_GROUP][S8_BLOCK], mx[S8_GROUP], sum[S8_GROUP];
     for (int64_t g = 0; g < group; g++) mx[g] = -FLT_MAX, sum[g] = 0.f;  /* finite: built with -ffast-math */
     memset(acc, 0, sizeof(float) * group * dim);
-    for (int64_t start = 0; start < len; start += block_size) {
-        const int64_t n = len - start < block_size ? len - start : block_size;
-        const int64_t row0 = (table[start / block_size] * kv_heads + h) * block_size;
+    for (int64_t start = first, n; start < len; start += n) {
+        const int64_t off = start % block_size;
+        n = len - start < block_size - off ? len - start : block_size - off;
+        const int64_t row0 = (table[start / block_size] * kv_heads + h) * block_size + off;
         const int8_t *kb = k + row0 * dim, *vb = v + row0 * dim;
         for (int64_t l = 0; l < n; l++) {  /* scores: each key row widened once for the group */
             const float s = f16f(ks[row0 + l]);
@@ -149,12 +151,13 @@ static void attend_s8(const float *qf, const int8_t *k, const uint16_t *ks, cons
         for (int64_t d = 0; d < dim; d++) out[g][d] = f2bf16(sum[g] > 0.f ? acc[g * dim + d] / sum[g] : 0.f);
 }
 
-/* q (seqs, heads, dim) bfloat16, q_stride elements a sequence; out (seqs, heads, dim) bfloat16. 0 on success, -1
-   for sizes beyond this kernel (more than 8 query heads a kv head, head_dim or block over 256). */
+/* q (seqs, heads, dim) bfloat16, q_stride elements a sequence; out (seqs, heads, dim) bfloat16; window > 0: each
+   sequence attends its last `window` keys only. 0 on success, -1 for sizes beyond this kernel (more than 8 query
+   heads a kv head, head_dim or block over 256). */
 int paged_decode_attention_s8(const uint16_t *q, const int8_t *k, const uint16_t *ks, const int8_t *v,
                               const uint16_t *vs, const int64_t *block_tables, const int64_t *lens, uint16_t *out,
                               int64_t q_stride, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim,
-                              int64_t block_size, int64_t max_blocks, float scale) {
+                              int64_t block_size, int64_t max_blocks, int64_t window, float scale) {
     const int64_t group = heads / kv_heads;
     if (group > S8_GROUP || dim > S8_DIM || block_size > S8_BLOCK) return -1;
 #ifdef __AVX512F__
@@ -166,6 +169,7 @@ int paged_decode_attention_s8(const uint16_t *q, const int8_t *k, const uint16_t
     #pragma omp parallel for schedule(dynamic)
     for (int64_t task = 0; task < seqs * kv_heads; task++) {
         const int64_t s = task / kv_heads, h = task % kv_heads;
+        const int64_t first = window > 0 && lens[s] > window ? lens[s] - window : 0;
         float qf[S8_GROUP * S8_DIM];
         uint16_t *o[S8_GROUP];
         const uint16_t *qb = q + s * q_stride + h * group * dim;
@@ -175,13 +179,14 @@ int paged_decode_attention_s8(const uint16_t *q, const int8_t *k, const uint16_t
         }
 #ifdef __AVX512F__
         if (vector) {
-#define ATTEND(G) attend512_s8(qf, k, ks, v, vs, block_tables + s * max_blocks, lens[s], h, G, kv_heads, dim, \
-                               block_size, o)
+#define ATTEND(G) attend512_s8(qf, k, ks, v, vs, block_tables + s * max_blocks, first, lens[s], h, G, kv_heads, \
+                               dim, block_size, o)
             BY_COUNT(group, ATTEND)
             continue;
         }
 #endif
-        attend_s8(qf, k, ks, v, vs, block_tables + s * max_blocks, lens[s], h, group, kv_heads, dim, block_size, o);
+        attend_s8(qf, k, ks, v, vs, block_tables + s * max_blocks, first, lens[s], h, group, kv_heads, dim, block_size,
+                  o);
     }
     return 0;
 }

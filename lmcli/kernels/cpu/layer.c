@@ -28,7 +28,7 @@ void rotary_store_s8(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, co
 int paged_decode_attention_s8(const uint16_t *q, const int8_t *k, const uint16_t *ks, const int8_t *v,
                               const uint16_t *vs, const int64_t *block_tables, const int64_t *lens, uint16_t *out,
                               int64_t q_stride, int64_t seqs, int64_t heads, int64_t kv_heads, int64_t dim,
-                              int64_t block_size, int64_t max_blocks, float scale);
+                              int64_t block_size, int64_t max_blocks, int64_t window, float scale);
 
 static int product(int64_t bits, const void *x, const uint8_t *codes, const void *scales, void *y, int64_t m,
                    int64_t n, int64_t k) {
@@ -91,7 +91,7 @@ int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x
             rotary_store_s8(qkv, cos, sin, slots, k_cache, k_scales, v_cache, v_scales, m, heads, kv_heads, dim,
                             block_size);
             failed = paged_decode_attention_s8(qkv, k_cache, k_scales, v_cache, v_scales, block_tables, lens, att,
-                                               width, m, heads, kv_heads, dim, block_size, max_blocks, scale);
+                                               width, m, heads, kv_heads, dim, block_size, max_blocks, 0, scale);
         } else {
             rotary_store_bf16(qkv, cos, sin, slots, k_cache, v_cache, m, heads, kv_heads, dim, block_size);
             failed = paged_decode_attention(qkv, k_cache, v_cache, block_tables, lens, att, width, m, heads,
@@ -155,8 +155,7 @@ void gelu_tanh_mul_bf16(const uint16_t *x, uint16_t *out, int64_t rows, int64_t 
    v_scales (0 for a bfloat16 cache), then its KV group, its sliding window (0: none) and its rotary table (0 global,
    1 local). groups (KV groups, 3): each group's slots, decode block tables and their width. rope: cos, sin of the
    global table, then of the local one, each (m, dim). x (m, hidden): the scaled embeddings; writes the last layer's
-   output to x_out. 0 on success; -1 as decode_layers_blocks (also where the 8-bit cache would need a window: its
-   kernel has none). */
+   output to x_out. 0 on success; -1 as decode_layers_blocks. */
 int decode_layers_gemma(const int64_t *table, const int64_t *groups, const uint16_t *const *rope, const uint16_t *x,
                         uint16_t *x_out, const int64_t *lens, int64_t layers, int64_t bits, int64_t m, int64_t hidden,
                         int64_t heads, int64_t kv_heads, int64_t dim, int64_t inter, int64_t block_size, float eps,
@@ -164,9 +163,6 @@ int decode_layers_gemma(const int64_t *table, const int64_t *groups, const uint1
     if ((bits != 4 && bits != 8) || kv_heads < 1 || heads % kv_heads || heads / kv_heads > 8 || dim > 256 ||
         dim % 2 || block_size > 256)
         return -1;
-    for (int64_t l = 0; l < layers; l++)
-        for (int64_t i = 0; table[21 * l + 16] && table[21 * l + 19] && i < m; i++)
-            if (lens[i] > table[21 * l + 19]) return -1;
     const int64_t width = (heads + 2 * kv_heads) * dim;
     uint16_t *h = malloc(2 * (size_t)(m * hidden)), *qkv = malloc(2 * (size_t)(m * width));
     uint16_t *att = malloc(2 * (size_t)(m * heads * dim)), *gu = malloc(4 * (size_t)(m * inter));
@@ -192,7 +188,7 @@ int decode_layers_gemma(const int64_t *table, const int64_t *groups, const uint1
                             (uint16_t *)p[17], m, heads, kv_heads, dim, block_size);
             failed = paged_decode_attention_s8(qkv, (const int8_t *)p[14], (const uint16_t *)p[16],
                                                (const int8_t *)p[15], (const uint16_t *)p[17], tables, lens, att,
-                                               width, m, heads, kv_heads, dim, block_size, g[2], scale);
+                                               width, m, heads, kv_heads, dim, block_size, g[2], window, scale);
         } else {
             rotary_store_bf16(qkv, cos, sin, slots, (uint16_t *)p[14], (uint16_t *)p[15], m, heads, kv_heads, dim,
                               block_size);
