@@ -126,6 +126,8 @@ def _layer_bits(norms, weights, k_cache, v_cache, heads: int, kv_heads: int, dim
         return None
     if (norms[2] is None) != (norms[3] is None):
         return None
+    if len(norms) == 5 and norms[4] is not None and norms[4].numel() != weights[0].shape[0]:
+        return None  # a bias for the whole qkv product (the C reads that many)
     present = [n for n in norms if n is not None]
     return bits.pop() if _native_bf16(*present) and _native_caches(k_cache, v_cache) else None
 

@@ -671,12 +671,14 @@ def test_the_8bit_cache_keeps_each_row_within_half_a_step():
 
 @pytest.mark.parametrize("heads,kv_heads,d,bs,window", [(9, 3, 64, 64, None), (8, 1, 128, 16, None),
                                                        (4, 4, 40, 8, None), (16, 1, 64, 16, None),
-                                                       (9, 3, 64, 64, 70), (4, 1, 256, 16, 21), (4, 4, 40, 8, 5)])
+                                                       (9, 3, 64, 64, 70), (4, 1, 256, 16, 21), (4, 4, 40, 8, 5),
+                                                       (4, 4, 40, 8, 8), (4, 2, 32, 16, 1)])
 def test_native_decode_attention_over_the_8bit_cache(heads, kv_heads, d, bs, window):
     """At every level, the 8-bit decode kernel is exact attention over the dequantized rows (to float32 rounding and
     the bfloat16 output), head_dim 40 through its tail loop; past 8 query heads a kv head it declines (None) and
     kernels.paged_attention falls back to the reference over the same cache. window: each sequence sees its last
-    `window` keys (most of these outgrow it, from inside a block), the blocks wholly before them unread (their
+    `window` keys (most of these outgrow it, from inside a block or a block's start; 1: the new key alone), the
+    blocks wholly before them unread (their
     table entries point at block 0, which holds nan scales here)."""
     torch.manual_seed(d + heads)
     lens = [1, 5, bs, bs + 1, 3 * bs + 7, 200]
