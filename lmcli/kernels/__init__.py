@@ -132,6 +132,12 @@ def _layer_bits(norms, weights, k_cache, v_cache, heads: int, kv_heads: int, dim
     return bits.pop() if _native_bf16(*present) and _native_caches(k_cache, v_cache) else None
 
 
+def _native_rows(x, weight) -> bool:
+    """A norm's bfloat16 rows on CPU for a native kernel, as a copy where x is a strided view (one KV head's key rows
+    of a qkv: the one-call layers read them so)."""
+    return x.dim() == 2 and _native_bf16(weight) and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+
+
 def _decode_batch(x, residual, cos, sin, batch) -> bool:
     """Whether a step's batch and activations suit the native decode layer: decodes only, few enough rows, the C
     kernels' backend (with LMCLI_KERNELS=triton the layers op by op run Triton's)."""
@@ -229,8 +235,7 @@ def mask_logits(x: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> N
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if triton_selected(x.device):
         return triton_kernel("norm").rms_norm(x, weight, eps)
-    if x.dim() == 2 and _native_bf16(weight) and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        # a strided view (one KV head's rows of a qkv: Qwen3's key norm) copied, as the one-call layer reads it
+    if _native_rows(x, weight):
         return native.add_rms_norm_bf16(x.contiguous(), None, weight, eps)[0]
     return reference.rms_norm(x, weight, eps)
 
@@ -273,8 +278,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 def gemma_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMS norm over the last dimension: x / rms(x) * (1 + weight); one native pass for bfloat16 rows on
     CPU (torch's is six ops)."""
-    if x.dim() == 2 and _native_bf16(weight) and x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return native.gemma_norm_bf16(x.contiguous(), weight, eps)  # a strided view (a key norm's rows) copied
+    if _native_rows(x, weight):
+        return native.gemma_norm_bf16(x.contiguous(), weight, eps)
     return reference.gemma_rms_norm(x, weight, eps)
 
 

@@ -40,6 +40,25 @@ static void add_bf16(const uint16_t *a, const uint16_t *b, uint16_t *out, int64_
     for (int64_t i = 0; i < n; i++) out[i] = f2bf16(bf16f(a[i]) + bf16f(b[i]));
 }
 
+/* Rotary on q and k, k and v stored, then decode attention, over the bfloat16 cache or (k_scales not NULL) the
+   8-bit one; window 0: none. 0 on success. */
+static int store_and_attend(uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const int64_t *slots,
+                            void *k_cache, void *v_cache, uint16_t *k_scales, uint16_t *v_scales,
+                            const int64_t *block_tables, const int64_t *lens, uint16_t *att, int64_t m, int64_t heads,
+                            int64_t kv_heads, int64_t dim, int64_t block_size, int64_t max_blocks, int64_t window,
+                            float scale) {
+    const int64_t width = (heads + 2 * kv_heads) * dim;
+    if (k_scales) {
+        rotary_store_s8(qkv, cos, sin, slots, k_cache, k_scales, v_cache, v_scales, m, heads, kv_heads, dim,
+                        block_size);
+        return paged_decode_attention_s8(qkv, k_cache, k_scales, v_cache, v_scales, block_tables, lens, att, width, m,
+                                         heads, kv_heads, dim, block_size, max_blocks, window, scale);
+    }
+    rotary_store_bf16(qkv, cos, sin, slots, k_cache, v_cache, m, heads, kv_heads, dim, block_size);
+    return paged_decode_attention(qkv, k_cache, v_cache, block_tables, lens, att, width, m, heads, kv_heads, dim,
+                                  block_size, max_blocks, window, scale);
+}
+
 /* x (m, hidden) bfloat16: the layer's input (the previous layer's MLP output, or the embeddings for the first layer,
    where residual is NULL); residual (m, hidden) or NULL. Writes x_out (the MLP's output) and res_out (the residual
    stream after the attention), both (m, hidden); x and residual are left as they were. Weights: codes and scales of
@@ -86,18 +105,9 @@ int decode_layer_blocks(const uint16_t *x, const uint16_t *residual, uint16_t *x
             add_rms_norm_bf16(row + heads * dim, NULL, k_norm, row + heads * dim, NULL, kv_heads, dim, eps);
         }
     }
-    if (!failed) {  /* from here the cache is written (a failure below still leaves x and residual unchanged) */
-        if (k_scales) {
-            rotary_store_s8(qkv, cos, sin, slots, k_cache, k_scales, v_cache, v_scales, m, heads, kv_heads, dim,
-                            block_size);
-            failed = paged_decode_attention_s8(qkv, k_cache, k_scales, v_cache, v_scales, block_tables, lens, att,
-                                               width, m, heads, kv_heads, dim, block_size, max_blocks, 0, scale);
-        } else {
-            rotary_store_bf16(qkv, cos, sin, slots, k_cache, v_cache, m, heads, kv_heads, dim, block_size);
-            failed = paged_decode_attention(qkv, k_cache, v_cache, block_tables, lens, att, width, m, heads,
-                                            kv_heads, dim, block_size, max_blocks, 0, scale);
-        }
-    }
+    if (!failed)  /* from here the cache is written (a failure below still leaves x and residual unchanged) */
+        failed = store_and_attend(qkv, cos, sin, slots, k_cache, v_cache, k_scales, v_scales, block_tables, lens, att,
+                                  m, heads, kv_heads, dim, block_size, max_blocks, 0, scale);
     if (!failed) {
         failed = product(bits, att, o_c, o_s, o, m, hidden, heads * dim);
     }
@@ -183,18 +193,9 @@ int decode_layers_gemma(const int64_t *table, const int64_t *groups, const uint1
             gemma_norm_bf16(row, n[4], row, heads, dim, eps);
             gemma_norm_bf16(row + heads * dim, n[5], row + heads * dim, kv_heads, dim, eps);
         }
-        if (p[16]) {
-            rotary_store_s8(qkv, cos, sin, slots, (int8_t *)p[14], (uint16_t *)p[16], (int8_t *)p[15],
-                            (uint16_t *)p[17], m, heads, kv_heads, dim, block_size);
-            failed = paged_decode_attention_s8(qkv, (const int8_t *)p[14], (const uint16_t *)p[16],
-                                               (const int8_t *)p[15], (const uint16_t *)p[17], tables, lens, att,
-                                               width, m, heads, kv_heads, dim, block_size, g[2], window, scale);
-        } else {
-            rotary_store_bf16(qkv, cos, sin, slots, (uint16_t *)p[14], (uint16_t *)p[15], m, heads, kv_heads, dim,
-                              block_size);
-            failed = paged_decode_attention(qkv, (const uint16_t *)p[14], (const uint16_t *)p[15], tables, lens, att,
-                                            width, m, heads, kv_heads, dim, block_size, g[2], window, scale);
-        }
+        failed = store_and_attend(qkv, cos, sin, slots, (void *)p[14], (void *)p[15], (uint16_t *)p[16],
+                                  (uint16_t *)p[17], tables, lens, att, m, heads, kv_heads, dim, block_size, g[2],
+                                  window, scale);
         failed = failed || product(bits, att, (const uint8_t *)p[8], (const void *)p[9], o, m, hidden, heads * dim);
         if (failed) break;
         gemma_norm_bf16(o, n[1], o, m, hidden, eps);
